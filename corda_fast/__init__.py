@@ -1,0 +1,38 @@
+"""corda_fast — fast, trustworthy CorDA (context-oriented decomposition adaptation) for PEFT models.
+
+Public API (re-exports only)::
+
+    peft_model = corda_fast.init_adapters(model, loader, mode="kpm", rank=16)
+"""
+
+__version__ = "0.1.0"
+
+from .api import InitReport, init_adapters
+from .calibrate import CacheError, CalibrationError, CovarianceStats, collect_covariance, model_fingerprint
+from .config import CordaConfig, CordaConfigError
+from .decompose import DampingError, LayerFactors, decompose, find_damping
+from .peft_bridge import build_peft_model, save_as_lora, save_initial_adapter
+from .targets import Target, TargetError, resolve_targets
+
+__all__ = [
+    "__version__",
+    "init_adapters",
+    "InitReport",
+    "CordaConfig",
+    "CordaConfigError",
+    "collect_covariance",
+    "CovarianceStats",
+    "model_fingerprint",
+    "decompose",
+    "find_damping",
+    "LayerFactors",
+    "build_peft_model",
+    "save_initial_adapter",
+    "save_as_lora",
+    "resolve_targets",
+    "Target",
+    "TargetError",
+    "CalibrationError",
+    "CacheError",
+    "DampingError",
+]

@@ -1,0 +1,132 @@
+"""``init_adapters``: calibrate → decompose → PEFT model, in one call."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .calibrate import CovarianceStats, collect_covariance
+from .config import CordaConfig
+from .decompose import LayerFactors, decompose
+from .peft_bridge import build_peft_model, save_initial_adapter
+from .targets import resolve_targets
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InitReport:
+    """What :func:`init_adapters` did: per-layer rank / damping / adapted spectrum, and wall time per stage."""
+
+    mode: str
+    layers: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    n_statistics: int = 0
+    statistics_mib: float = 0.0
+    n_samples: int = 0
+    n_tokens: int = 0
+    covariance_cache: Optional[str] = None
+    cache_hit: bool = False
+
+    def summary(self) -> str:
+        damp = sorted({round(l["damping"], 6) for l in self.layers})
+        ranks = sorted({l["rank"] for l in self.layers})
+        lines = [
+            f"CorDA-{self.mode.upper()}: {len(self.layers)} layers, rank(s) {ranks}, "
+            f"{self.n_statistics} distinct input statistics ({self.statistics_mib:.1f} MiB)",
+            f"calibration: {self.n_samples} samples, {self.n_tokens} tokens"
+            + (f" (from cache {self.covariance_cache})" if self.cache_hit else ""),
+            f"damping λ used: {damp}",
+            "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()),
+        ]
+        return "\n".join(lines)
+
+
+def init_adapters(
+    model: nn.Module,
+    loader: Any = None,
+    *,
+    mode: Optional[str] = None,
+    rank: Optional[int] = None,
+    lora_alpha: Optional[float] = None,
+    target_modules: Union[None, str, list] = None,
+    config: Optional[CordaConfig] = None,
+    covariance_cache: Optional[str] = None,
+    initial_adapter_dir: Optional[str] = None,
+    task_type: Optional[str] = None,
+    return_report: bool = False,
+    **config_overrides,
+):
+    """Initialise CorDA adapters on ``model`` from calibration data and return a ready-to-train PEFT model.
+
+    Args:
+        model: a transformers (or any torch) model in float32/bfloat16/float16. Its targeted base weights become
+            the residual ``W_res`` (as PEFT's CorDA/PiSSA do); on error it is left exactly as it was.
+        loader: calibration batches — an iterable of dicts with ``input_ids`` ``(batch, seq)`` and optional
+            ``attention_mask`` (padding on either side is ignored) / ``labels``; tensors of input ids;
+            ``(input_ids, attention_mask)`` tuples; or a zero-argument callable that runs the model. May be
+            ``None`` when ``covariance_cache`` exists.
+        mode, rank, lora_alpha, target_modules, **config_overrides: shortcuts for :class:`CordaConfig` fields
+            (applied on top of ``config``).
+        covariance_cache: path of a safetensors statistics cache: loaded (and validated against this model,
+            targets and normalisation) if it exists, written after calibration otherwise. One calibration serves
+            any rank / mode.
+        initial_adapter_dir: if given, the freshly initialised adapter is saved there (needed later by
+            :func:`corda_fast.save_as_lora` to convert the trained adapter to a plain LoRA).
+        task_type: PEFT task type of the returned model (e.g. ``"CAUSAL_LM"``).
+        return_report: also return an :class:`InitReport`.
+    Returns:
+        ``peft.PeftModel`` (and the report if ``return_report``).
+    """
+    overrides = dict(config_overrides)
+    for key, value in (("mode", mode), ("rank", rank), ("lora_alpha", lora_alpha), ("target_modules", target_modules)):
+        if value is not None:
+            overrides[key] = value
+    config = (config or CordaConfig()).replace(**overrides) if overrides else (config or CordaConfig())
+    report = InitReport(mode=config.mode, covariance_cache=covariance_cache)
+
+    t0 = time.perf_counter()
+    targets = resolve_targets(model, config)
+    if covariance_cache is not None and os.path.isfile(covariance_cache):
+        stats = CovarianceStats.load(covariance_cache, model=model, targets=targets, normalization=config.normalization)
+        report.cache_hit = True
+        logger.info("loaded covariance statistics from %s", covariance_cache)
+    else:
+        if loader is None:
+            raise ValueError("init_adapters needs a calibration `loader` (or an existing `covariance_cache`).")
+        stats = collect_covariance(model, loader, config, targets)
+        if covariance_cache is not None:
+            stats.save(covariance_cache)
+    report.seconds["calibrate"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    factors = decompose(stats, targets, config)
+    report.seconds["decompose"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    peft_model = build_peft_model(model, factors, targets, config, task_type=task_type)
+    if initial_adapter_dir is not None:
+        save_initial_adapter(peft_model, initial_adapter_dir)
+    report.seconds["build_peft"] = time.perf_counter() - t2
+    report.seconds["total"] = time.perf_counter() - t0
+
+    by_name = {t.name: t for t in targets}
+    for name, f in factors.items():
+        t = by_name[name]
+        report.layers.append({
+            "name": name, "shape": [t.d_out, t.d_in], "rank": t.rank, "scaling": t.scaling, "damping": f.damping,
+            "shares_input_with": stats.key_of(name),
+            "sigma_adapted_max": float(f.singular_values.max()), "sigma_adapted_min": float(f.singular_values.min()),
+        })
+    report.n_statistics = len(stats.sums)
+    report.statistics_mib = stats.nbytes() / 2**20
+    report.n_samples = max(stats.n_samples.values())
+    report.n_tokens = max(stats.n_tokens.values())
+    logger.info("%s", report.summary())
+    return (peft_model, report) if return_report else peft_model

@@ -1,0 +1,159 @@
+"""Every knob of corda_fast in one validated dataclass.
+
+Defaults reproduce PEFT's ``preprocess_corda`` + ``init_lora_weights="corda"`` so that a user switching
+from PEFT gets the same adapters (see ``shared/reference/corda_spec.md`` §3-4 and DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+MODES = ("ipm", "kpm")
+NORMALIZATIONS = ("peft", "absmax", "none")
+PRECISIONS = ("float32", "float64")
+UNUSED_TARGET_POLICIES = ("error", "skip")
+
+
+class CordaConfigError(ValueError):
+    """Raised when a :class:`CordaConfig` field has a value outside its allowed set."""
+
+
+def _fail(field_name: str, value, allowed: str) -> None:
+    raise CordaConfigError(f"CordaConfig.{field_name}={value!r} is invalid: expected {allowed}.")
+
+
+@dataclass
+class CordaConfig:
+    """Configuration of a CorDA initialisation.
+
+    Args:
+        mode: ``"ipm"`` (instruction-previewed: adapt the ``rank`` *largest* components of ``W·C``; calibrate on
+            the task) or ``"kpm"`` (knowledge-preserved: adapt the ``rank`` *smallest*; calibrate on the knowledge
+            to keep). PEFT's default is ``"ipm"``.
+        rank: LoRA rank ``r`` of every adapted layer, unless ``rank_pattern`` says otherwise.
+        lora_alpha: LoRA alpha; ``None`` means ``alpha = rank`` (scaling 1, as in the CorDA examples).
+        use_rslora: scaling ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        rank_pattern: ``{module name or regex suffix: rank}``, PEFT semantics.
+        alpha_pattern: ``{module name or regex suffix: alpha}``, PEFT semantics.
+        target_modules: ``None`` or ``"all-linear"`` (every ``nn.Linear`` / ``Conv1D`` except the output head),
+            a regex (full match on the module name), or a list of names / name suffixes (PEFT semantics).
+        exclude_modules: names / suffixes (or a regex) never adapted, applied after ``target_modules``.
+        lora_dropout: dropout of the returned LoRA layers (training only; does not affect initialisation).
+        normalization: per-sample rescaling of activations before ``XᵀX``:
+            ``"peft"`` divides each sample by ``|max(X)|`` — the absolute value of the *signed* maximum, PEFT's
+            quirk, kept for parity; ``"absmax"`` divides by ``max|X|``; ``"none"`` keeps raw activations.
+            The covariance is the mean over samples in every case.
+        covariance_precision: accumulation dtype of the statistics (``"float32"`` as PEFT, or ``"float64"``).
+        decompose_precision: dtype of ``W·C_f``, its SVD and the solve for ``V̂`` (``"float32"`` as PEFT, or
+            ``"float64"``: about 2-4x slower on CPU, needed when the smallest components (KPM) of an
+            ill-conditioned ``W·C_f`` must be accurate beyond ~1e-3). The damping search always uses float32,
+            as PEFT, so both precisions pick the same damping.
+        damping_start / damping_tol / damping_max_iter: ``C_f = C + λ·mean(diag C)·I`` with ``λ`` from
+            ``damping_start`` doubling until ``‖C_f C_f⁻¹ − I‖_F < damping_tol``; an error after
+            ``damping_max_iter`` doublings (PEFT loops forever).
+        share_inputs: layers that read the same input tensor (q/k/v, gate/up) share one statistic, detected at
+            run time.
+        max_batches: stop calibration after this many loader batches (``None``: the whole loader).
+        unused_targets: ``"error"`` (default) if a targeted layer never ran during calibration, or ``"skip"``
+            to leave such layers out of the adapter (with a warning).
+        autocast_adapter_dtype: as PEFT's ``get_peft_model``: keep 16-bit models' adapters in float32. The
+            residual is computed from the factors *as stored*, so the model is unchanged at init up to the
+            rounding of the residual to the model dtype.
+        show_progress: tqdm progress bars for calibration and decomposition.
+    """
+
+    mode: str = "ipm"
+    rank: int = 8
+    lora_alpha: Optional[float] = None
+    use_rslora: bool = False
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    target_modules: Union[None, str, Sequence[str]] = None
+    exclude_modules: Union[None, str, Sequence[str]] = None
+    lora_dropout: float = 0.0
+    normalization: str = "peft"
+    covariance_precision: str = "float32"
+    decompose_precision: str = "float32"
+    damping_start: float = 0.01
+    damping_tol: float = 0.05
+    damping_max_iter: int = 40
+    share_inputs: bool = True
+    max_batches: Optional[int] = None
+    unused_targets: str = "error"
+    autocast_adapter_dtype: bool = True
+    show_progress: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            _fail("mode", self.mode, f"one of {MODES}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            _fail("rank", self.rank, "an int >= 1")
+        if self.lora_alpha is not None and (
+            isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0
+        ):
+            _fail("lora_alpha", self.lora_alpha, "None or a number > 0")
+        for name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict):
+                _fail(name, pattern, "a dict {module name: value}")
+            for key, val in pattern.items():
+                ok = isinstance(val, (int, float)) and not isinstance(val, bool) and val > 0
+                if name == "rank_pattern":
+                    ok = ok and isinstance(val, int)
+                if not isinstance(key, str) or not ok:
+                    _fail(name, pattern, "a dict {str: positive " + ("int" if name == "rank_pattern" else "number") + "}")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is None or isinstance(value, str):
+                continue
+            if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v for v in value):
+                setattr(self, name, list(value))
+                continue
+            _fail(name, value, 'None, "all-linear", a regex string, or a non-empty list of module names')
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            _fail("lora_dropout", self.lora_dropout, "a float in [0, 1)")
+        if self.normalization not in NORMALIZATIONS:
+            _fail("normalization", self.normalization, f"one of {NORMALIZATIONS}")
+        for name in ("covariance_precision", "decompose_precision"):
+            value = getattr(self, name)
+            if isinstance(value, torch.dtype):
+                value = str(value).replace("torch.", "")
+                setattr(self, name, value)
+            if value not in PRECISIONS:
+                _fail(name, value, f"one of {PRECISIONS}")
+        if not isinstance(self.damping_start, (int, float)) or not self.damping_start > 0:
+            _fail("damping_start", self.damping_start, "a number > 0")
+        if not isinstance(self.damping_tol, (int, float)) or not self.damping_tol > 0:
+            _fail("damping_tol", self.damping_tol, "a number > 0")
+        if isinstance(self.damping_max_iter, bool) or not isinstance(self.damping_max_iter, int) or self.damping_max_iter < 1:
+            _fail("damping_max_iter", self.damping_max_iter, "an int >= 1")
+        if self.max_batches is not None and (
+            isinstance(self.max_batches, bool) or not isinstance(self.max_batches, int) or self.max_batches < 1
+        ):
+            _fail("max_batches", self.max_batches, "None or an int >= 1")
+        if self.unused_targets not in UNUSED_TARGET_POLICIES:
+            _fail("unused_targets", self.unused_targets, f"one of {UNUSED_TARGET_POLICIES}")
+        for name in ("use_rslora", "share_inputs", "autocast_adapter_dtype", "show_progress"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "True or False")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def alpha(self) -> float:
+        return float(self.rank if self.lora_alpha is None else self.lora_alpha)
+
+    @property
+    def covariance_dtype(self) -> torch.dtype:
+        return getattr(torch, self.covariance_precision)
+
+    @property
+    def decompose_dtype(self) -> torch.dtype:
+        return getattr(torch, self.decompose_precision)
+
+    def replace(self, **changes) -> "CordaConfig":
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)

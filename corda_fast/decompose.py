@@ -1,0 +1,159 @@
+"""Decomposition: damping, ``W·C_f``, SVD and the adapter factors for KPM / IPM.
+
+Per distinct statistic (shared by q/k/v, gate/up) the damping search and the Cholesky factor are computed once;
+per layer one thin SVD of ``W·C_f``; ``V̂ = C_f⁻¹V`` is solved for the ``r`` kept columns only (PEFT multiplies the
+full ``Vᵀ`` by an explicit inverse).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .calibrate import CovarianceStats
+from .config import CordaConfig
+from .targets import Target
+
+logger = logging.getLogger(__name__)
+
+
+class DampingError(RuntimeError):
+    """The damping loop hit its iteration cap (or the statistic is degenerate)."""
+
+
+@dataclass
+class LayerFactors:
+    """CorDA adapter of one layer: ``W ≈ W_res + scaling·B·A``.
+
+    Shapes: ``A`` is ``(r, d_in)``, ``B`` is ``(d_out, r)``, ``singular_values`` ``(r,)`` — the adapted
+    singular values of ``W·C_f`` (largest for IPM, smallest for KPM), before division by ``scaling``.
+    ``A`` and ``B`` have the decomposition dtype (float32 or float64).
+    """
+
+    name: str
+    A: torch.Tensor
+    B: torch.Tensor
+    singular_values: torch.Tensor
+    scaling: float
+    damping: float
+    stat_key: str
+
+
+def find_damping(cov: torch.Tensor, start: float = 0.01, tol: float = 0.05, max_iter: int = 40,
+                 what: str = "statistic") -> float:
+    """The PEFT / reference damping rule: the smallest ``λ = start·2^k`` with ``‖C_f C_f⁻¹ − I‖_F < tol`` where
+    ``C_f = C + λ·mean(diag C)·I`` and ``C_f⁻¹`` is the float32 LU inverse (as PEFT, so the same λ is found).
+
+    Args:
+        cov: ``(d, d)`` covariance (any float dtype; evaluated in float32).
+        what: name used in errors (the layers sharing this statistic).
+    Raises:
+        DampingError: after ``max_iter`` doublings, or for a non-finite / non-positive-trace statistic.
+    """
+    c = cov.float()
+    mean_diag = torch.diagonal(c).mean()
+    if not bool(torch.isfinite(mean_diag)) or float(mean_diag) <= 0:
+        raise DampingError(
+            f"the covariance of {what} has mean diagonal {float(mean_diag)}: its input was all zeros or non-finite "
+            "on the calibration data. Exclude that layer or use other calibration data."
+        )
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    lam = start
+    err = float("nan")
+    for _ in range(max_iter):
+        c_f = c + eye * (mean_diag * lam)
+        inv, info = torch.linalg.inv_ex(c_f)
+        if int(info) == 0:
+            err = float(torch.dist(c_f @ inv, eye))
+            if err < tol:
+                return lam
+        lam *= 2
+    raise DampingError(
+        f"damping of {what} did not converge after {max_iter} doublings (last λ={lam / 2:.3g}, "
+        f"‖C_f C_f⁻¹ − I‖={err:.3g} ≥ {tol}); the statistic is degenerate — check the calibration data."
+    )
+
+
+def decompose_layer(weight: torch.Tensor, chol: torch.Tensor, c_f: torch.Tensor, rank: int, mode: str,
+                    scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adapter factors of one layer.
+
+    Args:
+        weight: ``W`` as ``(d_out, d_in)``, already in the decomposition dtype.
+        chol: lower Cholesky factor of ``c_f``; ``c_f``: damped covariance ``(d_in, d_in)``; same dtype.
+        rank: ``r``; mode: ``"ipm"`` (r largest) or ``"kpm"`` (r smallest); scaling: LoRA scaling ``s``.
+    Returns:
+        ``(A (r, d_in), B (d_out, r), S_r (r,))`` with ``A = diag(√(S_r/s)) V̂_rᵀ``, ``B = U_r diag(√(S_r/s))``,
+        ``V̂_r = C_f⁻¹ V_r`` (triangular solves, kept columns only).
+    """
+    wc = weight @ c_f
+    u, s, vh = torch.linalg.svd(wc, full_matrices=False)
+    sl = slice(0, rank) if mode == "ipm" else slice(s.shape[0] - rank, s.shape[0])
+    u_r, s_r, v_r = u[:, sl], s[sl], vh[sl].mT
+    v_hat = torch.cholesky_solve(v_r, chol)  # (d_in, r) = C_f⁻¹ V_r
+    root = (s_r / scaling).sqrt()
+    a = (v_hat * root).mT.contiguous()
+    b = (u_r * root).contiguous()
+    return a, b, s_r
+
+
+@torch.no_grad()
+def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[CordaConfig] = None,
+              device: Optional[torch.device] = None) -> dict[str, LayerFactors]:
+    """CorDA factors for every target that has a statistic.
+
+    Args:
+        stats: output of :func:`corda_fast.collect_covariance` (or a loaded cache).
+        targets: resolved targets (their ``module.weight`` is read, never written).
+        config: mode, precision, damping settings.
+        device: where to decompose (default: each statistic's device).
+    Returns:
+        ``{layer name: LayerFactors}`` in target order.
+    """
+    config = config or CordaConfig()
+    dtype = config.decompose_dtype
+    by_key: dict[str, list[Target]] = {}
+    for t in targets:
+        try:
+            key = stats.key_of(t.name)
+        except KeyError:
+            continue
+        by_key.setdefault(key, []).append(t)
+    out: dict[str, LayerFactors] = {}
+    t0 = time.perf_counter()
+    bar = tqdm(total=sum(len(v) for v in by_key.values()), desc="corda_fast: decomposing", unit="layer",
+               disable=not config.show_progress)
+    try:
+        for key, layer_targets in by_key.items():
+            cov = stats.covariance(key, torch.float32)
+            if device is not None:
+                cov = cov.to(device)
+            names = [t.name for t in layer_targets]
+            lam = find_damping(cov, config.damping_start, config.damping_tol, config.damping_max_iter,
+                               what=f"layer(s) {names}")
+            c = cov.to(dtype) if dtype != torch.float32 else cov
+            if dtype != torch.float32 and stats.sums[key].dtype == dtype:  # keep a float64 statistic's digits
+                c = stats.covariance(key, dtype).to(cov.device)
+            c_f = c + torch.eye(c.shape[0], dtype=dtype, device=c.device) * (torch.diagonal(c).mean() * lam)
+            chol, info = torch.linalg.cholesky_ex(c_f)
+            if int(info) != 0:
+                raise DampingError(f"damped covariance of layer(s) {names} is not positive definite (λ={lam}).")
+            for t in layer_targets:
+                w = t.weight_matrix().detach().to(device=c.device, dtype=dtype)
+                a, b, s_r = decompose_layer(w, chol, c_f, t.rank, config.mode, t.scaling)
+                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                    raise DampingError(f"non-finite adapter factors for layer '{t.name}' (λ={lam}).")
+                out[t.name] = LayerFactors(t.name, a, b, s_r, t.scaling, lam, key)
+                bar.update(1)
+            del c, c_f, chol, cov
+    finally:
+        bar.close()
+    logger.info("decomposed %d layers (%d distinct statistics, %s) in %.2fs", len(out), len(by_key),
+                config.decompose_precision, time.perf_counter() - t0)
+    order = {t.name: i for i, t in enumerate(targets)}
+    return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))

@@ -1,0 +1,121 @@
+"""Writing CorDA factors into a real ``peft.PeftModel``, and converting the result to a plain LoRA.
+
+The model is built with ``init_lora_weights=True`` (so its saved ``adapter_config.json`` never says ``"corda"`` and
+loads with plain ``PeftModel.from_pretrained`` on a base that carries the residual weights), then each LoRA layer
+receives ``A``, ``B`` and its base layer ``W_res = W − s·B·A``, computed from the factors *as they are stored* in the
+adapter, so the model's output at initialisation equals the original's up to the rounding of ``W_res`` to the model
+dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import CordaConfig
+from .decompose import LayerFactors
+from .targets import Target
+
+logger = logging.getLogger(__name__)
+
+
+def _lora_config(targets: list[Target], config: CordaConfig, task_type=None):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        use_rslora=config.use_rslora,
+        rank_pattern=dict(config.rank_pattern),
+        alpha_pattern=dict(config.alpha_pattern),
+        target_modules=[t.name for t in targets],
+        lora_dropout=config.lora_dropout,
+        fan_in_fan_out=any(t.is_conv1d for t in targets),
+        init_lora_weights=True,
+        task_type=task_type,
+    )
+
+
+@torch.no_grad()
+def build_peft_model(model: nn.Module, factors: dict[str, LayerFactors], targets: list[Target],
+                     config: Optional[CordaConfig] = None, adapter_name: str = "default", task_type=None):
+    """Wrap ``model`` in a ``peft.PeftModel`` whose LoRA layers hold the CorDA factors.
+
+    Args:
+        model: the model the factors were computed on (its targeted base weights become ``W_res``).
+        factors: ``{layer name: LayerFactors}`` from :func:`corda_fast.decompose`.
+        targets: the resolved targets; only those with factors are adapted.
+        config: the same :class:`CordaConfig` (rank/alpha patterns, dropout, ``autocast_adapter_dtype``).
+        task_type: optional PEFT task type (e.g. ``"CAUSAL_LM"``) for the returned model's class.
+    Returns:
+        ``peft.PeftModel``. On any error the model is restored (adapters unloaded, weights untouched).
+    """
+    from peft import get_peft_model
+
+    config = config or CordaConfig()
+    adapted = [t for t in targets if t.name in factors]
+    lora_config = _lora_config(adapted, config, task_type)
+    originals = {t.name: t.module.weight.data for t in adapted}
+    peft_model = None
+    try:
+        # PEFT's default init draws random numbers for lora_A; do not let it move the user's RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name,
+                                        autocast_adapter_dtype=config.autocast_adapter_dtype)
+        inner = peft_model.base_model.model
+        for t in adapted:
+            f = factors[t.name]
+            layer = inner.get_submodule(t.name)
+            lora_a = layer.lora_A[adapter_name].weight
+            lora_b = layer.lora_B[adapter_name].weight
+            if tuple(lora_a.shape) != tuple(f.A.shape) or tuple(lora_b.shape) != tuple(f.B.shape):
+                raise RuntimeError(
+                    f"layer '{t.name}': PEFT made LoRA shapes {tuple(lora_a.shape)}/{tuple(lora_b.shape)} but the "
+                    f"factors are {tuple(f.A.shape)}/{tuple(f.B.shape)} (rank_pattern mismatch)."
+                )
+            a = f.A.to(device=lora_a.device, dtype=lora_a.dtype)
+            b = f.B.to(device=lora_b.device, dtype=lora_b.dtype)
+            base = layer.get_base_layer()
+            w = originals[t.name]
+            cdt = f.A.dtype  # residual in the decomposition precision, from the factors as stored
+            w_mat = (w.t() if t.is_conv1d else w).to(device=f.A.device, dtype=cdt)
+            delta = (f.scaling * b.to(device=f.A.device, dtype=cdt)) @ a.to(device=f.A.device, dtype=cdt)
+            w_res = (w_mat - delta).to(w.dtype)
+            lora_a.data = a.contiguous()
+            lora_b.data = b.contiguous()
+            base.weight.data = (w_res.t() if t.is_conv1d else w_res).contiguous().to(w.device)
+    except BaseException:
+        if peft_model is not None:
+            for t in adapted:
+                t.module.weight.data = originals[t.name]
+            try:
+                peft_model.unload()
+            except Exception:  # pragma: no cover - best effort; weights are already restored
+                logger.exception("could not unload the partially built PEFT model")
+        raise
+    return peft_model
+
+
+def save_initial_adapter(peft_model, path: str) -> None:
+    """Save the adapter right after initialisation; needed later by :func:`save_as_lora`."""
+    peft_model.save_pretrained(path)
+
+
+def save_as_lora(peft_model, out_dir: str, initial_adapter_dir: str) -> None:
+    """Save a trained CorDA model as a *plain LoRA* adapter for the ORIGINAL base weights.
+
+    ``ΔW = s·(B·A − B₀·A₀)`` is written as a rank-``2r`` LoRA (``A' = [A; A₀]``, ``B' = [B, −B₀]``; PEFT's
+    ``path_initial_model_for_weight_conversion``). ``initial_adapter_dir`` must hold the adapter saved by
+    :func:`save_initial_adapter` (or ``init_adapters(..., initial_adapter_dir=...)``) before training.
+    Not available with ``use_rslora`` combined with rank/alpha patterns (PEFT limitation).
+    """
+    if not os.path.isdir(initial_adapter_dir):
+        raise FileNotFoundError(
+            f"initial adapter '{initial_adapter_dir}' not found: save it right after init_adapters "
+            "(initial_adapter_dir=...) before training."
+        )
+    peft_model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=initial_adapter_dir)

@@ -1,0 +1,152 @@
+"""Which layers get an adapter, with what rank and scaling — resolved once, used by every stage.
+
+Matching follows PEFT's ``LoraConfig.target_modules`` semantics exactly (a string is a regex that must match the
+whole module name; a list matches a name equal to an entry or ending in ``"." + entry``), so the layers we calibrate
+are the layers PEFT wraps. Rank / alpha patterns use PEFT's own ``get_pattern_key``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .config import CordaConfig
+
+from transformers.pytorch_utils import Conv1D  # GPT-2 style linear, weight stored as (in, out)
+
+from peft.utils.other import get_pattern_key
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Task heads the paper (and PEFT's "all-linear") leave out besides the LM output embedding.
+_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler")
+
+
+class TargetError(ValueError):
+    """A target specification that does not fit the model (nothing matched, unsupported layer, rank too big)."""
+
+
+@dataclass
+class Target:
+    """One adapted layer. ``d_out × d_in`` is the shape of ``W`` in ``y = W x`` (Conv1D weights are transposed)."""
+
+    name: str
+    module: nn.Module
+    is_conv1d: bool
+    d_in: int
+    d_out: int
+    rank: int
+    alpha: float
+    scaling: float
+
+    def weight_matrix(self) -> torch.Tensor:
+        """``W`` as ``(d_out, d_in)`` (a view, never a copy)."""
+        w = self.module.weight
+        return w.t() if self.is_conv1d else w
+
+
+def _name_matches(name: str, spec: Union[str, Sequence[str]]) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def _is_quantized(module: nn.Module) -> Optional[str]:
+    weight = getattr(module, "weight", None)
+    cls = type(weight).__name__ if weight is not None else ""
+    if cls in ("Params4bit", "Int8Params") or "bitsandbytes" in type(module).__module__:
+        return f"bitsandbytes {cls or type(module).__name__}"
+    if weight is not None and weight.dtype not in _FLOAT_DTYPES:
+        return f"dtype {weight.dtype}"
+    if weight is not None and type(weight.data) is not torch.Tensor and not isinstance(weight, nn.Parameter):
+        return f"tensor subclass {type(weight.data).__name__}"
+    return None
+
+
+def _output_head_ids(model: nn.Module) -> set:
+    ids = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            head = get_out()
+        except Exception:
+            head = None
+        if head is not None:
+            ids.add(id(head))
+    return ids
+
+
+def resolve_targets(model: nn.Module, config: CordaConfig) -> list[Target]:
+    """Resolve ``config.target_modules`` on ``model`` into an ordered list of :class:`Target`.
+
+    Raises :class:`TargetError` naming the offending layer when a matched module is not a ``nn.Linear`` /
+    ``Conv1D``, when its weight is quantized, when nothing matches, or when a layer's rank exceeds
+    ``min(d_in, d_out)``.
+    """
+    spec = config.target_modules
+    all_linear = spec is None or spec == "all-linear"
+    heads = _output_head_ids(model) if all_linear else set()
+    targets: list[Target] = []
+    unsupported = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if all_linear:
+            if not isinstance(module, (nn.Linear, Conv1D)):
+                continue
+            if id(module) in heads or any(name == h or name.startswith(h + ".") or name.endswith("." + h) for h in _HEAD_NAMES):
+                continue
+        elif not _name_matches(name, spec):
+            continue
+        if config.exclude_modules is not None and _name_matches(name, config.exclude_modules):
+            continue
+        is_linear = isinstance(module, nn.Linear)
+        is_conv1d = isinstance(module, Conv1D)
+        if not (is_linear or is_conv1d):
+            unsupported.append(f"{name} ({type(module).__name__})")
+            continue
+        quant = _is_quantized(module)
+        if quant is not None:
+            raise TargetError(
+                f"Layer '{name}' has quantized weights ({quant}). CorDA needs the full-precision weight: load the "
+                "model in float32/bfloat16/float16, initialise, then re-quantize the residual model."
+            )
+        w = module.weight
+        d_out, d_in = (w.shape[1], w.shape[0]) if is_conv1d else (w.shape[0], w.shape[1])
+        rank_key = get_pattern_key(config.rank_pattern.keys(), name) if config.rank_pattern else name
+        rank = int(config.rank_pattern.get(rank_key, config.rank))
+        alpha_key = get_pattern_key(config.alpha_pattern.keys(), name) if config.alpha_pattern else name
+        alpha = float(config.alpha_pattern.get(alpha_key, config.alpha))
+        scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        targets.append(Target(name, module, is_conv1d, int(d_in), int(d_out), rank, alpha, scaling))
+    if unsupported:
+        raise TargetError(
+            f"target_modules={spec!r} matches modules that are not nn.Linear or transformers Conv1D: "
+            + ", ".join(unsupported[:10])
+            + (" ..." if len(unsupported) > 10 else "")
+            + ". Name the linear layers themselves (e.g. 'q_proj')."
+        )
+    if not targets:
+        raise TargetError(
+            f"target_modules={spec!r} matches no nn.Linear/Conv1D layer of {type(model).__name__}. "
+            "Use 'all-linear', a list of layer names or suffixes (e.g. ['q_proj', 'v_proj']), or a full-match regex."
+        )
+    too_big = [t for t in targets if t.rank > min(t.d_in, t.d_out)]
+    if too_big:
+        t = too_big[0]
+        raise TargetError(
+            f"rank {t.rank} is too large for layer '{t.name}' ({t.d_out}x{t.d_in}): its max rank is "
+            f"{min(t.d_in, t.d_out)}" + (f" ({len(too_big) - 1} more layers too)" if len(too_big) > 1 else "")
+            + ". Lower `rank` or set a `rank_pattern` entry for it."
+        )
+    kinds = {t.is_conv1d for t in targets}
+    if len(kinds) > 1:
+        raise TargetError(
+            "targets mix nn.Linear and Conv1D layers, which PEFT cannot express with one fan_in_fan_out setting: "
+            f"e.g. '{next(t.name for t in targets if t.is_conv1d)}' and '{next(t.name for t in targets if not t.is_conv1d)}'."
+        )
+    return targets
