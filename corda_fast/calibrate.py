@@ -211,13 +211,20 @@ def _forward_runner(model: nn.Module, targets: list[Target]) -> Callable[[dict],
     try:
         import inspect
 
-        takes_cache = "use_cache" in inspect.signature(runner.forward).parameters
+        params = inspect.signature(runner.forward).parameters
     except (TypeError, ValueError):
-        takes_cache = False
+        params = {}
+    takes_cache = "use_cache" in params
+    takes_positions = "position_ids" in params
 
     def run(kwargs: dict):
         if takes_cache:
             kwargs = {"use_cache": False, **kwargs}
+        mask = kwargs.get("attention_mask")
+        if takes_positions and mask is not None and "position_ids" not in kwargs and mask.dim() == 2:
+            # Left padding must not shift real tokens' positions (absolute position embeddings would change the
+            # activations): number real tokens from 0 in every row, as generation does.
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return runner(**kwargs)
 
     return run

