@@ -11,7 +11,7 @@ from .api import InitReport, init_adapters
 from .calibrate import CacheError, CalibrationError, CovarianceStats, collect_covariance, model_fingerprint
 from .config import CordaConfig, CordaConfigError
 from .decompose import DampingError, LayerFactors, decompose, find_damping
-from .peft_bridge import build_peft_model, save_as_lora, save_initial_adapter
+from .peft_bridge import build_peft_model, residual_state_dict, save_as_lora, save_initial_adapter, save_residual_base
 from .targets import Target, TargetError, resolve_targets
 
 __all__ = [
@@ -29,6 +29,8 @@ __all__ = [
     "build_peft_model",
     "save_initial_adapter",
     "save_as_lora",
+    "save_residual_base",
+    "residual_state_dict",
     "resolve_targets",
     "Target",
     "TargetError",

@@ -402,7 +402,7 @@ def collect_covariance(
         :class:`CovarianceStats` with one ``(d_in, d_in)`` statistic per distinct layer input.
     """
     config = config or CordaConfig()
-    targets = targets if targets is not None else resolve_targets(model, config)
+    targets = targets if targets is not None else resolve_targets(model, config, check_rank=False)
     collector = _Collector(targets, config)
     device = _model_device(model)
     was_training = model.training

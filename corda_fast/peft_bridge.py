@@ -119,3 +119,25 @@ def save_as_lora(peft_model, out_dir: str, initial_adapter_dir: str) -> None:
             "(initial_adapter_dir=...) before training."
         )
     peft_model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=initial_adapter_dir)
+
+
+def residual_state_dict(peft_model) -> dict:
+    """State dict of the base model carrying the residual weights ``W_res`` (LoRA tensors left out, PEFT's
+    ``base_layer.`` prefix removed), for ``base.save_pretrained(dir, state_dict=...)``."""
+    sd = {}
+    for key, value in peft_model.base_model.model.state_dict().items():
+        if "lora_" in key:
+            continue
+        sd[key.replace(".base_layer.", ".")] = value
+    return sd
+
+
+def save_residual_base(peft_model, path: str) -> None:
+    """Save the base model with ``W_res`` in place of the targeted weights (a transformers model directory), so
+    ``PeftModel.from_pretrained(AutoModel.from_pretrained(path), adapter_dir)`` restores the initialised model."""
+    base = peft_model.base_model.model
+    if not hasattr(base, "save_pretrained"):
+        os.makedirs(path, exist_ok=True)
+        torch.save(residual_state_dict(peft_model), os.path.join(path, "residual_base.pt"))
+        return
+    base.save_pretrained(path, state_dict=residual_state_dict(peft_model))

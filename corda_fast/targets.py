@@ -80,12 +80,12 @@ def _output_head_ids(model: nn.Module) -> set:
     return ids
 
 
-def resolve_targets(model: nn.Module, config: CordaConfig) -> list[Target]:
+def resolve_targets(model: nn.Module, config: CordaConfig, check_rank: bool = True) -> list[Target]:
     """Resolve ``config.target_modules`` on ``model`` into an ordered list of :class:`Target`.
 
     Raises :class:`TargetError` naming the offending layer when a matched module is not a ``nn.Linear`` /
     ``Conv1D``, when its weight is quantized, when nothing matches, or when a layer's rank exceeds
-    ``min(d_in, d_out)``.
+    ``min(d_in, d_out)`` (unless ``check_rank=False``: statistics do not depend on the rank).
     """
     spec = config.target_modules
     all_linear = spec is None or spec == "all-linear"
@@ -135,7 +135,7 @@ def resolve_targets(model: nn.Module, config: CordaConfig) -> list[Target]:
             f"target_modules={spec!r} matches no nn.Linear/Conv1D layer of {type(model).__name__}. "
             "Use 'all-linear', a list of layer names or suffixes (e.g. ['q_proj', 'v_proj']), or a full-match regex."
         )
-    too_big = [t for t in targets if t.rank > min(t.d_in, t.d_out)]
+    too_big = [t for t in targets if check_rank and t.rank > min(t.d_in, t.d_out)]
     if too_big:
         t = too_big[0]
         raise TargetError(

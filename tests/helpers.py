@@ -160,4 +160,6 @@ def assert_model_unchanged(model, before):
     assert after["hooks"] == before["hooks"], "hooks left behind"
     assert after["training"] == before["training"], "train/eval mode not restored"
     for k, v in before["weights"].items():
-        assert torch.equal(after["weights"][k], v), f"weight {k} changed"
+        a = after["weights"][k]
+        assert a.dtype == v.dtype and a.shape == v.shape and torch.equal(
+            a.contiguous().view(torch.uint8), v.contiguous().view(torch.uint8)), f"weight {k} changed"

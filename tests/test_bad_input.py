@@ -1,0 +1,147 @@
+"""Bad input: a clear error naming what and where, and the user's model left exactly as it was."""
+
+import pytest
+import torch
+from torch import nn
+
+import corda_fast
+from corda_fast import CacheError, CalibrationError, CordaConfig, CordaConfigError, TargetError
+from helpers import assert_model_unchanged, model_state, padded_batches, random_samples, tiny_llama
+
+QUIET = dict(show_progress=False)
+
+
+def run_and_check(model, exc, match, *args, **kwargs):
+    before = model_state(model)
+    with pytest.raises(exc, match=match):
+        corda_fast.init_adapters(model, *args, **QUIET, **kwargs)
+    assert_model_unchanged(model, before)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_activations_name_layer_and_batch(bad):
+    model = tiny_llama()
+    model.train()  # mode must come back as train
+    with torch.no_grad():
+        model.model.embed_tokens.weight[7] = bad
+    batches = padded_batches(random_samples(6), 2)
+    batches[2]["input_ids"][1, 0] = 7  # only the third batch carries the poisoned token
+    run_and_check(model, CalibrationError, r"layer 'model\.layers\.0\.self_attn\.q_proj'.*batch 2", batches)
+
+
+def test_poison_on_padding_is_ignored():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0] = float("nan")  # token 0 is only used as padding here
+    samples = [s.clamp(min=1) for s in random_samples(6)]
+    batches = padded_batches(samples, 3, side="right", pad_id=0)
+    # the first layer's q_proj sees NaN rows only at padded positions, which never enter a statistic
+    # (later layers get NaN everywhere: attention multiplies the padded NaN values by zero weights)
+    stats = corda_fast.collect_covariance(model, batches, CordaConfig(target_modules=["model.layers.0.self_attn.q_proj"],
+                                                                      **QUIET))
+    assert all(bool(torch.isfinite(s).all()) for s in stats.sums.values())
+
+
+def test_empty_loader():
+    run_and_check(tiny_llama(), CalibrationError, "no batches", [])
+
+
+def test_rank_too_large_names_layer_and_max():
+    run_and_check(tiny_llama(), TargetError, r"rank 200 .*'model\.layers\.0\.self_attn\.q_proj' \(128x128\).*max rank is 128",
+                  padded_batches(random_samples(2), 2), rank=200)
+
+
+def test_target_matches_nothing():
+    run_and_check(tiny_llama(), TargetError, "matches no nn.Linear", padded_batches(random_samples(2), 2),
+                  target_modules=["qkv_proj"])
+
+
+def test_target_matches_unsupported_module():
+    run_and_check(tiny_llama(), TargetError, r"not nn.Linear.*model\.layers\.0\.mlp \(LlamaMLP\)",
+                  padded_batches(random_samples(2), 2), target_modules=["mlp"])
+
+
+def test_quantized_weight_refused():
+    model = tiny_llama()
+    lin = model.model.layers[0].self_attn.q_proj
+    lin.weight = nn.Parameter(lin.weight.detach().to(torch.int8), requires_grad=False)
+    run_and_check(model, TargetError, r"'model\.layers\.0\.self_attn\.q_proj' has quantized weights",
+                  padded_batches(random_samples(2), 2))
+
+
+def test_cache_from_another_model(tmp_path):
+    path = str(tmp_path / "cov.safetensors")
+    corda_fast.init_adapters(tiny_llama(seed=0), padded_batches(random_samples(3), 3), covariance_cache=path, **QUIET)
+    run_and_check(tiny_llama(seed=1), CacheError, "another model", None, covariance_cache=path)
+    run_and_check(tiny_llama(hidden=64), CacheError, "another model", None, covariance_cache=path)
+    run_and_check(tiny_llama(seed=0), CacheError, "normalization", None, covariance_cache=path, normalization="absmax")
+
+
+def test_cache_missing_layers(tmp_path):
+    path = str(tmp_path / "cov.safetensors")
+    corda_fast.init_adapters(tiny_llama(), padded_batches(random_samples(3), 3), covariance_cache=path,
+                             target_modules=["q_proj"], **QUIET)
+    run_and_check(tiny_llama(), CacheError, r"no statistic for layer.*o_proj", None, covariance_cache=path)
+
+
+def test_exception_inside_loader_mid_calibration():
+    batches = padded_batches(random_samples(6), 2)
+
+    def loader():
+        yield batches[0]
+        yield batches[1]
+        raise RuntimeError("disk on fire")
+
+    model = tiny_llama()
+    model.train()
+    run_and_check(model, RuntimeError, "disk on fire", loader())
+
+
+def test_exception_inside_model_forward():
+    model = tiny_llama()
+
+    def boom(module, args):
+        raise ValueError("forward exploded")
+
+    model.model.layers[1].mlp.register_forward_pre_hook(boom)
+    run_and_check(model, ValueError, "forward exploded", padded_batches(random_samples(2), 2))
+
+
+def test_bad_batch_type():
+    run_and_check(tiny_llama(), CalibrationError, "cannot use a calibration batch of type str", ["hello"])
+
+
+def test_no_loader_no_cache():
+    run_and_check(tiny_llama(), ValueError, "needs a calibration `loader`", None)
+
+
+def test_unused_target():
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(8, 8)
+            self.unused = nn.Linear(8, 8)
+
+        def forward(self, input_ids=None, attention_mask=None):
+            return self.used(input_ids)
+
+    model = Skip()
+    run_and_check(model, CalibrationError, r"saw no calibration token: \['unused'\]", [torch.randn(2, 5, 8)], rank=2)
+    pm = corda_fast.init_adapters(model, [torch.randn(2, 5, 8)], rank=2, unused_targets="skip", **QUIET)
+    assert list(pm.peft_config["default"].target_modules) == ["used"]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("mode", "fast", r"CordaConfig.mode='fast' is invalid: expected one of \('ipm', 'kpm'\)"),
+    ("rank", 0, r"CordaConfig.rank=0 is invalid"),
+    ("normalization", "max", r"CordaConfig.normalization='max'"),
+    ("decompose_precision", "float16", r"CordaConfig.decompose_precision='float16'"),
+    ("target_modules", 3, r"CordaConfig.target_modules=3"),
+    ("lora_dropout", 1.5, r"CordaConfig.lora_dropout=1.5"),
+    ("damping_max_iter", 0, r"CordaConfig.damping_max_iter=0"),
+    ("rank_pattern", {"q": 0}, r"CordaConfig.rank_pattern"),
+])
+def test_config_validation_names_field(field, value, match):
+    with pytest.raises(CordaConfigError, match=match):
+        CordaConfig(**{field: value})
+    run_and_check(tiny_llama(), CordaConfigError, match, padded_batches(random_samples(2), 2), **{field: value})

@@ -1,0 +1,107 @@
+"""Decomposition properties (spec §7): damping rule, reconstruction, mode selection, invariants, limits."""
+
+import pytest
+import torch
+
+from corda_fast import CordaConfig, DampingError, find_damping
+from corda_fast.decompose import decompose_layer
+from helpers import reference_damping, reference_factors, rel
+
+
+def spd(d, tokens, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d, generator=g, dtype=dtype) * torch.linspace(0.05, 2.0, d, dtype=dtype)
+    return x.T @ x / tokens
+
+
+def factors(w, c, rank, mode, s, dtype=torch.float64):
+    lam = find_damping(c)
+    c = c.to(dtype)
+    cf = c + torch.eye(c.shape[0], dtype=dtype) * torch.diagonal(c).mean() * lam
+    a, b, sr = decompose_layer(w.to(dtype), torch.linalg.cholesky(cf), cf, rank, mode, s)
+    return a, b, sr, cf, lam
+
+
+@pytest.mark.parametrize("d_out,d_in", [(17, 29), (29, 17), (1, 3), (33, 33)])
+@pytest.mark.parametrize("mode", ["ipm", "kpm"])
+def test_matches_float64_reference(d_out, d_in, mode):
+    w = torch.randn(d_out, d_in)
+    c = spd(d_in, 3 * d_in + 5)
+    rank = min(3, d_out, d_in)
+    a, b, _, _, lam = factors(w, c, rank, mode, 0.5, torch.float32)
+    d_ref, w_ref = reference_factors(w, c, rank, mode, 0.5, lam)
+    assert rel(0.5 * b.double() @ a.double(), d_ref) < 1e-4
+    a64, b64, _, _, _ = factors(w, c, rank, mode, 0.5, torch.float64)
+    assert rel(0.5 * b64 @ a64, d_ref) < 1e-10
+
+
+def test_damping_rule_smallest_accepted():
+    for c in (spd(40, 200), spd(40, 10, seed=1).float()):  # full rank, and rank 10 of 40
+        lam = find_damping(c)
+        assert lam == reference_damping(c)
+        assert lam >= 0.01
+        c32 = c.float()
+        eye = torch.eye(40)
+        cf = c32 + eye * torch.diagonal(c32).mean() * lam
+        assert float(torch.dist(cf @ torch.linalg.inv(cf), eye)) < 0.05
+
+
+def test_damping_grows_for_ill_conditioned():
+    d = 64
+    u, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    c = (u * torch.logspace(0, -30, d, dtype=torch.float64)) @ u.T * 1e4  # cond 1e30
+    lam_small = find_damping(c, start=1e-9)
+    assert lam_small > 1e-9  # needed doublings
+    assert lam_small == reference_damping(c, start=1e-9)
+
+
+def test_damping_cap_and_degenerate_errors():
+    with pytest.raises(DampingError, match="mean diagonal"):
+        find_damping(torch.zeros(5, 5), what="layer 'x'")
+    with pytest.raises(DampingError, match="non-finite|mean diagonal"):
+        find_damping(torch.full((5, 5), float("nan")))
+    c = spd(30, 3)
+    with pytest.raises(DampingError, match="did not converge after 2 doublings"):
+        find_damping(c, start=1e-12, tol=1e-9, max_iter=2, what="layer 'x'")
+
+
+@pytest.mark.parametrize("s", [0.5, 1.0, 2.0])
+def test_invariants(s):
+    d_out, d_in, r = 23, 31, 5
+    w = torch.randn(d_out, d_in, dtype=torch.float64)
+    c = spd(d_in, 100)
+    full = torch.linalg.svdvals(w @ (c + torch.eye(d_in, dtype=torch.float64) * torch.diagonal(c).mean() * find_damping(c)))
+    for mode in ("ipm", "kpm"):
+        a, b, sr, cf, _ = factors(w, c, r, mode, s)
+        assert torch.allclose(sr, full[:r] if mode == "ipm" else full[-r:], rtol=1e-10)
+        assert torch.allclose(b.T @ b, torch.diag(sr / s), atol=1e-10 * float(sr.max()))
+        assert torch.allclose(a @ cf @ cf @ a.T, torch.diag(sr / s), atol=1e-9 * float(sr.max()))
+        # frozen part keeps exactly the other singular values
+        w_res = w - s * b @ a
+        kept = torch.linalg.svdvals(w_res @ cf)
+        other = full[r:] if mode == "ipm" else full[:-r]
+        assert torch.allclose(kept[: other.numel()], other, rtol=1e-8)
+        assert float(kept[other.numel():].abs().max()) < 1e-8 * float(full[0])
+    a_i, b_i, *_ = factors(w, c, r, "ipm", s)
+    a_k, b_k, *_ = factors(w, c, r, "kpm", s)
+    assert float((b_i.T @ b_k).abs().max()) < 1e-8 * float(b_i.norm() * b_k.norm())  # orthogonal U blocks
+
+
+def test_identity_covariance_is_pissa_and_milora():
+    w = torch.randn(12, 20, dtype=torch.float64)
+    c = torch.eye(20, dtype=torch.float64) * 3.0
+    u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+    for mode, idx in (("ipm", slice(0, 4)), ("kpm", slice(-4, None))):
+        a, b, *_ = factors(w, c, 4, mode, 1.0)
+        expected = u[:, idx] @ torch.diag(sv[idx]) @ vh[idx]
+        assert rel(b @ a, expected) < 1e-10
+
+
+def test_scale_changes_balance_not_product():
+    w = torch.randn(10, 14, dtype=torch.float64)
+    c = spd(14, 60)
+    a1, b1, *_ = factors(w, c, 3, "kpm", 1.0)
+    a2, b2, *_ = factors(w, c * 100, 3, "kpm", 1.0)
+    assert rel(b2 @ a2, b1 @ a1) < 1e-9
+    assert abs(float(b2.norm() / b1.norm()) - 10) < 1e-6
+    assert abs(float(a1.norm() / a2.norm()) - 10) < 1e-6
