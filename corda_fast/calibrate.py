@@ -456,7 +456,7 @@ def collect_covariance(
     keys = [k for k in collector.order if collector.n_samples.get(k, 0) > 0]
     members = {k: [n for n in collector.members[k] if n not in unused] for k in keys}
     stats = CovarianceStats(
-        sums={k: collector.sums[k] for k in keys},
+        sums={k: ops.symmetrize(collector.sums[k]) for k in keys},
         n_samples={k: collector.n_samples[k] for k in keys},
         n_tokens={k: collector.n_tokens[k] for k in keys},
         members=members,

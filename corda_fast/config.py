@@ -15,6 +15,7 @@ import torch
 MODES = ("ipm", "kpm")
 NORMALIZATIONS = ("peft", "absmax", "none")
 PRECISIONS = ("float32", "float64")
+SVD_METHODS = ("gram", "svd")
 UNUSED_TARGET_POLICIES = ("error", "skip")
 
 
@@ -48,10 +49,15 @@ class CordaConfig:
             quirk, kept for parity; ``"absmax"`` divides by ``max|X|``; ``"none"`` keeps raw activations.
             The covariance is the mean over samples in every case.
         covariance_precision: accumulation dtype of the statistics (``"float32"`` as PEFT, or ``"float64"``).
-        decompose_precision: dtype of ``W·C_f``, its SVD and the solve for ``V̂`` (``"float32"`` as PEFT, or
-            ``"float64"``: about 2-4x slower on CPU, needed when the smallest components (KPM) of an
-            ill-conditioned ``W·C_f`` must be accurate beyond ~1e-3). The damping search always uses float32,
-            as PEFT, so both precisions pick the same damping.
+        decompose_precision: dtype of the returned factors and of the residual ``W − s·B·A``; with
+            ``svd_method="svd"`` also of ``W·C_f``, its SVD and the solve for ``V̂`` (``"float32"`` is PEFT's
+            arithmetic; ``"float64"`` is needed there when the smallest components (KPM) of an ill-conditioned
+            ``W·C_f`` must be accurate beyond ~1e-3). The damping search always uses float32, as PEFT, so every
+            precision picks the same damping.
+        svd_method: ``"gram"`` (default) — float64 eigendecomposition of the Gram matrix of ``W·C_f`` on its
+            smaller side, mapping back only the ``r`` kept singular vectors: faster than a float32 SVD on CPU and
+            more accurate, with a fallback to the SVD when a kept σ is below 1e-6·σ_max; ``"svd"`` — the full thin
+            SVD in ``decompose_precision``, PEFT's exact algorithm.
         damping_start / damping_tol / damping_max_iter: ``C_f = C + λ·mean(diag C)·I`` with ``λ`` from
             ``damping_start`` doubling until ``‖C_f C_f⁻¹ − I‖_F < damping_tol``; an error after
             ``damping_max_iter`` doublings (PEFT loops forever).
@@ -78,6 +84,7 @@ class CordaConfig:
     normalization: str = "peft"
     covariance_precision: str = "float32"
     decompose_precision: str = "float32"
+    svd_method: str = "gram"
     damping_start: float = 0.01
     damping_tol: float = 0.05
     damping_max_iter: int = 40
@@ -125,6 +132,8 @@ class CordaConfig:
                 setattr(self, name, value)
             if value not in PRECISIONS:
                 _fail(name, value, f"one of {PRECISIONS}")
+        if self.svd_method not in SVD_METHODS:
+            _fail("svd_method", self.svd_method, f"one of {SVD_METHODS}")
         if not isinstance(self.damping_start, (int, float)) or not self.damping_start > 0:
             _fail("damping_start", self.damping_start, "a number > 0")
         if not isinstance(self.damping_tol, (int, float)) or not self.damping_tol > 0:

@@ -47,7 +47,11 @@ class LayerFactors:
 def find_damping(cov: torch.Tensor, start: float = 0.01, tol: float = 0.05, max_iter: int = 40,
                  what: str = "statistic") -> float:
     """The PEFT / reference damping rule: the smallest ``λ = start·2^k`` with ``‖C_f C_f⁻¹ − I‖_F < tol`` where
-    ``C_f = C + λ·mean(diag C)·I`` and ``C_f⁻¹`` is the float32 LU inverse (as PEFT, so the same λ is found).
+    ``C_f = C + λ·mean(diag C)·I``, evaluated in float32.
+
+    PEFT measures the residual of an explicit LU inverse. We measure it first with the cheaper Cholesky inverse
+    and fall back to PEFT's LU inverse whenever the residual is within 4x of ``tol`` either way (or Cholesky
+    fails), so the accepted λ is PEFT's unless the two inverses' residuals differ by more than 4x.
 
     Args:
         cov: ``(d, d)`` covariance (any float dtype; evaluated in float32).
@@ -67,9 +71,14 @@ def find_damping(cov: torch.Tensor, start: float = 0.01, tol: float = 0.05, max_
     err = float("nan")
     for _ in range(max_iter):
         c_f = c + eye * (mean_diag * lam)
-        inv, info = torch.linalg.inv_ex(c_f)
-        if int(info) == 0:
-            err = float(torch.dist(c_f @ inv, eye))
+        chol, info = torch.linalg.cholesky_ex(c_f)
+        err = float(torch.dist(c_f @ torch.cholesky_inverse(chol), eye)) if int(info) == 0 else float("inf")
+        if not tol / 4 <= err < 4 * tol:  # clear-cut: the LU residual would decide the same
+            if err < tol:
+                return lam
+        else:
+            inv, info = torch.linalg.inv_ex(c_f)
+            err = float(torch.dist(c_f @ inv, eye)) if int(info) == 0 else float("inf")
             if err < tol:
                 return lam
         lam *= 2
@@ -79,27 +88,58 @@ def find_damping(cov: torch.Tensor, start: float = 0.01, tol: float = 0.05, max_
     )
 
 
+def _kept(n: int, rank: int, mode: str) -> slice:
+    return slice(0, rank) if mode == "ipm" else slice(n - rank, n)
+
+
 def decompose_layer(weight: torch.Tensor, chol: torch.Tensor, c_f: torch.Tensor, rank: int, mode: str,
-                    scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    scaling: float, method: str = "gram") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adapter factors of one layer.
 
     Args:
-        weight: ``W`` as ``(d_out, d_in)``, already in the decomposition dtype.
-        chol: lower Cholesky factor of ``c_f``; ``c_f``: damped covariance ``(d_in, d_in)``; same dtype.
+        weight: ``W`` as ``(d_out, d_in)``; c_f: damped covariance ``(d_in, d_in)``; chol: lower Cholesky factor
+            of ``c_f``; all three in one dtype (``"gram"`` computes in float64 whatever it is), which the
+            outputs take.
         rank: ``r``; mode: ``"ipm"`` (r largest) or ``"kpm"`` (r smallest); scaling: LoRA scaling ``s``.
+        method: ``"svd"`` — thin SVD of ``M = W·C_f`` in the working dtype (PEFT's arithmetic); ``"gram"`` —
+            eigendecomposition of the Gram matrix of ``M`` on its smaller side, then only the ``r`` kept singular
+            vectors of the other side (``M v / σ``). Run in float64 it is ~1.4x faster than a float32 SVD on CPU
+            and more accurate (its error is ~√ε64·σ_max ≈ 1e-8·σ_max against ε32·σ_max ≈ 6e-8·σ_max); when a kept
+            σ is below 1e-6·σ_max (where squaring loses too much) it falls back to the SVD.
     Returns:
         ``(A (r, d_in), B (d_out, r), S_r (r,))`` with ``A = diag(√(S_r/s)) V̂_rᵀ``, ``B = U_r diag(√(S_r/s))``,
-        ``V̂_r = C_f⁻¹ V_r`` (triangular solves, kept columns only).
+        ``V̂_r = C_f⁻¹ V_r`` (triangular solves, kept columns only), singular values in descending order.
     """
-    wc = weight @ c_f
-    u, s, vh = torch.linalg.svd(wc, full_matrices=False)
-    sl = slice(0, rank) if mode == "ipm" else slice(s.shape[0] - rank, s.shape[0])
-    u_r, s_r, v_r = u[:, sl], s[sl], vh[sl].mT
+    out_dtype = weight.dtype
+    if method == "gram":  # the Gram route is only accurate in float64
+        weight, c_f, chol = weight.double(), c_f.double(), chol.double()
+    m = weight @ c_f
+    d_out, d_in = m.shape
+    u_r = v_r = None
+    if method == "gram":
+        small_side_is_out = d_out <= d_in
+        g = m @ m.mT if small_side_is_out else m.mT @ m
+        evals, evecs = torch.linalg.eigh(g)  # ascending
+        n = evals.shape[0]
+        sl = _kept(n, rank, mode)
+        order = torch.arange(n - 1, -1, -1, device=evals.device)[sl]  # descending, like svd
+        s_r = evals.index_select(0, order).clamp(min=0).sqrt()
+        s_max = float(evals[-1].clamp(min=0).sqrt())
+        if float(s_r.min()) > 1e-6 * s_max:
+            vecs = evecs.index_select(1, order)
+            if small_side_is_out:
+                u_r, v_r = vecs, (m.mT @ vecs) / s_r
+            else:
+                u_r, v_r = (m @ vecs) / s_r, vecs
+    if u_r is None:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        sl = _kept(s.shape[0], rank, mode)
+        u_r, s_r, v_r = u[:, sl], s[sl], vh[sl].mT
     v_hat = torch.cholesky_solve(v_r, chol)  # (d_in, r) = C_f⁻¹ V_r
     root = (s_r / scaling).sqrt()
     a = (v_hat * root).mT.contiguous()
     b = (u_r * root).contiguous()
-    return a, b, s_r
+    return a.to(out_dtype), b.to(out_dtype), s_r.to(out_dtype)
 
 
 @torch.no_grad()
@@ -117,6 +157,7 @@ def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[Co
     """
     config = config or CordaConfig()
     dtype = config.decompose_dtype
+    work = torch.float64 if config.svd_method == "gram" else dtype
     by_key: dict[str, list[Target]] = {}
     for t in targets:
         try:
@@ -136,19 +177,17 @@ def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[Co
             names = [t.name for t in layer_targets]
             lam = find_damping(cov, config.damping_start, config.damping_tol, config.damping_max_iter,
                                what=f"layer(s) {names}")
-            c = cov.to(dtype) if dtype != torch.float32 else cov
-            if dtype != torch.float32 and stats.sums[key].dtype == dtype:  # keep a float64 statistic's digits
-                c = stats.covariance(key, dtype).to(cov.device)
-            c_f = c + torch.eye(c.shape[0], dtype=dtype, device=c.device) * (torch.diagonal(c).mean() * lam)
+            c = stats.covariance(key, work).to(cov.device)  # a float64 statistic keeps its digits
+            c_f = c + torch.eye(c.shape[0], dtype=work, device=c.device) * (torch.diagonal(c).mean() * lam)
             chol, info = torch.linalg.cholesky_ex(c_f)
             if int(info) != 0:
                 raise DampingError(f"damped covariance of layer(s) {names} is not positive definite (λ={lam}).")
             for t in layer_targets:
-                w = t.weight_matrix().detach().to(device=c.device, dtype=dtype)
-                a, b, s_r = decompose_layer(w, chol, c_f, t.rank, config.mode, t.scaling)
+                w = t.weight_matrix().detach().to(device=c.device, dtype=work)
+                a, b, s_r = decompose_layer(w, chol, c_f, t.rank, config.mode, t.scaling, config.svd_method)
                 if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                     raise DampingError(f"non-finite adapter factors for layer '{t.name}' (λ={lam}).")
-                out[t.name] = LayerFactors(t.name, a, b, s_r, t.scaling, lam, key)
+                out[t.name] = LayerFactors(t.name, a.to(dtype), b.to(dtype), s_r.to(dtype), t.scaling, lam, key)
                 bar.update(1)
             del c, c_f, chol, cov
     finally:

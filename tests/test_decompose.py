@@ -14,25 +14,39 @@ def spd(d, tokens, seed=0, dtype=torch.float64):
     return x.T @ x / tokens
 
 
-def factors(w, c, rank, mode, s, dtype=torch.float64):
+def factors(w, c, rank, mode, s, dtype=torch.float64, method="svd"):
     lam = find_damping(c)
     c = c.to(dtype)
     cf = c + torch.eye(c.shape[0], dtype=dtype) * torch.diagonal(c).mean() * lam
-    a, b, sr = decompose_layer(w.to(dtype), torch.linalg.cholesky(cf), cf, rank, mode, s)
+    a, b, sr = decompose_layer(w.to(dtype), torch.linalg.cholesky(cf), cf, rank, mode, s, method)
     return a, b, sr, cf, lam
 
 
 @pytest.mark.parametrize("d_out,d_in", [(17, 29), (29, 17), (1, 3), (33, 33)])
 @pytest.mark.parametrize("mode", ["ipm", "kpm"])
-def test_matches_float64_reference(d_out, d_in, mode):
+@pytest.mark.parametrize("method", ["svd", "gram"])
+def test_matches_float64_reference(d_out, d_in, mode, method):
     w = torch.randn(d_out, d_in)
     c = spd(d_in, 3 * d_in + 5)
     rank = min(3, d_out, d_in)
-    a, b, _, _, lam = factors(w, c, rank, mode, 0.5, torch.float32)
+    a, b, sr, _, lam = factors(w, c, rank, mode, 0.5, torch.float32, method)
+    assert a.dtype == b.dtype == torch.float32
     d_ref, w_ref = reference_factors(w, c, rank, mode, 0.5, lam)
-    assert rel(0.5 * b.double() @ a.double(), d_ref) < 1e-4
-    a64, b64, _, _, _ = factors(w, c, rank, mode, 0.5, torch.float64)
+    assert rel(0.5 * b.double() @ a.double(), d_ref) < (1e-4 if method == "svd" else 1e-6)
+    a64, b64, _, _, _ = factors(w, c, rank, mode, 0.5, torch.float64, method)
     assert rel(0.5 * b64 @ a64, d_ref) < 1e-10
+    assert torch.all(sr[:-1] >= sr[1:])  # descending, like PEFT
+
+
+def test_gram_falls_back_to_svd_for_tiny_kept_values():
+    u, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    w = (u * torch.logspace(0, -9, 12, dtype=torch.float64)) @ v.T  # kept σ down to 1e-9·σ_max
+    eye = torch.eye(12, dtype=torch.float64)
+    for method in ("svd", "gram"):
+        a, b, sr = decompose_layer(w, eye, eye, 3, "kpm", 1.0, method)
+        assert torch.allclose(sr, torch.logspace(0, -9, 12, dtype=torch.float64)[-3:], rtol=1e-6)
+        assert rel(b @ a, (u[:, -3:] * sr) @ v[:, -3:].T) < 1e-6
 
 
 def test_damping_rule_smallest_accepted():

@@ -36,7 +36,8 @@ def _geomean(xs):
 
 @pytest.mark.parametrize("mode", ["kpm", "ipm"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_parity_with_peft_against_float64(mode, seed):
+@pytest.mark.parametrize("svd_method", ["gram", "svd"])
+def test_parity_with_peft_against_float64(mode, seed, svd_method):
     """Each implementation against a float64 run of the same algorithm on its own calibration forward:
     PEFT's fp32 adapters vs float64 CorDA on PEFT's batch-size-1 activations; ours (batched, left-padded) vs our
     float64 options on the same batches.
@@ -56,7 +57,7 @@ def test_parity_with_peft_against_float64(mode, seed):
     inputs = capture_inputs(base, names, samples)  # PEFT's own activations (fp32 forward, batch size 1)
     peft_model = peft_corda(copy.deepcopy(base), samples, mode, rank, alpha)
     kw = dict(mode=mode, rank=rank, lora_alpha=alpha, target_modules=TARGETS, show_progress=False)
-    ours = corda_fast.init_adapters(copy.deepcopy(base), batches, **kw)
+    ours = corda_fast.init_adapters(copy.deepcopy(base), batches, svd_method=svd_method, **kw)
     ours64 = corda_fast.init_adapters(copy.deepcopy(base), batches, covariance_precision="float64",
                                       decompose_precision="float64", **kw)
     factor = 2 if mode == "ipm" else 10

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .covariance import sample_scales, xtx_accumulate_torch
+from .covariance import sample_scales, symmetrize, triangle_blocks, xtx_accumulate_torch
 
 _AVAILABLE = {"torch": True}
 BACKEND_ENV = "CORDA_FAST_BACKEND"
@@ -36,10 +36,10 @@ def available_backends() -> dict:
 
 
 def xtx_accumulate(acc, x, row_scale):
-    """``acc += (diag(row_scale)·X)ᵀ (diag(row_scale)·X)`` in place.
+    """``acc += (diag(row_scale)·X)ᵀ (diag(row_scale)·X)`` in place, on the block upper triangle only.
 
     Args:
-        acc: ``(d, d)`` float32/float64 accumulator, updated in place.
+        acc: ``(d, d)`` float32/float64 accumulator, updated in place; read it through :func:`symmetrize`.
         x: ``(tokens, d)`` activations in any float dtype (read as is; upcast happens inside the op).
         row_scale: ``(tokens,)`` per-row scale (``1/m`` for per-sample normalisation); row weight = scale².
     """
@@ -47,4 +47,5 @@ def xtx_accumulate(acc, x, row_scale):
     return xtx_accumulate_torch(acc, x, row_scale)
 
 
-__all__ = ["active_backend", "available_backends", "xtx_accumulate", "sample_scales", "BackendError"]
+__all__ = ["active_backend", "available_backends", "xtx_accumulate", "symmetrize", "triangle_blocks", "sample_scales",
+           "BackendError"]

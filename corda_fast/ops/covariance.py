@@ -5,10 +5,35 @@ from __future__ import annotations
 import torch
 
 
+def triangle_blocks(d: int) -> int:
+    """Column blocks used for the triangular accumulation of a ``(d, d)`` statistic (1 = plain GEMM).
+
+    With ``k`` blocks only the block upper triangle is computed: ``(k+1)/(2k)`` of the GEMM FLOPs (measured on 2
+    CPU cores: 0.69x the time of the full GEMM for d = 576 and 1536 with 6 blocks)."""
+    return min(6, max(1, d // 96))
+
+
 def xtx_accumulate_torch(acc: torch.Tensor, x: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-    """``acc += Xsᵀ Xs`` with ``Xs = diag(row_scale)·X`` in ``acc.dtype``; one GEMM straight into ``acc``."""
+    """``acc += Xsᵀ Xs`` on the block upper triangle, ``Xs = diag(row_scale)·X`` in ``acc.dtype``.
+
+    ``acc`` holds the upper block triangle (diagonal blocks complete, so its diagonal is exact); the lower
+    off-diagonal blocks stay untouched until :func:`symmetrize` mirrors the upper ones. GEMMs write straight
+    into views of ``acc`` (no temporaries besides the scaled copy of X)."""
     xs = x.to(acc.dtype) * row_scale.to(acc.dtype).unsqueeze(1)
-    acc.addmm_(xs.t(), xs)
+    d = xs.shape[1]
+    step = -(-d // triangle_blocks(d))
+    for i in range(0, d, step):
+        acc[i:i + step, i:].addmm_(xs[:, i:i + step].t(), xs[:, i:])
+    return acc
+
+
+def symmetrize(acc: torch.Tensor) -> torch.Tensor:
+    """Mirror, in place, the upper blocks of an accumulator filled by :func:`xtx_accumulate_torch` into its lower
+    blocks (which it never wrote), giving the full symmetric matrix; returns ``acc``."""
+    d = acc.shape[0]
+    step = -(-d // triangle_blocks(d))
+    for i in range(0, d, step):
+        acc[i + step:, i:i + step] = acc[i:i + step, i + step:].t()
     return acc
 
 

