@@ -15,7 +15,7 @@ import torch
 MODES = ("ipm", "kpm")
 NORMALIZATIONS = ("peft", "absmax", "none")
 PRECISIONS = ("float32", "float64")
-SVD_METHODS = ("gram", "svd")
+SVD_METHODS = ("auto", "gram", "svd")
 UNUSED_TARGET_POLICIES = ("error", "skip")
 
 
@@ -54,10 +54,11 @@ class CordaConfig:
             arithmetic; ``"float64"`` is needed there when the smallest components (KPM) of an ill-conditioned
             ``W·C_f`` must be accurate beyond ~1e-3). The damping search always uses float32, as PEFT, so every
             precision picks the same damping.
-        svd_method: ``"gram"`` (default) — float64 eigendecomposition of the Gram matrix of ``W·C_f`` on its
-            smaller side, mapping back only the ``r`` kept singular vectors: faster than a float32 SVD on CPU and
-            more accurate, with a fallback to the SVD when a kept σ is below 1e-6·σ_max; ``"svd"`` — the full thin
-            SVD in ``decompose_precision``, PEFT's exact algorithm.
+        svd_method: ``"gram"`` — float64 eigendecomposition of the Gram matrix of ``W·C_f`` on its smaller side,
+            mapping back only the ``r`` kept singular vectors: faster than a float32 SVD on CPU and more accurate
+            (error ≈ ε64·σ_max²/σ against ε32·σ_max), falling back to the SVD for kept σ below 1e-8·σ_max where
+            that stops being true; ``"svd"`` — the full thin SVD in ``decompose_precision``, PEFT's algorithm;
+            ``"auto"`` (default) — ``"gram"`` for float32, ``"svd"`` for float64 (the most accurate option).
         damping_start / damping_tol / damping_max_iter: ``C_f = C + λ·mean(diag C)·I`` with ``λ`` from
             ``damping_start`` doubling until ``‖C_f C_f⁻¹ − I‖_F < damping_tol``; an error after
             ``damping_max_iter`` doublings (PEFT loops forever).
@@ -84,7 +85,7 @@ class CordaConfig:
     normalization: str = "peft"
     covariance_precision: str = "float32"
     decompose_precision: str = "float32"
-    svd_method: str = "gram"
+    svd_method: str = "auto"
     damping_start: float = 0.01
     damping_tol: float = 0.05
     damping_max_iter: int = 40
@@ -162,6 +163,12 @@ class CordaConfig:
     @property
     def decompose_dtype(self) -> torch.dtype:
         return getattr(torch, self.decompose_precision)
+
+    @property
+    def resolved_svd_method(self) -> str:
+        if self.svd_method != "auto":
+            return self.svd_method
+        return "gram" if self.decompose_precision == "float32" else "svd"
 
     def replace(self, **changes) -> "CordaConfig":
         """A validated copy with ``changes`` applied."""
