@@ -62,10 +62,10 @@ def build_peft_model(model: nn.Module, factors: dict[str, LayerFactors], targets
     originals = {t.name: t.module.weight.data for t in adapted}
     peft_model = None
     try:
-        # PEFT's default init draws random numbers for lora_A; do not let it move the user's RNG stream.
-        with torch.random.fork_rng(devices=[]):
-            peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name,
-                                        autocast_adapter_dtype=config.autocast_adapter_dtype)
+        # LoRA weights are created on the meta device (no random init to pay for and overwrite; the user's RNG
+        # stream is not touched) and replaced below by the CorDA factors.
+        peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name,
+                                    autocast_adapter_dtype=config.autocast_adapter_dtype, low_cpu_mem_usage=True)
         inner = peft_model.base_model.model
         for t in adapted:
             f = factors[t.name]
@@ -77,17 +77,21 @@ def build_peft_model(model: nn.Module, factors: dict[str, LayerFactors], targets
                     f"layer '{t.name}': PEFT made LoRA shapes {tuple(lora_a.shape)}/{tuple(lora_b.shape)} but the "
                     f"factors are {tuple(f.A.shape)}/{tuple(f.B.shape)} (rank_pattern mismatch)."
                 )
-            a = f.A.to(device=lora_a.device, dtype=lora_a.dtype)
-            b = f.B.to(device=lora_b.device, dtype=lora_b.dtype)
             base = layer.get_base_layer()
+            device = base.weight.device
+            a = f.A.to(device=device, dtype=lora_a.dtype)
+            b = f.B.to(device=device, dtype=lora_b.dtype)
             w = originals[t.name]
             cdt = f.A.dtype  # residual in the decomposition precision, from the factors as stored
             w_mat = (w.t() if t.is_conv1d else w).to(device=f.A.device, dtype=cdt)
             delta = (f.scaling * b.to(device=f.A.device, dtype=cdt)) @ a.to(device=f.A.device, dtype=cdt)
             w_res = (w_mat - delta).to(w.dtype)
-            lora_a.data = a.contiguous()
-            lora_b.data = b.contiguous()
+            layer.lora_A[adapter_name].weight = nn.Parameter(a.contiguous(), requires_grad=lora_a.requires_grad)
+            layer.lora_B[adapter_name].weight = nn.Parameter(b.contiguous(), requires_grad=lora_b.requires_grad)
             base.weight.data = (w_res.t() if t.is_conv1d else w_res).contiguous().to(w.device)
+        leftover = [n for n, p in peft_model.named_parameters() if p.is_meta]
+        if leftover:
+            raise RuntimeError(f"LoRA weights without CorDA factors: {leftover[:5]}")
     except BaseException:
         if peft_model is not None:
             for t in adapted:

