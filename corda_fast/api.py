@@ -105,8 +105,15 @@ def init_adapters(
             stats.save(covariance_cache)
     report.seconds["calibrate"] = time.perf_counter() - t0
 
+    report.n_statistics = len(stats.sums)
+    report.statistics_mib = stats.nbytes() / 2**20
+    report.n_samples = max(stats.n_samples.values())
+    report.n_tokens = max(stats.n_tokens.values())
+    key_of = {name: key for key, names in stats.members.items() for name in names}
+
     t1 = time.perf_counter()
-    factors = decompose(stats, targets, config)
+    factors = decompose(stats, targets, config, release=True)  # statistics freed as they are used
+    del stats
     report.seconds["decompose"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -121,12 +128,8 @@ def init_adapters(
         t = by_name[name]
         report.layers.append({
             "name": name, "shape": [t.d_out, t.d_in], "rank": t.rank, "scaling": t.scaling, "damping": f.damping,
-            "shares_input_with": stats.key_of(name),
+            "shares_input_with": key_of[name],
             "sigma_adapted_max": float(f.singular_values.max()), "sigma_adapted_min": float(f.singular_values.min()),
         })
-    report.n_statistics = len(stats.sums)
-    report.statistics_mib = stats.nbytes() / 2**20
-    report.n_samples = max(stats.n_samples.values())
-    report.n_tokens = max(stats.n_tokens.values())
     logger.info("%s", report.summary())
     return (peft_model, report) if return_report else peft_model

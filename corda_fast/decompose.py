@@ -149,7 +149,7 @@ def decompose_layer(weight: torch.Tensor, chol: torch.Tensor, c_f: torch.Tensor,
 
 @torch.no_grad()
 def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[CordaConfig] = None,
-              device: Optional[torch.device] = None) -> dict[str, LayerFactors]:
+              device: Optional[torch.device] = None, release: bool = False) -> dict[str, LayerFactors]:
     """CorDA factors for every target that has a statistic.
 
     Args:
@@ -157,6 +157,8 @@ def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[Co
         targets: resolved targets (their ``module.weight`` is read, never written).
         config: mode, precision, damping settings.
         device: where to decompose (default: each statistic's device).
+        release: drop each statistic from ``stats.sums`` once its layers are decomposed (bounds peak memory
+            when the statistics are not needed afterwards).
     Returns:
         ``{layer name: LayerFactors}`` in target order.
     """
@@ -185,6 +187,9 @@ def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[Co
                            what=f"layer(s) {names}")
         c = stats.covariance(key, work).to(cov.device)  # a float64 statistic keeps its digits
         c_f = c + torch.eye(c.shape[0], dtype=work, device=c.device) * (torch.diagonal(c).mean() * lam)
+        del cov
+        if release:
+            stats.sums.pop(key, None)
         chol, info = torch.linalg.cholesky_ex(c_f)
         if int(info) != 0:
             raise DampingError(f"damped covariance of layer(s) {names} is not positive definite (λ={lam}).")
