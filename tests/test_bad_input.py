@@ -145,3 +145,27 @@ def test_config_validation_names_field(field, value, match):
     with pytest.raises(CordaConfigError, match=match):
         CordaConfig(**{field: value})
     run_and_check(tiny_llama(), CordaConfigError, match, padded_batches(random_samples(2), 2), **{field: value})
+
+
+def test_failure_while_building_restores_model():
+    model = tiny_llama()
+    cfg = CordaConfig(rank=4, **QUIET)
+    targets = corda_fast.resolve_targets(model, cfg)
+    stats = corda_fast.collect_covariance(model, padded_batches(random_samples(4), 2), cfg, targets)
+    factors = corda_fast.decompose(stats, targets, cfg)
+    last = targets[-1].name
+    factors[last].A = factors[last].A[:2]  # corrupt one layer's factors: PEFT's shapes will not match
+    before = model_state(model)
+    with pytest.raises(RuntimeError, match=last.replace(".", r"\.")):
+        corda_fast.build_peft_model(model, factors, targets, cfg)
+    assert_model_unchanged(model, before)
+
+
+def test_user_rng_stream_untouched():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    model = tiny_llama()
+    batches = padded_batches(random_samples(4), 2)
+    torch.manual_seed(123)
+    corda_fast.init_adapters(model, batches, rank=4, **QUIET)
+    assert torch.equal(torch.rand(3), expected)
