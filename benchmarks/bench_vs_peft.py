@@ -100,16 +100,7 @@ def worker(args) -> dict:
         import corda_fast
 
         bs = 1 if args.worker == "ours_bs1" else args.batch_size
-        loader = []
-        for i in range(0, len(samples), bs):
-            chunk = samples[i:i + bs]
-            L = max(len(c) for c in chunk)
-            ids = torch.zeros(len(chunk), L, dtype=torch.long)
-            mask = torch.zeros(len(chunk), L, dtype=torch.long)
-            for j, c in enumerate(chunk):
-                ids[j, :len(c)] = c
-                mask[j, :len(c)] = 1
-            loader.append({"input_ids": ids, "attention_mask": mask})
+        loader = corda_fast.pad_batches(samples, bs)
         t0 = time.perf_counter()
         pm, rep = corda_fast.init_adapters(model, loader, mode=args.mode, rank=args.rank, target_modules=TARGETS,
                                            return_report=True, show_progress=False)

@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from .api import InitReport, init_adapters
 from .calibrate import CacheError, CalibrationError, CovarianceStats, collect_covariance, model_fingerprint
 from .config import CordaConfig, CordaConfigError
+from .data import pad_batches
 from .decompose import DampingError, LayerFactors, decompose, find_damping
 from .peft_bridge import build_peft_model, residual_state_dict, save_as_lora, save_initial_adapter, save_residual_base
 from .targets import Target, TargetError, resolve_targets
@@ -21,6 +22,7 @@ __all__ = [
     "CordaConfig",
     "CordaConfigError",
     "collect_covariance",
+    "pad_batches",
     "CovarianceStats",
     "model_fingerprint",
     "decompose",

@@ -114,8 +114,6 @@ def make_batches(tok, texts: list[str], per_sample: bool, n_samples: int, seq_le
     reference's KPM recipe); JSONL gives one sample per line, truncated to ``seq_len`` and right-padded.
     Returns ``(batches, held_out)`` where ``held_out`` is a batch of text not used for calibration.
     """
-    import torch
-
     rng = random.Random(seed)
     if per_sample:
         enc = [tok(t, truncation=True, max_length=seq_len)["input_ids"] for t in texts]
@@ -133,19 +131,10 @@ def make_batches(tok, texts: list[str], per_sample: bool, n_samples: int, seq_le
         for _ in range(n_samples):
             start = rng.randrange(0, max(1, cut - seq_len))
             calib.append(ids[start:start + seq_len])
+    from .data import pad_batches
+
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-
-    def collate(chunk):
-        L = max(len(c) for c in chunk)
-        input_ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), L), dtype=torch.long)
-        for j, c in enumerate(chunk):
-            input_ids[j, :len(c)] = torch.tensor(c)
-            mask[j, :len(c)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask}
-
-    batches = [collate(calib[i:i + batch_size]) for i in range(0, len(calib), batch_size)]
-    return batches, collate(held)
+    return pad_batches(calib, batch_size, pad_id=pad), pad_batches(held, len(held), pad_id=pad)[0]
 
 
 # ---------------------------------------------------------------------------------------------------- commands

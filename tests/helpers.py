@@ -43,21 +43,12 @@ def random_samples(n, vocab=300, lo=5, hi=40, seed=1):
 
 
 def padded_batches(samples, batch_size, side="right", pad_id=0):
-    """Batches of dicts with input_ids / attention_mask, padded on ``side``."""
-    out = []
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        L = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), L), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), L), dtype=torch.long)
-        for j, s in enumerate(chunk):
-            if side == "right":
-                ids[j, :len(s)] = s
-                mask[j, :len(s)] = 1
-            else:
-                ids[j, L - len(s):] = s
-                mask[j, L - len(s):] = 1
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.clone()})
+    """Batches of dicts with input_ids / attention_mask / labels, padded on ``side``."""
+    from corda_fast import pad_batches
+
+    out = pad_batches(samples, batch_size, pad_id=pad_id, side=side)
+    for b in out:
+        b["labels"] = b["input_ids"].clone()
     return out
 
 

@@ -129,3 +129,15 @@ def test_float64_accumulation_option(llama):
     stats = corda_fast.collect_covariance(llama, padded_batches(random_samples(3), 3),
                                           CordaConfig(covariance_precision="float64", **QUIET))
     assert all(s.dtype == torch.float64 for s in stats.sums.values())
+
+
+def test_pad_batches_layout():
+    seqs = [[5, 6, 7], [8]]
+    (right,) = corda_fast.pad_batches(seqs, 2, pad_id=9)
+    (left,) = corda_fast.pad_batches(seqs, 2, pad_id=9, side="left")
+    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 9, 9]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert left["input_ids"].tolist() == [[5, 6, 7], [9, 9, 8]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="side='middle'"):
+        corda_fast.pad_batches(seqs, 2, side="middle")

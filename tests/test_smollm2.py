@@ -25,17 +25,7 @@ def smollm2():
 
 
 def batches_of(samples, bs=4):
-    out = []
-    for i in range(0, len(samples), bs):
-        chunk = samples[i:i + bs]
-        L = max(len(s) for s in chunk)
-        ids = torch.zeros(len(chunk), L, dtype=torch.long)
-        mask = torch.zeros(len(chunk), L, dtype=torch.long)
-        for j, s in enumerate(chunk):
-            ids[j, L - len(s):] = s  # left padding
-            mask[j, L - len(s):] = 1
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
+    return corda_fast.pad_batches(samples, bs, side="left")
 
 
 def textbook_kpm(model, stats, name, rank, scaling):
