@@ -234,8 +234,14 @@ def _forward_runner(model: nn.Module, targets: list[Target]) -> Callable[[dict],
 class _Collector:
     """Holds the per-batch token layout and the accumulators; its hooks do the work."""
 
-    def __init__(self, targets: list[Target], config: CordaConfig):
+    def __init__(self, targets: list[Target], config: CordaConfig, device: torch.device):
         self.config = config
+        self.backend = ops.active_backend(device)
+        if self.backend == "triton" and config.covariance_dtype != torch.float32:
+            if os.environ.get(ops.BACKEND_ENV, "auto").strip().lower() == "triton":
+                raise ops.BackendError("the triton statistic kernel accumulates in float32; "
+                                       "covariance_precision='float64' needs the torch backend.")
+            self.backend = "torch"
         self.names = {id(t.module): t.name for t in targets}
         self.dtype = config.covariance_dtype
         self.sums: dict[str, torch.Tensor] = {}
@@ -318,7 +324,7 @@ class _Collector:
             acc = self.sums[key] = torch.zeros(d, d, dtype=self.dtype, device=x.device)
             self.n_samples[key] = 0
             self.n_tokens[key] = 0
-        ops.xtx_accumulate(acc, x2, scale)
+        ops.xtx_accumulate(acc, x2, scale, self.backend)
         self.n_samples[key] += n_seq
         self.n_tokens[key] += n_rows
 
@@ -403,8 +409,8 @@ def collect_covariance(
     """
     config = config or CordaConfig()
     targets = targets if targets is not None else resolve_targets(model, config, check_rank=False)
-    collector = _Collector(targets, config)
     device = _model_device(model)
+    collector = _Collector(targets, config, device)
     was_training = model.training
     handles = []
     t0 = time.perf_counter()
@@ -462,7 +468,7 @@ def collect_covariance(
         members=members,
         normalization=config.normalization,
         model_fingerprint=model_fingerprint(model),
-        meta={"model_class": type(model).__name__, "batches": n_batches,
+        meta={"model_class": type(model).__name__, "batches": n_batches, "backend": collector.backend,
               "precision": config.covariance_precision, "seconds": round(time.perf_counter() - t0, 3)},
     )
     logger.info(

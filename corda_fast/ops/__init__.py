@@ -1,51 +1,67 @@
 """Numeric ops, one schema each, and the one place where a backend is chosen.
 
-Every op has a pure-torch reference (the CPU path and the test oracle). Compiled backends (Triton, the C++/CUDA
-extension) register themselves here when they exist; ``CORDA_FAST_BACKEND`` forces one
-(``auto`` | ``torch`` | a compiled backend's name), and forcing one that cannot run raises.
+Every op has a pure-torch reference (the CPU path and the test oracle). Compiled backends register here when
+they can run; ``CORDA_FAST_BACKEND`` forces one (``auto`` | ``torch`` | ``triton``), and forcing one that cannot
+run raises :class:`BackendError`. ``auto`` picks Triton for CUDA tensors and torch on CPU.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Optional
 
+import torch
+
+from . import triton_xtx
 from .covariance import sample_scales, symmetrize, triangle_blocks, xtx_accumulate_torch
 
-_AVAILABLE = {"torch": True}
 BACKEND_ENV = "CORDA_FAST_BACKEND"
+_KNOWN = ("torch", "triton")
 
 
 class BackendError(RuntimeError):
     """A forced backend that is unknown or cannot run here."""
 
 
+def available_backends() -> dict:
+    return {"torch": True, "triton": triton_xtx.available()}
+
+
 def active_backend(device=None) -> str:
-    """Name of the backend the ops use on ``device``, honouring ``CORDA_FAST_BACKEND``."""
+    """Name of the backend the ops use for tensors on ``device``, honouring ``CORDA_FAST_BACKEND``."""
     wanted = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     if wanted == "auto":
-        return "torch"
-    if wanted not in _AVAILABLE:
+        is_cuda = device is not None and torch.device(device).type == "cuda"
+        return "triton" if is_cuda and triton_xtx.HAVE_TRITON else "torch"
+    if wanted not in _KNOWN:
+        raise BackendError(f"{BACKEND_ENV}={wanted!r} is not a backend of this build; known: {_KNOWN} (or 'auto').")
+    if not available_backends()[wanted]:
         raise BackendError(
-            f"{BACKEND_ENV}={wanted!r} is not a backend of this build; available: {sorted(_AVAILABLE)} (or 'auto')."
+            f"{BACKEND_ENV}={wanted!r} cannot run here (Triton needs a CUDA device, or TRITON_INTERPRET=1 set "
+            "before triton is imported for the slow CPU interpreter)."
         )
     return wanted
 
 
-def available_backends() -> dict:
-    return dict(_AVAILABLE)
-
-
-def xtx_accumulate(acc, x, row_scale):
-    """``acc += (diag(row_scale)·X)ᵀ (diag(row_scale)·X)`` in place, on the block upper triangle only.
+def xtx_accumulate(acc: torch.Tensor, x: torch.Tensor, row_scale: torch.Tensor, backend: Optional[str] = None):
+    """``acc += (diag(row_scale)·X)ᵀ (diag(row_scale)·X)`` in place, on an upper triangle of blocks only.
 
     Args:
         acc: ``(d, d)`` float32/float64 accumulator, updated in place; read it through :func:`symmetrize`.
-        x: ``(tokens, d)`` activations in any float dtype (read as is; upcast happens inside the op).
-        row_scale: ``(tokens,)`` per-row scale (``1/m`` for per-sample normalisation); row weight = scale².
+        x: ``(tokens, d)`` activations in any float dtype and strides (read as is).
+        row_scale: ``(tokens,)`` per-row scale (``1/m`` for per-sample normalisation, 0 drops a row);
+            the row weight is its square.
+        backend: ``"torch"`` / ``"triton"``; default :func:`active_backend` for ``x.device``.
     """
-    active_backend(x.device)
+    backend = backend or active_backend(x.device)
+    if backend == "triton":
+        if acc.dtype != torch.float32:
+            raise BackendError("the triton statistic kernel accumulates in float32; use covariance_precision="
+                               "'float32' or CORDA_FAST_BACKEND=torch.")
+        torch.ops.corda_fast.xtx_accumulate_triton(acc, x, row_scale)
+        return acc
     return xtx_accumulate_torch(acc, x, row_scale)
 
 
 __all__ = ["active_backend", "available_backends", "xtx_accumulate", "symmetrize", "triangle_blocks", "sample_scales",
-           "BackendError"]
+           "BackendError", "BACKEND_ENV"]

@@ -28,13 +28,11 @@ def xtx_accumulate_torch(acc: torch.Tensor, x: torch.Tensor, row_scale: torch.Te
 
 
 def symmetrize(acc: torch.Tensor) -> torch.Tensor:
-    """Mirror, in place, the upper blocks of an accumulator filled by :func:`xtx_accumulate_torch` into its lower
-    blocks (which it never wrote), giving the full symmetric matrix; returns ``acc``."""
-    d = acc.shape[0]
-    step = -(-d // triangle_blocks(d))
-    for i in range(0, d, step):
-        acc[i + step:, i:i + step] = acc[i:i + step, i + step:].t()
-    return acc
+    """Make an accumulator filled on its upper triangle (by any backend: whatever its block layout, the upper
+    triangle is complete) symmetric, in place: the strict lower triangle becomes the mirror of the upper one.
+    Returns ``acc``."""
+    upper = torch.triu(acc, 1)
+    return acc.triu_().add_(upper.mT)
 
 
 def sample_scales(

@@ -1,0 +1,78 @@
+"""The Triton statistic kernel on CPU through the interpreter (TRITON_INTERPRET=1, set in conftest.py),
+against a float64 reference; plus the backend switch."""
+
+import pytest
+import torch
+
+from corda_fast import ops
+from corda_fast.ops import triton_xtx
+from helpers import rel
+
+pytestmark = pytest.mark.skipif(not triton_xtx.available(), reason="triton cannot run here (no CUDA, no interpreter)")
+
+TOL = {torch.float32: 1e-6, torch.float16: 1e-6, torch.bfloat16: 1e-6}  # 16-bit products are exact in fp32
+
+
+def reference(start, x, scale):
+    xd = x.double() * scale.double().unsqueeze(1)
+    return start.double() + xd.T @ xd
+
+
+@pytest.mark.parametrize("d", [1, 3, 129])
+@pytest.mark.parametrize("tokens", [1, 7, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_matches_float64(d, tokens, dtype):
+    g = torch.Generator().manual_seed(d * 1000 + tokens)
+    x = (torch.randn(tokens, d, generator=g) * 3).to(dtype)
+    scale = torch.rand(tokens, generator=g) + 0.2
+    scale[::3] = 0.0  # padded rows
+    start = torch.randn(d, d, generator=g)
+    start = start + start.T  # poisoned, non-zero accumulator: the kernel must add, not assign
+    acc = start.clone()
+    torch.ops.corda_fast.xtx_accumulate_triton(acc, x, scale)
+    got = ops.symmetrize(acc)
+    ref = reference(start, x, scale)
+    assert rel(got, ref) < TOL[dtype], rel(got, ref)
+
+
+def test_strided_input_no_copy_needed():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(300, 2 * 70, generator=g)
+    x = base[::2, ::2]  # both strides non-unit
+    assert not x.is_contiguous()
+    scale = torch.rand(x.shape[0], generator=g)
+    acc = torch.zeros(70, 70)
+    torch.ops.corda_fast.xtx_accumulate_triton(acc, x, scale)
+    assert rel(ops.symmetrize(acc), reference(torch.zeros(70, 70), x, scale)) < 1e-6
+
+
+def test_only_upper_tiles_written():
+    x = torch.randn(50, 130)
+    acc = torch.full((130, 130), 7.0)
+    torch.ops.corda_fast.xtx_accumulate_triton(acc, x, torch.ones(50))
+    block = triton_xtx._config(130, 50)[0]
+    assert torch.equal(acc[block:, :block], torch.full((130 - block, block), 7.0))  # below-diagonal tile untouched
+
+
+def test_opcheck():
+    x = torch.randn(40, 20)
+    acc = torch.zeros(20, 20)
+    torch.library.opcheck(torch.ops.corda_fast.xtx_accumulate_triton.default, (acc, x, torch.rand(40)),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_forced_triton_backend_through_calibration(monkeypatch, llama):
+    import corda_fast
+    from helpers import padded_batches, random_samples
+
+    batches = padded_batches(random_samples(3, lo=4, hi=9), 3, side="left")
+    cfg = corda_fast.CordaConfig(target_modules=["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"],
+                                 show_progress=False)
+    ref = corda_fast.collect_covariance(llama, batches, cfg)
+    monkeypatch.setenv(ops.BACKEND_ENV, "triton")
+    got = corda_fast.collect_covariance(llama, batches, cfg)
+    assert got.meta["backend"] == "triton" and ref.meta["backend"] == "torch"
+    for k in ref.sums:
+        assert rel(got.covariance(k), ref.covariance(k)) < 1e-6
+    with pytest.raises(ops.BackendError, match="float32"):
+        corda_fast.collect_covariance(llama, batches, cfg.replace(covariance_precision="float64"))
