@@ -256,6 +256,7 @@ class _Collector:
         self.calls_this_batch: dict[str, int] = {}
         self._layout_cache: dict = {}
         self.mask: Optional[torch.Tensor] = None
+        self.pending: list = []  # (batch index, keys, device flags) not yet checked
 
     # -- per batch -------------------------------------------------------------------------------------------
     def start_batch(self, index: int, mask: Optional[torch.Tensor]):
@@ -273,7 +274,8 @@ class _Collector:
 
     def _layout(self, lead_shape: tuple, device) -> tuple[Optional[torch.Tensor], torch.Tensor, int, int]:
         """(row index of real tokens or None, sample id per real row, #samples with ≥1 real token, #real rows)
-        for activations whose leading dims are ``lead_shape``; computed once per batch and device."""
+        for activations whose leading dims are ``lead_shape``; computed once per batch from the host copy of the
+        mask (no device→host sync inside hooks), index tensors copied to ``device``."""
         key = (lead_shape, str(device))
         if key in self._layout_cache:
             return self._layout_cache[key]
@@ -293,20 +295,18 @@ class _Collector:
                     f"attention_mask of shape {tuple(self.mask.shape)} does not fit layer inputs with leading shape "
                     f"{lead_shape} (batch {self.batch_index})."
                 )
-        if mask is None:
-            rows = None
-            sample = torch.arange(n_seq, device=device).repeat_interleave(seq_len)
-            out = (rows, sample, n_seq, n_seq * seq_len)
+        if mask is None or bool(mask.all()):
+            sample = torch.arange(n_seq).repeat_interleave(seq_len)
+            out = (None, sample.to(device, non_blocking=True), n_seq, n_seq * seq_len)
         else:
-            m = mask.reshape(-1).to(device=device) != 0
-            rows = m.nonzero().squeeze(1)
-            sample = torch.div(rows, seq_len, rounding_mode="floor")
-            real = mask.reshape(n_seq, seq_len).ne(0).any(1)
-            n_real = int(real.sum())
+            flat = mask.reshape(-1) != 0
+            rows = flat.nonzero().squeeze(1)
+            real = flat.reshape(n_seq, seq_len).any(1)
             # renumber samples densely so empty (all-padding) sequences take no slot
-            remap = torch.cumsum(real.to(torch.int64), 0).to(device) - 1
-            sample = remap.index_select(0, sample)
-            out = (rows, sample, n_real, int(rows.numel()))
+            remap = torch.cumsum(real.to(torch.int64), 0) - 1
+            sample = remap.index_select(0, torch.div(rows, seq_len, rounding_mode="floor"))
+            out = (rows.to(device, non_blocking=True), sample.to(device, non_blocking=True), int(real.sum()),
+                   int(rows.numel()))
         self._layout_cache[key] = out
         return out
 
@@ -366,20 +366,29 @@ class _Collector:
             self.recent.pop(0)
         return None
 
-    def check_finite(self):
-        """One host sync per batch: the diagonal of every touched accumulator must be finite (a NaN/Inf
-        activation, or an all-zero sample under per-sample normalisation, poisons it)."""
+    def record_finite(self):
+        """Queue, on the device, whether the diagonal of every touched accumulator is still finite after this
+        batch (a NaN/Inf activation, or an all-zero sample under per-sample normalisation, poisons it). No sync:
+        :meth:`check_finite` reads the queue."""
         keys = [k for k in self.order if k in self.sums]
-        if not keys:
+        if keys:
+            flags = torch.stack([torch.isfinite(self.sums[k].diagonal()).all() for k in keys])
+            self.pending.append((self.batch_index, keys, flags))
+
+    def check_finite(self):
+        """One host sync for all queued batches; raises naming the first poisoned batch and layer."""
+        pending, self.pending = self.pending, []
+        if not pending:
             return
-        flags = torch.stack([torch.isfinite(self.sums[k].diagonal()).all().to("cpu") for k in keys])
-        if bool(flags.all()):
+        all_ok = torch.stack([flags.all() for _, _, flags in pending]).cpu()
+        if bool(all_ok.all()):
             return
-        bad = [k for k, ok in zip(keys, flags.tolist()) if not ok]
+        batch, keys, flags = pending[int((~all_ok).nonzero()[0])]
+        bad = [k for k, ok in zip(keys, flags.cpu().tolist()) if not ok]
         first = bad[0]
         raise CalibrationError(
             f"non-finite activations reached the statistics of layer '{first}' (input shared by "
-            f"{self.members[first]}) in calibration batch {self.batch_index}"
+            f"{self.members[first]}) in calibration batch {batch}"
             + (f"; {len(bad) - 1} later layer(s) too" if len(bad) > 1 else "")
             + ". Check the model and data for NaN/Inf (or an all-zero sample under normalization='peft')."
         )
@@ -423,7 +432,7 @@ def collect_covariance(
             if callable(loader) and not isinstance(loader, Iterable) and not hasattr(loader, "__iter__"):
                 collector.start_batch(0, None)
                 loader()
-                collector.check_finite()
+                collector.record_finite()
                 collector.end_batch()
                 n_batches = 1
             else:
@@ -442,11 +451,14 @@ def collect_covariance(
                         break
                     kwargs, mask = _split_batch(batch)
                     kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
-                    collector.start_batch(i, None if mask is None else mask.to(device))
+                    collector.start_batch(i, None if mask is None else mask.cpu())  # host copy for the layout
                     run(kwargs)
-                    collector.check_finite()
+                    collector.record_finite()
                     collector.end_batch()
                     n_batches += 1
+                    if device.type == "cpu" or n_batches % 16 == 0:  # fail fast where checking is free
+                        collector.check_finite()
+            collector.check_finite()
     finally:
         for h in handles:
             h.remove()
