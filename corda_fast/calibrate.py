@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -253,7 +253,6 @@ class _Collector:
         self.recent: list[tuple[torch.Tensor, str]] = []  # last few inputs seen this batch (strong refs, tiny window)
         self.batch_index = 0
         self.first_batch = True
-        self.calls_this_batch: dict[str, int] = {}
         self._layout_cache: dict = {}
         self.mask: Optional[torch.Tensor] = None
         self.pending: list = []  # (batch index, keys, device flags) not yet checked
@@ -264,7 +263,6 @@ class _Collector:
         self.mask = mask
         self._layout_cache = {}
         self.recent.clear()
-        self.calls_this_batch = {}
 
     def end_batch(self):
         self.recent.clear()
@@ -352,7 +350,6 @@ class _Collector:
             self.assigned[name] = key
             self.members[key] = [name]
             self.order.append(key)
-        self.calls_this_batch[name] = self.calls_this_batch.get(name, 0) + 1
         if key != name:
             if self._find_recent(x) != key:
                 raise CalibrationError(
@@ -429,7 +426,7 @@ def collect_covariance(
             handles.append(t.module.register_forward_pre_hook(collector.hook, with_kwargs=True))
         model.eval()
         with torch.no_grad():
-            if callable(loader) and not isinstance(loader, Iterable) and not hasattr(loader, "__iter__"):
+            if callable(loader) and not hasattr(loader, "__iter__"):  # PEFT-style run_model()
                 collector.start_batch(0, None)
                 loader()
                 collector.record_finite()

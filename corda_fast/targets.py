@@ -62,7 +62,7 @@ def _is_quantized(module: nn.Module) -> Optional[str]:
         return f"bitsandbytes {cls or type(module).__name__}"
     if weight is not None and weight.dtype not in _FLOAT_DTYPES:
         return f"dtype {weight.dtype}"
-    if weight is not None and type(weight.data) is not torch.Tensor and not isinstance(weight, nn.Parameter):
+    if weight is not None and type(weight.data) is not torch.Tensor:  # torchao / HQQ style tensor subclasses
         return f"tensor subclass {type(weight.data).__name__}"
     return None
 
