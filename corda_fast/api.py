@@ -33,19 +33,36 @@ class InitReport:
     n_tokens: int = 0
     covariance_cache: Optional[str] = None
     cache_hit: bool = False
+    streaming: bool = False
 
     def summary(self) -> str:
         damp = sorted({round(l["damping"], 6) for l in self.layers})
         ranks = sorted({l["rank"] for l in self.layers})
         lines = [
             f"CorDA-{self.mode.upper()}: {len(self.layers)} layers, rank(s) {ranks}, "
-            f"{self.n_statistics} distinct input statistics ({self.statistics_mib:.1f} MiB)",
+            f"{self.n_statistics} distinct input statistics ({self.statistics_mib:.1f} MiB"
+            + (" at peak, streaming by block)" if self.streaming else ")"),
             f"calibration: {self.n_samples} samples, {self.n_tokens} tokens"
             + (f" (from cache {self.covariance_cache})" if self.cache_hit else ""),
             f"damping λ used: {damp}",
             "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()),
         ]
         return "\n".join(lines)
+
+
+def _statistics_may_not_fit(model: nn.Module, targets) -> bool:
+    """Whether the float32 statistics (upper bound: one per target) exceed a quarter of the free memory of the
+    model's device."""
+    need = sum(t.d_in * t.d_in * 4 for t in targets)
+    device = next(iter(model.parameters())).device
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return False
+    return need > free / 4
 
 
 def init_adapters(
@@ -60,6 +77,8 @@ def init_adapters(
     covariance_cache: Optional[str] = None,
     initial_adapter_dir: Optional[str] = None,
     task_type: Optional[str] = None,
+    streaming: Union[bool, str] = False,
+    cache_device=None,
     return_report: bool = False,
     **config_overrides,
 ):
@@ -80,6 +99,10 @@ def init_adapters(
         initial_adapter_dir: if given, the freshly initialised adapter is saved there (needed later by
             :func:`corda_fast.save_as_lora` to convert the trained adapter to a plain LoRA).
         task_type: PEFT task type of the returned model (e.g. ``"CAUSAL_LM"``).
+        streaming: ``True`` calibrates and decomposes one transformer block at a time (peak statistic memory =
+            one block; same result); ``"auto"`` does so when the statistics could exceed a quarter of the free
+            memory of the model's device; ``False`` (default) calibrates the whole model in one pass.
+        cache_device: with streaming, where the cached block inputs live (default: the model's device).
         return_report: also return an :class:`InitReport`.
     Returns:
         ``peft.PeftModel`` (and the report if ``return_report``).
@@ -93,28 +116,55 @@ def init_adapters(
 
     t0 = time.perf_counter()
     targets = resolve_targets(model, config)
-    if covariance_cache is not None and os.path.isfile(covariance_cache):
-        stats = CovarianceStats.load(covariance_cache, model=model, targets=targets, normalization=config.normalization)
-        report.cache_hit = True
-        logger.info("loaded covariance statistics from %s", covariance_cache)
-    else:
-        if loader is None:
-            raise ValueError("init_adapters needs a calibration `loader` (or an existing `covariance_cache`).")
-        stats = collect_covariance(model, loader, config, targets)
+    cache_hit = covariance_cache is not None and os.path.isfile(covariance_cache)
+    if streaming == "auto":
+        streaming = not cache_hit and _statistics_may_not_fit(model, targets)
+    if streaming not in (True, False):
+        raise ValueError(f"streaming={streaming!r}: expected True, False or 'auto'.")
+    if streaming:
+        if loader is None or (callable(loader) and not hasattr(loader, "__iter__")):
+            raise ValueError("streaming=True needs an iterable calibration `loader` of batches.")
         if covariance_cache is not None:
-            stats.save(covariance_cache)
-    report.seconds["calibrate"] = time.perf_counter() - t0
+            raise ValueError("streaming=True does not write or read a covariance_cache; use one or the other.")
+        from .streaming import iter_block_statistics
 
-    report.n_statistics = len(stats.sums)
-    report.statistics_mib = stats.nbytes() / 2**20
-    report.n_samples = max(stats.n_samples.values())
-    report.n_tokens = max(stats.n_tokens.values())
-    key_of = {name: key for key, names in stats.members.items() for name in names}
+        factors, key_of, peak, t_decompose = {}, {}, 0, 0.0
+        for block_stats in iter_block_statistics(model, loader, config, targets, cache_device):
+            peak = max(peak, block_stats.nbytes())
+            report.n_statistics += len(block_stats.sums)
+            report.n_samples = max(report.n_samples, max(block_stats.n_samples.values()))
+            report.n_tokens = max(report.n_tokens, max(block_stats.n_tokens.values()))
+            key_of.update({name: key for key, names in block_stats.members.items() for name in names})
+            t = time.perf_counter()
+            factors.update(decompose(block_stats, targets, config.replace(show_progress=False), release=True))
+            t_decompose += time.perf_counter() - t
+        report.statistics_mib = peak / 2**20
+        report.seconds["calibrate"] = time.perf_counter() - t0 - t_decompose
+        report.seconds["decompose"] = t_decompose
+    else:
+        if cache_hit:
+            stats = CovarianceStats.load(covariance_cache, model=model, targets=targets,
+                                         normalization=config.normalization)
+            report.cache_hit = True
+            logger.info("loaded covariance statistics from %s", covariance_cache)
+        else:
+            if loader is None:
+                raise ValueError("init_adapters needs a calibration `loader` (or an existing `covariance_cache`).")
+            stats = collect_covariance(model, loader, config, targets)
+            if covariance_cache is not None:
+                stats.save(covariance_cache)
+        report.seconds["calibrate"] = time.perf_counter() - t0
+        report.n_statistics = len(stats.sums)
+        report.statistics_mib = stats.nbytes() / 2**20
+        report.n_samples = max(stats.n_samples.values())
+        report.n_tokens = max(stats.n_tokens.values())
+        key_of = {name: key for key, names in stats.members.items() for name in names}
 
-    t1 = time.perf_counter()
-    factors = decompose(stats, targets, config, release=True)  # statistics freed as they are used
-    del stats
-    report.seconds["decompose"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        factors = decompose(stats, targets, config, release=True)  # statistics freed as they are used
+        del stats
+        report.seconds["decompose"] = time.perf_counter() - t1
+    report.streaming = bool(streaming)
 
     t2 = time.perf_counter()
     peft_model = build_peft_model(model, factors, targets, config, task_type=task_type)

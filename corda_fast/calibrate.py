@@ -391,6 +391,48 @@ class _Collector:
         )
 
 
+def iter_batches(loader, config: CordaConfig, device: torch.device, what: str):
+    """``(index, model kwargs on device, host copy of the mask or None)`` for each loader batch, with progress
+    and ``config.max_batches``."""
+    total = None
+    try:
+        total = len(loader)
+    except TypeError:
+        pass
+    if config.max_batches is not None and total is not None:
+        total = min(total, config.max_batches)
+    bar = tqdm(loader, total=total, desc=f"corda_fast: {what}", disable=not config.show_progress, unit="batch")
+    for i, batch in enumerate(bar):
+        if config.max_batches is not None and i >= config.max_batches:
+            break
+        kwargs, mask = _split_batch(batch)
+        kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+        yield i, kwargs, None if mask is None else mask.cpu()
+
+
+def finish_statistics(collector: _Collector, targets: list[Target], config: CordaConfig, fingerprint: str,
+                      n_batches: int, t0: float) -> CovarianceStats:
+    """The :class:`CovarianceStats` of a finished collector (unused targets handled per ``config``)."""
+    unused = [t.name for t in targets
+              if t.name not in collector.assigned or collector.n_samples.get(collector.assigned[t.name], 0) == 0]
+    if unused:
+        msg = f"{len(unused)} targeted layer(s) saw no calibration token: {unused[:5]}" + (" ..." if len(unused) > 5 else "")
+        if config.unused_targets == "error":
+            raise CalibrationError(msg + ". Exclude them (exclude_modules) or set unused_targets='skip'.")
+        logger.warning("%s; they get no adapter (unused_targets='skip').", msg)
+    keys = [k for k in collector.order if collector.n_samples.get(k, 0) > 0]
+    return CovarianceStats(
+        sums={k: ops.symmetrize(collector.sums[k]) for k in keys},
+        n_samples={k: collector.n_samples[k] for k in keys},
+        n_tokens={k: collector.n_tokens[k] for k in keys},
+        members={k: [n for n in collector.members[k] if n not in unused] for k in keys},
+        normalization=config.normalization,
+        model_fingerprint=fingerprint,
+        meta={"batches": n_batches, "backend": collector.backend, "precision": config.covariance_precision,
+              "seconds": round(time.perf_counter() - t0, 3)},
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- public
 def collect_covariance(
     model: nn.Module,
@@ -434,21 +476,8 @@ def collect_covariance(
                 n_batches = 1
             else:
                 run = _forward_runner(model, targets)
-                total = None
-                try:
-                    total = len(loader)
-                except TypeError:
-                    pass
-                if config.max_batches is not None and total is not None:
-                    total = min(total, config.max_batches)
-                bar = tqdm(loader, total=total, desc="corda_fast: calibrating", disable=not config.show_progress,
-                           unit="batch")
-                for i, batch in enumerate(bar):
-                    if config.max_batches is not None and i >= config.max_batches:
-                        break
-                    kwargs, mask = _split_batch(batch)
-                    kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
-                    collector.start_batch(i, None if mask is None else mask.cpu())  # host copy for the layout
+                for i, kwargs, mask in iter_batches(loader, config, device, "calibrating"):
+                    collector.start_batch(i, mask)
                     run(kwargs)
                     collector.record_finite()
                     collector.end_batch()
@@ -462,27 +491,11 @@ def collect_covariance(
         model.train(was_training)
     if n_batches == 0:
         raise CalibrationError("the calibration loader yielded no batches; give it at least one batch of samples.")
-    unused = [t.name for t in targets if t.name not in collector.assigned or collector.n_samples.get(collector.assigned[t.name], 0) == 0]
-    if unused:
-        msg = (f"{len(unused)} targeted layer(s) saw no calibration token: {unused[:5]}" + (" ..." if len(unused) > 5 else ""))
-        if config.unused_targets == "error":
-            raise CalibrationError(msg + ". Exclude them (exclude_modules) or set unused_targets='skip'.")
-        logger.warning("%s; they get no adapter (unused_targets='skip').", msg)
-    keys = [k for k in collector.order if collector.n_samples.get(k, 0) > 0]
-    members = {k: [n for n in collector.members[k] if n not in unused] for k in keys}
-    stats = CovarianceStats(
-        sums={k: ops.symmetrize(collector.sums[k]) for k in keys},
-        n_samples={k: collector.n_samples[k] for k in keys},
-        n_tokens={k: collector.n_tokens[k] for k in keys},
-        members=members,
-        normalization=config.normalization,
-        model_fingerprint=model_fingerprint(model),
-        meta={"model_class": type(model).__name__, "batches": n_batches, "backend": collector.backend,
-              "precision": config.covariance_precision, "seconds": round(time.perf_counter() - t0, 3)},
-    )
+    stats = finish_statistics(collector, targets, config, model_fingerprint(model), n_batches, t0)
+    stats.meta["model_class"] = type(model).__name__
     logger.info(
         "calibrated %d layers on %d batches (%d samples, %d tokens): %d distinct inputs, %.1f MiB of statistics, %.2fs",
-        sum(len(v) for v in members.values()), n_batches, max(stats.n_samples.values()),
-        max(stats.n_tokens.values()), len(keys), stats.nbytes() / 2**20, time.perf_counter() - t0,
+        len(stats.layer_names()), n_batches, max(stats.n_samples.values()), max(stats.n_tokens.values()),
+        len(stats.sums), stats.nbytes() / 2**20, time.perf_counter() - t0,
     )
     return stats

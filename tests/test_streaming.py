@@ -1,0 +1,92 @@
+"""Streaming (block-by-block) calibration: same statistics and adapters as all-at-once, bounded memory."""
+
+import copy
+
+import pytest
+import torch
+
+import corda_fast
+from corda_fast import CalibrationError, CordaConfig
+from corda_fast.streaming import collect_covariance_streaming, iter_block_statistics
+from helpers import (assert_model_unchanged, model_state, padded_batches, random_samples, rel, tiny_bert, tiny_gpt2,
+                     tiny_llama)
+
+QUIET = dict(show_progress=False)
+
+
+@pytest.mark.parametrize("make", ["llama", "gpt2", "bert"])
+def test_streaming_statistics_equal_all_at_once(make):
+    model = {"llama": lambda: tiny_llama(layers=4), "gpt2": tiny_gpt2, "bert": tiny_bert}[make]()
+    batches = padded_batches(random_samples(7, lo=3, hi=30), 3, side="left")
+    cfg = CordaConfig(**QUIET)
+    targets = corda_fast.resolve_targets(model, cfg, check_rank=False)
+    full = corda_fast.collect_covariance(model, batches, cfg, targets)
+    streamed = collect_covariance_streaming(model, batches, cfg, targets)
+    assert streamed.members == full.members
+    for k in full.sums:
+        assert streamed.n_samples[k] == full.n_samples[k] and streamed.n_tokens[k] == full.n_tokens[k]
+        assert rel(streamed.covariance(k), full.covariance(k)) <= 1e-6, k
+
+
+def test_streaming_adapters_equal_and_peak_memory_is_one_block():
+    batches = padded_batches(random_samples(8), 4)
+    cfg = CordaConfig(**QUIET)
+    model = tiny_llama(layers=4)
+    targets = corda_fast.resolve_targets(model, cfg, check_rank=False)
+    full = corda_fast.collect_covariance(model, batches, cfg, targets)
+    peak = max(s.nbytes() for s in iter_block_statistics(model, batches, cfg, targets))
+    assert peak * 4 == full.nbytes()  # 4 identical blocks: one block's worth at a time
+
+    a, ra = corda_fast.init_adapters(tiny_llama(layers=4), batches, mode="kpm", rank=6, return_report=True, **QUIET)
+    b, rb = corda_fast.init_adapters(tiny_llama(layers=4), batches, mode="kpm", rank=6, streaming=True,
+                                     return_report=True, **QUIET)
+    assert rb.streaming and not ra.streaming
+    assert rb.statistics_mib * 4 == pytest.approx(ra.statistics_mib)
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        assert rel(sb[k], sa[k]) <= 1e-6, k
+
+
+def test_streaming_cpu_cache_device():
+    batches = padded_batches(random_samples(4), 2)
+    cfg = CordaConfig(**QUIET)
+    model = tiny_llama()
+    targets = corda_fast.resolve_targets(model, cfg, check_rank=False)
+    a = collect_covariance_streaming(model, batches, cfg, targets, cache_device="cpu")
+    b = corda_fast.collect_covariance(model, batches, cfg, targets)
+    for k in b.sums:
+        assert rel(a.covariance(k), b.covariance(k)) <= 1e-6
+
+
+def test_streaming_errors_leave_model_unchanged():
+    model = tiny_llama()
+    model.train()
+    before = model_state(model)
+    batches = padded_batches(random_samples(4), 2)
+    with pytest.raises(CalibrationError, match=r"outside: \['lm_head'\]"):
+        corda_fast.init_adapters(model, batches, target_modules=["q_proj", "lm_head"], streaming=True, rank=2, **QUIET)
+    assert_model_unchanged(model, before)
+
+    def boom(module, args, kwargs):
+        raise RuntimeError("block 1 exploded")
+
+    h = model.model.layers[1].register_forward_pre_hook(boom, with_kwargs=True)
+    before = model_state(model)
+    with pytest.raises(RuntimeError, match="block 1 exploded"):
+        corda_fast.init_adapters(model, batches, streaming=True, rank=2, **QUIET)
+    assert_model_unchanged(model, before)
+    h.remove()
+    with pytest.raises(CalibrationError, match="no batches"):
+        corda_fast.init_adapters(model, [], streaming=True, rank=2, **QUIET)
+    with pytest.raises(ValueError, match="covariance_cache"):
+        corda_fast.init_adapters(model, batches, streaming=True, covariance_cache="x.safetensors", **QUIET)
+
+
+def test_streaming_names_poisoned_batch():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[7] = float("nan")
+    batches = padded_batches(random_samples(6), 2)
+    batches[1]["input_ids"][0, 0] = 7
+    with pytest.raises(CalibrationError, match=r"'model\.layers\.0\.self_attn\.q_proj'.*batch 1"):
+        corda_fast.init_adapters(model, batches, streaming=True, rank=2, **QUIET)
