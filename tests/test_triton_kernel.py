@@ -9,6 +9,8 @@ from corda_fast.ops import triton_xtx
 from helpers import rel
 
 pytestmark = pytest.mark.skipif(not triton_xtx.available(), reason="triton cannot run here (no CUDA, no interpreter)")
+# Under the interpreter the kernel runs on CPU tensors; compiled, it needs CUDA tensors.
+DEVICE = "cpu" if triton_xtx.INTERPRETING else "cuda"
 
 TOL = {torch.float32: 1e-6, torch.float16: 1e-6, torch.bfloat16: 1e-6}  # 16-bit products are exact in fp32
 
@@ -28,9 +30,9 @@ def test_kernel_matches_float64(d, tokens, dtype):
     scale[::3] = 0.0  # padded rows
     start = torch.randn(d, d, generator=g)
     start = start + start.T  # poisoned, non-zero accumulator: the kernel must add, not assign
-    acc = start.clone()
-    torch.ops.corda_fast.xtx_accumulate_triton(acc, x, scale)
-    got = ops.symmetrize(acc)
+    acc = start.clone().to(DEVICE)
+    torch.ops.corda_fast.xtx_accumulate_triton(acc, x.to(DEVICE), scale.to(DEVICE))
+    got = ops.symmetrize(acc).cpu()
     ref = reference(start, x, scale)
     assert rel(got, ref) < TOL[dtype], rel(got, ref)
 
@@ -38,26 +40,26 @@ def test_kernel_matches_float64(d, tokens, dtype):
 def test_strided_input_no_copy_needed():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(300, 2 * 70, generator=g)
-    x = base[::2, ::2]  # both strides non-unit
+    x = base.to(DEVICE)[::2, ::2]  # both strides non-unit
     assert not x.is_contiguous()
-    scale = torch.rand(x.shape[0], generator=g)
-    acc = torch.zeros(70, 70)
+    scale = torch.rand(x.shape[0], generator=g).to(DEVICE)
+    acc = torch.zeros(70, 70, device=DEVICE)
     torch.ops.corda_fast.xtx_accumulate_triton(acc, x, scale)
-    assert rel(ops.symmetrize(acc), reference(torch.zeros(70, 70), x, scale)) < 1e-6
+    assert rel(ops.symmetrize(acc).cpu(), reference(torch.zeros(70, 70), x.cpu(), scale.cpu())) < 1e-6
 
 
 def test_only_upper_tiles_written():
-    x = torch.randn(50, 130)
-    acc = torch.full((130, 130), 7.0)
-    torch.ops.corda_fast.xtx_accumulate_triton(acc, x, torch.ones(50))
+    x = torch.randn(50, 130, device=DEVICE)
+    acc = torch.full((130, 130), 7.0, device=DEVICE)
+    torch.ops.corda_fast.xtx_accumulate_triton(acc, x, torch.ones(50, device=DEVICE))
     block = triton_xtx._config(130, 50)[0]
-    assert torch.equal(acc[block:, :block], torch.full((130 - block, block), 7.0))  # below-diagonal tile untouched
+    assert torch.equal(acc[block:, :block].cpu(), torch.full((130 - block, block), 7.0))  # below-diagonal tile untouched
 
 
 def test_opcheck():
-    x = torch.randn(40, 20)
-    acc = torch.zeros(20, 20)
-    torch.library.opcheck(torch.ops.corda_fast.xtx_accumulate_triton.default, (acc, x, torch.rand(40)),
+    x = torch.randn(40, 20, device=DEVICE)
+    acc = torch.zeros(20, 20, device=DEVICE)
+    torch.library.opcheck(torch.ops.corda_fast.xtx_accumulate_triton.default, (acc, x, torch.rand(40, device=DEVICE)),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -65,6 +67,7 @@ def test_forced_triton_backend_through_calibration(monkeypatch, llama):
     import corda_fast
     from helpers import padded_batches, random_samples
 
+    llama = llama.to(DEVICE)
     batches = padded_batches(random_samples(3, lo=4, hi=9), 3, side="left")
     cfg = corda_fast.CordaConfig(target_modules=["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"],
                                  show_progress=False)
@@ -76,3 +79,17 @@ def test_forced_triton_backend_through_calibration(monkeypatch, llama):
         assert rel(got.covariance(k), ref.covariance(k)) < 1e-6
     with pytest.raises(ops.BackendError, match="float32"):
         corda_fast.collect_covariance(llama, batches, cfg.replace(covariance_precision="float64"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_backend_on_cuda_is_triton(llama):
+    import corda_fast
+    from helpers import padded_batches, random_samples
+
+    batches = padded_batches(random_samples(4), 2)
+    cfg = corda_fast.CordaConfig(show_progress=False)
+    cpu = corda_fast.collect_covariance(llama, batches, cfg)
+    gpu = corda_fast.collect_covariance(llama.cuda(), batches, cfg)
+    assert gpu.meta["backend"] == "triton"
+    for k in cpu.sums:
+        assert rel(gpu.covariance(k).cpu(), cpu.covariance(k)) < 1e-5  # different GPU/CPU forward rounding
