@@ -173,7 +173,8 @@ def run_init(args) -> dict:
         targets = [t for t in LLAMA_TARGETS if t in names] or "all-linear"
     peft_model, report = corda_fast.init_adapters(
         model, batches, mode=args.mode, rank=args.rank, lora_alpha=args.lora_alpha, target_modules=targets,
-        decompose_precision=args.precision, covariance_cache=args.covariance_cache,
+        decompose_precision=args.precision, covariance_precision=args.precision,
+        covariance_cache=args.covariance_cache, streaming={"off": False, "on": True, "auto": "auto"}[args.streaming],
         initial_adapter_dir=os.path.join(args.out, "initial_adapter"), task_type="CAUSAL_LM",
         return_report=True, show_progress=not args.quiet,
     )
@@ -276,9 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--seq-len", type=int, default=256 if demo else 2048, help="tokens per sample")
         q.add_argument("--batch-size", type=int, default=8)
         q.add_argument("--precision", choices=["float32", "float64"], default="float32",
-                       help="decomposition precision (float64: accurate KPM on ill-conditioned layers)")
+                       help="statistics and decomposition precision (float64: KPM exact to ~1e-6 on ill-conditioned "
+                            "layers, ~1.5x the decomposition time)")
         q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
         q.add_argument("--covariance-cache", default=None, help="safetensors statistics cache (read or written)")
+        q.add_argument("--streaming", choices=["off", "on", "auto"], default="off",
+                       help="calibrate and decompose one block at a time (bounded statistic memory)")
         q.add_argument("--seed", type=int, default=233)
         q.add_argument("--out", default="corda_out")
         q.add_argument("--quiet", action="store_true")

@@ -59,6 +59,12 @@ def test_init_on_jsonl_with_cache(model_dir, tmp_path):
     assert cli.main(args + ["--out", str(tmp_path / "a")]) == 0
     assert cache.is_file()
     assert cli.main(args + ["--out", str(tmp_path / "b"), "--mode", "kpm"]) == 0
+    stream = [a for a in args if a not in ("--covariance-cache", str(cache))]
+    assert cli.main(stream + ["--out", str(tmp_path / "s"), "--streaming", "on"]) == 0
+    a = json.loads((tmp_path / "a" / "corda_report.json").read_text())
+    s = json.loads((tmp_path / "s" / "corda_report.json").read_text())
+    assert s["statistics_mib"] == pytest.approx(a["statistics_mib"] / 2, rel=0.02)  # 2 blocks: one block's worth at a time
+    assert cli.main(stream + ["--out", str(tmp_path / "f"), "--precision", "float64"]) == 0
     with pytest.raises(ValueError, match="no field 'text'"):
         cli.main(["init", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "c"), "--quiet"])
 
