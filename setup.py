@@ -41,6 +41,8 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
+        # the statistic kernel; on CPU it runs only under TRITON_INTERPRET=1 (tests), the torch path is used
+        'triton; platform_system == "Linux"',
         "transformers>=4.45",
         "peft>=0.15",
         "safetensors",
