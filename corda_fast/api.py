@@ -134,7 +134,7 @@ def init_adapters(
             report.n_statistics += len(block_stats.sums)
             report.n_samples = max(report.n_samples, max(block_stats.n_samples.values()))
             report.n_tokens = max(report.n_tokens, max(block_stats.n_tokens.values()))
-            key_of.update({name: key for key, names in block_stats.members.items() for name in names})
+            key_of.update(block_stats.layer_keys())
             t = time.perf_counter()
             factors.update(decompose(block_stats, targets, config.replace(show_progress=False), release=True))
             t_decompose += time.perf_counter() - t
@@ -158,7 +158,7 @@ def init_adapters(
         report.statistics_mib = stats.nbytes() / 2**20
         report.n_samples = max(stats.n_samples.values())
         report.n_tokens = max(stats.n_tokens.values())
-        key_of = {name: key for key, names in stats.members.items() for name in names}
+        key_of = stats.layer_keys()
 
         t1 = time.perf_counter()
         factors = decompose(stats, targets, config, release=True)  # statistics freed as they are used

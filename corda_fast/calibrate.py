@@ -60,11 +60,12 @@ class CovarianceStats:
     model_fingerprint: str
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def layer_keys(self) -> dict[str, str]:
+        """``{layer name: statistic key}``."""
+        return {name: key for key, names in self.members.items() for name in names}
+
     def key_of(self, name: str) -> str:
-        for key, names in self.members.items():
-            if name in names:
-                return key
-        raise KeyError(name)
+        return self.layer_keys()[name]
 
     def covariance(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """``C = sum / n_samples`` for statistic ``key`` (``(d, d)``)."""
@@ -72,7 +73,7 @@ class CovarianceStats:
         return s.to(dtype or s.dtype) / self.n_samples[key]
 
     def layer_names(self) -> list[str]:
-        return [n for names in self.members.values() for n in names]
+        return list(self.layer_keys())
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.sums.values())
@@ -139,15 +140,15 @@ class CovarianceStats:
                 f"{normalization!r}."
             )
         if targets is not None:
-            names = set(stats.layer_names())
-            missing = [t.name for t in targets if t.name not in names]
+            keys = stats.layer_keys()
+            missing = [t.name for t in targets if t.name not in keys]
             if missing:
                 raise CacheError(
                     f"covariance cache '{path}' has no statistic for layer(s) {missing[:5]}"
                     + (" ..." if len(missing) > 5 else "") + "; it was collected for other target_modules."
                 )
             for t in targets:
-                key = stats.key_of(t.name)
+                key = keys[t.name]
                 if tuple(stats.sums[key].shape) != (t.d_in, t.d_in):
                     raise CacheError(
                         f"covariance cache '{path}': statistic of '{t.name}' is {tuple(stats.sums[key].shape)}, "
@@ -236,12 +237,7 @@ class _Collector:
 
     def __init__(self, targets: list[Target], config: CordaConfig, device: torch.device):
         self.config = config
-        self.backend = ops.active_backend(device)
-        if self.backend == "triton" and config.covariance_dtype != torch.float32:
-            if os.environ.get(ops.BACKEND_ENV, "auto").strip().lower() == "triton":
-                raise ops.BackendError("the triton statistic kernel accumulates in float32; "
-                                       "covariance_precision='float64' needs the torch backend.")
-            self.backend = "torch"
+        self.backend = ops.active_backend(device, config.covariance_dtype)
         self.names = {id(t.module): t.name for t in targets}
         self.dtype = config.covariance_dtype
         self.sums: dict[str, torch.Tensor] = {}

@@ -166,28 +166,24 @@ def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[Co
     dtype = config.decompose_dtype
     method = config.resolved_svd_method
     work = torch.float64 if method == "gram" else dtype
+    layer_keys = stats.layer_keys()
     by_key: dict[str, list[Target]] = {}
     for t in targets:
-        try:
-            key = stats.key_of(t.name)
-        except KeyError:
-            continue
-        by_key.setdefault(key, []).append(t)
+        if t.name in layer_keys:
+            by_key.setdefault(layer_keys[t.name], []).append(t)
     t0 = time.perf_counter()
     bar = tqdm(total=sum(len(v) for v in by_key.values()), desc="corda_fast: decomposing", unit="layer",
                disable=not config.show_progress)
 
     def run_group(key: str, layer_targets: list[Target]) -> list[LayerFactors]:
         """Damping and Cholesky once per statistic, then every layer that reads it."""
-        cov = stats.covariance(key, torch.float32)
+        c = stats.covariance(key, work)  # a float64 statistic keeps its digits
         if device is not None:
-            cov = cov.to(device)
+            c = c.to(device)
         names = [t.name for t in layer_targets]
-        lam = find_damping(cov, config.damping_start, config.damping_tol, config.damping_max_iter,
-                           what=f"layer(s) {names}")
-        c = stats.covariance(key, work).to(cov.device)  # a float64 statistic keeps its digits
+        lam = find_damping(c, config.damping_start, config.damping_tol, config.damping_max_iter,
+                           what=f"layer(s) {names}")  # float32, as PEFT
         c_f = c + torch.eye(c.shape[0], dtype=work, device=c.device) * (torch.diagonal(c).mean() * lam)
-        del cov
         if release:
             stats.sums.pop(key, None)
         chol, info = torch.linalg.cholesky_ex(c_f)

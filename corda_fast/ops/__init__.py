@@ -27,12 +27,17 @@ def available_backends() -> dict:
     return {"torch": True, "triton": triton_xtx.available()}
 
 
-def active_backend(device=None) -> str:
-    """Name of the backend the ops use for tensors on ``device``, honouring ``CORDA_FAST_BACKEND``."""
+def active_backend(device=None, accumulate_dtype: torch.dtype = torch.float32) -> str:
+    """Name of the backend the ops use for tensors on ``device`` accumulating in ``accumulate_dtype``, honouring
+    ``CORDA_FAST_BACKEND`` (the Triton kernel accumulates in float32 only)."""
     wanted = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     if wanted == "auto":
         is_cuda = device is not None and torch.device(device).type == "cuda"
-        return "triton" if is_cuda and triton_xtx.HAVE_TRITON else "torch"
+        use_triton = is_cuda and triton_xtx.HAVE_TRITON and accumulate_dtype == torch.float32
+        return "triton" if use_triton else "torch"
+    if wanted == "triton" and accumulate_dtype != torch.float32:
+        raise BackendError("the triton statistic kernel accumulates in float32; covariance_precision='float64' "
+                           "needs CORDA_FAST_BACKEND=torch (or auto).")
     if wanted not in _KNOWN:
         raise BackendError(f"{BACKEND_ENV}={wanted!r} is not a backend of this build; known: {_KNOWN} (or 'auto').")
     if not available_backends()[wanted]:
