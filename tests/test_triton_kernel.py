@@ -93,3 +93,27 @@ def test_auto_backend_on_cuda_is_triton(llama):
     assert gpu.meta["backend"] == "triton"
     for k in cpu.sums:
         assert rel(gpu.covariance(k).cpu(), cpu.covariance(k)) < 1e-5  # different GPU/CPU forward rounding
+
+
+@pytest.mark.skipif(not triton_xtx.INTERPRETING, reason="exercises the autotuner with a stand-in timer (interpreter)")
+def test_autotuning_trials_do_not_add_into_the_accumulator():
+    """The autotuner launches every candidate tile shape on the real accumulator; restore_value must undo them,
+    so the statistic is added exactly once (a stand-in timer replaces the GPU benchmarker on CPU)."""
+    import itertools
+
+    import triton
+
+    ticks = itertools.count()
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()
+        t = float(next(ticks) % 3 + 1)
+        return [t, t, t]
+
+    kernel = triton.autotune(configs=triton_xtx._configs(True), key=["d"], restore_value=["acc_ptr"],
+                             do_bench=fake_bench)(triton_xtx._xtx_tile_kernel)
+    x, s, acc = torch.randn(100, 70), torch.rand(100), torch.ones(70, 70)
+    kernel[lambda m: (triton.cdiv(70, m["BLOCK"]), triton.cdiv(70, m["BLOCK"]))](
+        x, s, acc, 100, 70, x.stride(0), x.stride(1), s.stride(0), acc.stride(0), acc.stride(1))
+    assert next(ticks) == len(triton_xtx._configs(True))  # every candidate was tried
+    assert rel(ops.symmetrize(acc), reference(torch.ones(70, 70), x, s)) < 1e-6

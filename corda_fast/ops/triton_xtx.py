@@ -6,7 +6,8 @@ partial product in place (no atomics: tiles are disjoint). Tiles below the diago
 the FLOPs of a full ``XᵀX``; :func:`corda_fast.ops.symmetrize` mirrors the triangle once, when the statistic
 is finalised.
 
-Registered as the torch.library op ``corda_fast::xtx_accumulate_triton`` (``triton_op`` + ``wrap_triton``), so
+On CUDA the tile shape is autotuned per ``d`` (a Hopper set and a generic set; ``CORDA_FAST_TRITON_AUTOTUNE=0``
+uses one fixed shape). Registered as the torch.library op ``corda_fast::xtx_accumulate_triton`` (``triton_op`` + ``wrap_triton``), so
 it traces under ``torch.compile``. Runs on CUDA, and on CPU through the Triton interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported), which is how CI checks its logic.
 """
@@ -57,11 +58,23 @@ if HAVE_TRITON:
         tl.store(out, tl.load(out, mask=omask, other=0.0) + part, mask=omask)
 
     def _config(d: int, n_tokens: int) -> tuple[int, int, int]:
-        """(BLOCK, BLOCK_T, num_warps). The interpreter wants few, large tiles; GPUs a tile per SM-sized chunk."""
+        """(BLOCK, BLOCK_T, num_warps) of the untuned launch: the interpreter wants few, large tiles."""
         if INTERPRETING:
             return 64, 128, 4
         block = 64 if d <= 1024 else 128
         return block, 32, 4 if block == 64 else 8
+
+    def _configs(hopper: bool) -> list:
+        """Autotuning candidates: a Hopper (sm_90, e.g. H200) set with deeper pipelines and wider tiles, and a
+        generic set. Keyed on ``d`` only (token counts vary batch to batch)."""
+        shapes = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)]
+        if hopper:
+            shapes += [(128, 64, 8, 4), (128, 128, 8, 4), (64, 128, 4, 4)]
+        return [triton.Config({"BLOCK": b, "BLOCK_T": t}, num_warps=w, num_stages=st) for b, t, w, st in shapes]
+
+    # restore_value: the autotuner's trial launches add into the accumulator too; it must be put back after them
+    _tuned = {hopper: triton.autotune(configs=_configs(hopper), key=["d"], restore_value=["acc_ptr"])(_xtx_tile_kernel)
+              for hopper in (False, True)}
 
     @triton_op("corda_fast::xtx_accumulate_triton", mutates_args={"acc"})
     def xtx_accumulate_triton(acc: torch.Tensor, x: torch.Tensor, row_scale: torch.Tensor) -> None:
@@ -70,11 +83,15 @@ if HAVE_TRITON:
         n_tokens, d = x.shape
         if n_tokens == 0 or d == 0:
             return
-        block, block_t, warps = _config(d, n_tokens)
-        tiles = triton.cdiv(d, block)
-        wrap_triton(_xtx_tile_kernel)[(tiles, tiles)](
-            x, row_scale, acc, n_tokens, d, x.stride(0), x.stride(1), row_scale.stride(0), acc.stride(0),
-            acc.stride(1), BLOCK=block, BLOCK_T=block_t, num_warps=warps)
+        args = (x, row_scale, acc, n_tokens, d, x.stride(0), x.stride(1), row_scale.stride(0), acc.stride(0),
+                acc.stride(1))
+        if INTERPRETING or os.environ.get("CORDA_FAST_TRITON_AUTOTUNE", "1") == "0":
+            block, block_t, warps = _config(d, n_tokens)
+            tiles = triton.cdiv(d, block)
+            wrap_triton(_xtx_tile_kernel)[(tiles, tiles)](*args, BLOCK=block, BLOCK_T=block_t, num_warps=warps)
+            return
+        hopper = torch.cuda.get_device_capability(x.device)[0] >= 9
+        wrap_triton(_tuned[hopper])[lambda meta: (triton.cdiv(d, meta["BLOCK"]), triton.cdiv(d, meta["BLOCK"]))](*args)
 
 
     @xtx_accumulate_triton.register_fake
