@@ -85,8 +85,9 @@ def init_adapters(
     """Initialise CorDA adapters on ``model`` from calibration data and return a ready-to-train PEFT model.
 
     Args:
-        model: a transformers (or any torch) model in float32/bfloat16/float16. Its targeted base weights become
-            the residual ``W_res`` (as PEFT's CorDA/PiSSA do); on error it is left exactly as it was.
+        model: a transformers (or any torch) model in float32/bfloat16/float16 (a ``torch.compile`` wrapper is
+            unwrapped). Its targeted base weights become the residual ``W_res`` (as PEFT's CorDA/PiSSA do); on error
+            it is left exactly as it was.
         loader: calibration batches — an iterable of dicts with ``input_ids`` ``(batch, seq)`` and optional
             ``attention_mask`` (padding on either side is ignored) / ``labels``; tensors of input ids;
             ``(input_ids, attention_mask)`` tuples; or a zero-argument callable that runs the model. May be
@@ -107,6 +108,9 @@ def init_adapters(
     Returns:
         ``peft.PeftModel`` (and the report if ``return_report``).
     """
+    # torch.compile'd models: calibrate and wrap the original module in eager mode (hooks added to a compiled
+    # graph would force recompiles); compile the returned PEFT model again if wanted.
+    model = getattr(model, "_orig_mod", model)
     overrides = dict(config_overrides)
     for key, value in (("mode", mode), ("rank", rank), ("lora_alpha", lora_alpha), ("target_modules", target_modules)):
         if value is not None:

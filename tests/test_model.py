@@ -159,3 +159,13 @@ def test_cache_roundtrip_bit_identical_and_serves_other_rank(tmp_path):
         assert torch.equal(sa[k], sb[k]), k
     c = corda_fast.init_adapters(tiny_llama(), None, rank=6, mode="kpm", covariance_cache=path, **QUIET)
     assert c.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.shape[0] == 6
+
+
+def test_compiled_model_is_unwrapped():
+    model = tiny_llama()
+    compiled = torch.compile(model)  # not run: wrapping only
+    ids = torch.randint(0, 300, (2, 9))
+    before = logits(model, ids)
+    pm = corda_fast.init_adapters(compiled, padded_batches(random_samples(4), 2), rank=4, **QUIET)
+    assert pm.base_model.model is model
+    assert float((logits(pm, ids) - before).abs().max()) <= 1e-5 * float(before.abs().max())
