@@ -55,7 +55,8 @@ class CordaConfig:
             ``W·C_f`` must be accurate beyond ~1e-3). The damping search always uses float32, as PEFT, so every
             precision picks the same damping.
         svd_method: ``"gram"`` — float64 eigendecomposition of the Gram matrix of ``W·C_f`` on its smaller side,
-            mapping back only the ``r`` kept singular vectors: faster than a float32 SVD on CPU and more accurate
+            mapping back only the ``r`` kept singular vectors: faster than a float32 SVD on CPU for rectangular
+            layers (on par for square ones) and more accurate
             (error ≈ ε64·σ_max²/σ against ε32·σ_max), falling back to the SVD for kept σ below 1e-8·σ_max where
             that stops being true; ``"svd"`` — the full thin SVD in ``decompose_precision``, PEFT's algorithm;
             ``"auto"`` (default) — ``"gram"`` for float32, ``"svd"`` for float64 (the most accurate option).

@@ -119,3 +119,28 @@ def test_scale_changes_balance_not_product():
     assert rel(b2 @ a2, b1 @ a1) < 1e-9
     assert abs(float(b2.norm() / b1.norm()) - 10) < 1e-6
     assert abs(float(a1.norm() / a2.norm()) - 10) < 1e-6
+
+
+def test_probe_residual_estimate_tracks_peft_lu_residual():
+    """find_damping trusts its 16-probe estimate of ‖C_f C_f⁻¹ − I‖_F only outside [tol/8, 8·tol]; the estimate
+    must stay within 8x of PEFT's LU residual across conditionings (this is what makes the λ PEFT's)."""
+    import math
+
+    ratios = []
+    for d, seed in ((64, 0), (256, 1)):
+        g = torch.Generator().manual_seed(seed)
+        u, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+        for decades in (3, 6, 9, 12):
+            c = (u * torch.logspace(0, -decades, d)) @ u.T
+            for lam in (1e-6, 1e-4, 1e-2):
+                cf = c + torch.eye(d) * torch.diagonal(c).mean() * lam
+                chol, info = torch.linalg.cholesky_ex(cf)
+                if info:
+                    continue
+                probes = torch.randn(d, 16, generator=torch.Generator().manual_seed(0))
+                est = float((cf @ torch.cholesky_solve(probes, chol) - probes).norm()) / 4.0
+                lu = float(torch.dist(cf @ torch.linalg.inv(cf), torch.eye(d)))
+                ratios.append(est / lu)
+    assert len(ratios) >= 15
+    assert all(1 / 8 < r < 8 for r in ratios), [round(r, 2) for r in ratios]
+    assert max(abs(math.log(r)) for r in ratios) > 0  # the two differ: the fallback zone is needed

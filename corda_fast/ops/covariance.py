@@ -9,7 +9,8 @@ def triangle_blocks(d: int) -> int:
     """Column blocks used for the triangular accumulation of a ``(d, d)`` statistic (1 = plain GEMM).
 
     With ``k`` blocks only the block upper triangle is computed: ``(k+1)/(2k)`` of the GEMM FLOPs (measured on 2
-    CPU cores: 0.69x the time of the full GEMM for d = 576 and 1536 with 6 blocks)."""
+    CPU cores with 2048 rows: 0.78x the time of the full GEMM at d = 576, 0.67x at d = 1536;
+    ``benchmarks/bench_ops.py``)."""
     return min(6, max(1, d // 96))
 
 
