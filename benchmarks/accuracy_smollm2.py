@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import torch  # noqa: E402
 
 import corda_fast  # noqa: E402
+from bench_vs_peft import environment  # noqa: E402
 from corda_fast.cli import builtin_text, load_model, make_batches, materialize_smollm2  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -81,7 +82,7 @@ def main():
     }
     result = {"model": "SmolLM2-135M-Instruct", "mode": "kpm", "rank": args.rank, "samples": args.samples,
               "seq_len": args.seq_len, "reference_seconds": t_ref, "variants": {},
-              "environment": {"torch": torch.__version__, "threads": torch.get_num_threads()}}
+              "environment": environment()}
     for name, (stats, kw) in variants.items():
         got, secs = run(model, stats, targets, rank=args.rank, **kw)
         rows = {}
