@@ -4,6 +4,7 @@ Variants, interleaved over ``--repeats`` in one process on the same samples:
   - ``forward``        plain forward of the backbone, batched (what calibration rides on)
   - ``ours``           ``collect_covariance`` (batched, padded), all blocks at once
   - ``ours_streaming`` block-by-block statistics (each block's statistics freed after it)
+  - ``ours_f64``       (not in the default set) ``covariance_precision="float64"``
   - ``forward_bs1``    plain forward of the full model at batch size 1 (what PEFT rides on)
   - ``peft``           PEFT's ``calib_cov_distribution`` hook at batch size 1 (its requirement)
 Reports median (min-max) seconds, overhead vs the plain forward, speed-up vs PEFT, and statistic memory: the
@@ -97,6 +98,10 @@ def main():
     def v_ours():
         return corda_fast.collect_covariance(model, batches, cfg, targets).nbytes()
 
+    def v_ours_f64():
+        return corda_fast.collect_covariance(model, batches, cfg.replace(covariance_precision="float64"),
+                                             targets).nbytes()
+
     def v_ours_streaming():
         from corda_fast.streaming import iter_block_statistics
 
@@ -120,8 +125,8 @@ def main():
             del m.covariance_matrix, m.sample_count
         return nbytes
 
-    fns = {"forward": v_forward, "ours": v_ours, "ours_streaming": v_ours_streaming, "forward_bs1": v_forward_bs1,
-           "peft": v_peft}
+    fns = {"forward": v_forward, "ours": v_ours, "ours_f64": v_ours_f64, "ours_streaming": v_ours_streaming,
+           "forward_bs1": v_forward_bs1, "peft": v_peft}
     times = {v: [] for v in args.variants}
     stat_bytes, cuda_peak = {}, {}
     with torch.no_grad():
@@ -158,7 +163,7 @@ def markdown(r: dict) -> str:
             "|---|---|---|---|---|"]
     for v in med:
         over = f"{med[v] / med['forward']:.2f}x" if "forward" in med else "-"
-        vs = f"{med['peft'] / med[v]:.2f}x faster" if "peft" in med and v in ("ours", "ours_streaming") else "-"
+        vs = f"{med['peft'] / med[v]:.2f}x faster" if "peft" in med and v.startswith("ours") else "-"
         mem = f"{r['statistic_mib'][v]:.0f} MiB" if r["statistic_mib"].get(v) else "-"
         if r["cuda_peak_mib"].get(v) is not None:
             mem += f" (CUDA peak +{r['cuda_peak_mib'][v]:.0f} MiB)"
