@@ -281,15 +281,14 @@ class _Collector:
                 mask = None
                 lead_shape = (1, lead_shape[0])
         n_seq, seq_len = lead_shape[0], int(torch.Size(lead_shape[1:]).numel())
+        if mask is not None and bool(mask.all()):  # nothing to drop: no index copies
+            mask = None
         if mask is not None and tuple(mask.shape) != (n_seq, seq_len):
-            if bool(mask.all()):
-                mask = None
-            else:
-                raise CalibrationError(
-                    f"attention_mask of shape {tuple(self.mask.shape)} does not fit layer inputs with leading shape "
-                    f"{lead_shape} (batch {self.batch_index})."
-                )
-        if mask is None or bool(mask.all()):
+            raise CalibrationError(
+                f"attention_mask of shape {tuple(self.mask.shape)} does not fit layer inputs with leading shape "
+                f"{lead_shape} (batch {self.batch_index})."
+            )
+        if mask is None:
             sample = torch.arange(n_seq).repeat_interleave(seq_len)
             out = (None, sample.to(device, non_blocking=True), n_seq, n_seq * seq_len)
         else:
@@ -331,21 +330,16 @@ class _Collector:
     def hook(self, module: nn.Module, args, kwargs):
         name = self.names[id(module)]
         x = args[0] if args else next(iter(kwargs.values()))
-        if self.first_batch and name not in self.assigned:
-            key = self._find_recent(x) if self.config.share_inputs else None
-            if key is None:
-                key = name
+        key = self.assigned.get(name)
+        if key is None:  # first call: share a recent input's statistic (first batch only) or open its own
+            shared = self._find_recent(x) if self.first_batch and self.config.share_inputs else None
+            key = shared or name
+            if shared is None:
                 self.members[key] = [name]
                 self.order.append(key)
             else:
                 self.members[key].append(name)
             self.assigned[name] = key
-        key = self.assigned.get(name)
-        if key is None:  # a layer that first ran after the first batch
-            key = name
-            self.assigned[name] = key
-            self.members[key] = [name]
-            self.order.append(key)
         if key != name:
             if self._find_recent(x) != key:
                 raise CalibrationError(
