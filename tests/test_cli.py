@@ -73,3 +73,21 @@ def test_env_command_runs_as_module():
     out = subprocess.run([sys.executable, "-m", "corda_fast", "env"], capture_output=True, text=True, check=True)
     info = json.loads(out.stdout)
     assert info["active_backend"] == "torch" and info["torch"] == torch.__version__
+
+
+def test_init_corda_plus_writes_table_and_plot(model_dir, tmp_path, capsys):
+    data = tmp_path / "calib.txt"
+    data.write_text(" ".join(cli.builtin_text().split()[:3000]))
+    out = tmp_path / "plus"
+    assert cli.main(["init", "--model", str(model_dir), "--data", str(data), "--mode", "kpm", "--rank", "4",
+                     "--samples", "8", "--seq-len", "32", "--batch-size", "2", "--method", "corda++",
+                     "--candidates", "2", "--min-rank", "2", "--max-rank", "20", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "CorDA++-KPM" in printed and "realised" in printed
+    report = json.loads((out / "corda_report.json").read_text())
+    ranks = [l["rank"] for l in report["plus"]["layers"]]
+    assert all(2 <= r <= 20 for r in ranks) and len(set(ranks)) > 1
+    assert report["plus"]["realised"] <= report["plus"]["budget"]
+    assert (out / "corda_plus.md").read_text().count("| model.layers.") == 14
+    assert (out / "corda_plus.png").stat().st_size > 1000
+    assert report["drift_at_init"]["relative"] < 1e-5

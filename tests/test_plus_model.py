@@ -1,0 +1,208 @@
+"""CorDA++ end to end: candidate statistics in one pass, selection, allocation, the PEFT model it builds."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import corda_fast
+from corda_fast.calibrate import CalibrationError, collect_candidates, collect_covariance
+from corda_fast.plus import LayerSpectrum, allocate_ranks, plan
+from corda_fast.targets import resolve_targets
+from helpers import (assert_model_unchanged, model_state, padded_batches, random_samples, rel, tiny_gpt2,
+                     tiny_llama)
+
+QUIET = dict(show_progress=False)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def test_candidates_come_from_one_pass_and_add_up_to_the_whole():
+    model = tiny_llama()
+    batches = padded_batches(random_samples(10), 2)  # 5 batches -> groups of 2, 2, 1 batches
+    calls = []
+    h = model.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    cfg = corda_fast.CordaConfig(**QUIET)
+    cands = collect_candidates(model, batches, 3, cfg)
+    n_pass = len(calls)
+    whole = collect_covariance(model, batches, cfg)
+    h.remove()
+    assert n_pass == len(batches)  # one forward per batch, not one per candidate
+    assert len(cands) == 3 and all(c.layer_keys() == whole.layer_keys() for c in cands)
+    assert [c.n_samples[next(iter(c.sums))] for c in cands] == [4, 4, 2]
+    for key, total in whole.sums.items():
+        assert rel(sum(c.sums[key].double() for c in cands), total) < 1e-6
+        assert sum(c.n_tokens[key] for c in cands) == whole.n_tokens[key]
+
+
+def _reference_scores(cand_stats, target, normalize=True):
+    """Float64 π and selection score of one layer per candidate, written independently of corda_fast.plus."""
+    out = []
+    for stats in cand_stats:
+        key = stats.layer_keys()[target.name]
+        c = stats.sums[key].double() / stats.n_samples[key]
+        if normalize:
+            c = c / c.diagonal().mean()
+        lam = corda_fast.find_damping(c)
+        c_f = c + torch.eye(c.shape[0], dtype=torch.float64) * c.diagonal().mean() * lam
+        ev = torch.linalg.eigvalsh(c_f)
+        pi = math.sqrt(target.d_out * float(ev[-1])) / float(ev[0])
+        s = torch.linalg.svdvals(target.weight_matrix().detach().double() @ c_f)
+        out.append((pi, math.log(pi) * float(s.sum() / s[0])))
+    return out
+
+
+def test_plan_scores_match_float64_reference_and_pick_the_argmin():
+    model = tiny_llama(hidden=64)
+    cfg = corda_fast.CordaConfig(rank=4, mode="kpm", **QUIET)
+    targets = resolve_targets(model, cfg)
+    cands = collect_candidates(model, padded_batches(random_samples(8, seed=5), 2), 4, cfg, targets)
+    p = plan(cands, targets, cfg)
+    chosen = {l.candidate for l in p.layers}
+    assert len(chosen) > 1  # the data differ enough that different layers pick different candidates
+    for l in p.layers:
+        t = next(t for t in targets if t.name == l.name)
+        ref = _reference_scores(cands, t)
+        for (pi_ref, s_ref), s in zip(ref, l.scores):
+            assert s == pytest.approx(s_ref, rel=1e-8)
+        assert l.candidate == min(range(len(ref)), key=lambda i: ref[i][1])
+        assert l.compactness == pytest.approx(ref[l.candidate][0], rel=1e-8)
+
+
+def test_identical_candidates_change_nothing():
+    """N copies of one batch give N identical candidates: the result equals one candidate on that batch."""
+    batch = padded_batches(random_samples(3, seed=9), 3)
+    ids = torch.randint(0, 300, (2, 9))
+    models = {}
+    for n in (1, 3):
+        model = tiny_llama()
+        pm = corda_fast.init_adapters(model, batch * n, mode="kpm", rank=4, method="corda++", candidates=n, **QUIET)
+        models[n] = pm
+    sd1 = {k: v for k, v in models[1].state_dict().items() if "lora_" in k}
+    sd3 = {k: v for k, v in models[3].state_dict().items() if "lora_" in k}
+    assert sd1.keys() == sd3.keys()
+    for k in sd1:
+        assert sd1[k].shape == sd3[k].shape
+        assert rel(sd3[k], sd1[k]) < 1e-6, k
+    assert torch.allclose(logits(models[1], ids), logits(models[3], ids), rtol=0, atol=1e-5)
+
+
+def test_plan_is_invariant_to_the_global_scale_of_candidates():
+    model = tiny_llama(hidden=64)
+    cfg = corda_fast.CordaConfig(rank=4, mode="ipm", **QUIET)
+    targets = resolve_targets(model, cfg)
+    cands = collect_candidates(model, padded_batches(random_samples(8, seed=3), 2), 2, cfg, targets)
+    p1 = plan(cands, targets, cfg)
+    for c, k in zip(cands, (7.0, 0.01)):  # each candidate by its own factor: normalisation removes it
+        c.sums = {key: s * k for key, s in c.sums.items()}
+    p2 = plan(cands, targets, cfg)
+    assert [(l.candidate, l.rank) for l in p1.layers] == [(l.candidate, l.rank) for l in p2.layers]
+    for a, b in zip(p1.layers, p2.layers):
+        assert b.scores == pytest.approx(a.scores, rel=1e-6)
+
+
+def test_allocation_ignores_the_scale_of_a_spectrum():
+    g = torch.Generator().manual_seed(0)
+    layers = [LayerSpectrum(f"l{i}", torch.sort(torch.rand(20, generator=g, dtype=torch.float64) ** 3,
+                                                  descending=True).values, 1.0 + i / 5, 20, 30) for i in range(6)]
+    budget = 50 * 4 * 6
+    for mode in ("kpm", "ipm"):
+        ranks = allocate_ranks(layers, budget, mode=mode)
+        scaled = [LayerSpectrum(l.name, l.sigma * (10.0 ** i), l.log_pi, l.d_in, l.d_out) for i, l in enumerate(layers)]
+        assert allocate_ranks(scaled, budget, mode=mode) == ranks
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+@pytest.mark.parametrize("score_at", ["next", "current"])
+def test_allocation_modes_budget_and_bounds(mode, score_at):
+    g = torch.Generator().manual_seed(1)
+    layers = [LayerSpectrum(f"l{i}", torch.sort(torch.rand(16 + i, generator=g, dtype=torch.float64)
+                                                  * torch.logspace(0, -2 - i % 3, 16 + i, dtype=torch.float64),
+                                                  descending=True).values, 1.0 + (i % 4) / 2, 16 + i, 24)
+              for i in range(8)]
+    budget = sum((l.d_in + l.d_out) * 5 for l in layers)
+    ranks = allocate_ranks(layers, budget, min_rank=2, max_rank=12, mode=mode, score_at=score_at)
+    cost = sum((l.d_in + l.d_out) * ranks[l.name] for l in layers)
+    assert budget - max(l.d_in + l.d_out for l in layers) < cost <= budget
+    assert all(2 <= ranks[l.name] <= 12 for l in layers)
+    assert len(set(ranks.values())) > 1
+    twins = [LayerSpectrum(f"t{i}", layers[0].sigma, layers[0].log_pi, layers[0].d_in, layers[0].d_out)
+             for i in range(4)]
+    assert len(set(allocate_ranks(twins, 4 * 40 * 3, mode=mode, score_at=score_at).values())) == 1
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_model_unchanged_at_init_and_non_uniform_ranks_saved_with_plain_peft(mode, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama()
+    ids = torch.randint(0, 300, (3, 13))
+    before = logits(model, ids)
+    pm, report = corda_fast.init_adapters(model, padded_batches(random_samples(12), 2), mode=mode, rank=6,
+                                          method="corda++", candidates=3, return_report=True, **QUIET)
+    after = logits(pm, ids)
+    assert float((after - before).abs().max()) <= 1e-5 * float(before.abs().max())
+    ranks = {l["name"]: l["rank"] for l in report.layers}
+    assert len(set(ranks.values())) > 1
+    n_params = sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)
+    assert n_params == report.plus.realised <= report.plus.budget
+    assert report.plus.budget == sum((t.d_in + t.d_out) * 6 for t in resolve_targets(tiny_llama(), corda_fast.CordaConfig()))
+    for name, r in ranks.items():
+        layer = pm.base_model.model.get_submodule(name)
+        assert layer.r["default"] == r and layer.lora_A["default"].weight.shape[0] == r
+        assert layer.scaling["default"] == pytest.approx(1.0)  # plus_alpha="scaling": the uniform scaling kept
+    pm.save_pretrained(tmp_path / "adapter")
+    corda_fast.save_residual_base(pm, str(tmp_path / "base"))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert len(cfg["rank_pattern"]) == len(ranks)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    assert torch.equal(logits(loaded, ids), after)
+    (tmp_path / "plot.png").write_bytes(b"")
+    report.plus.plot(str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    assert report.plus.table().count("\n| model.layers.") == len(ranks)
+
+
+def test_plus_alpha_keeps_peft_alpha_when_asked():
+    model = tiny_gpt2()
+    pm, report = corda_fast.init_adapters(model, padded_batches(random_samples(8), 2), rank=4, lora_alpha=8,
+                                          method="corda++", candidates=2, plus_alpha="alpha", return_report=True,
+                                          **QUIET)
+    for l in report.layers:
+        assert l["scaling"] == pytest.approx(8 / l["rank"])
+
+
+def test_explicit_budget_and_min_max_rank():
+    model = tiny_llama()
+    targets = resolve_targets(model, corda_fast.CordaConfig())
+    step = {t.name: t.d_in + t.d_out for t in targets}
+    budget = sum(step.values()) * 3
+    pm, report = corda_fast.init_adapters(model, padded_batches(random_samples(8), 2), mode="kpm", rank=8,
+                                          method="corda++", candidates=2, budget=budget, min_rank=2, max_rank=5,
+                                          return_report=True, **QUIET)
+    ranks = {l["name"]: l["rank"] for l in report.layers}
+    assert all(2 <= r <= 5 for r in ranks.values())
+    assert budget - max(step.values()) < sum(step[n] * r for n, r in ranks.items()) <= budget
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(candidates=7), CalibrationError, "7 candidate groups"),
+    (dict(streaming=True), ValueError, "cannot stream"),
+    (dict(budget=10), ValueError, "below the minimum"),
+    (dict(covariance_cache="x.safetensors"), ValueError, "covariance_cache"),
+    (dict(min_rank=100), ValueError, "min_rank=100 exceeds the max rank 64 of layer .model.layers.0.self_attn.k_proj"),
+])
+def test_bad_plus_input_leaves_model_unchanged(kwargs, err, match):
+    model = tiny_llama()
+    before = model_state(model)
+    kw = dict(mode="kpm", rank=4, method="corda++", candidates=2, **QUIET)
+    kw.update(kwargs)
+    with pytest.raises(err, match=match):
+        corda_fast.init_adapters(model, padded_batches(random_samples(6), 2), **kw)
+    assert_model_unchanged(model, before)
