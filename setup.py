@@ -15,18 +15,45 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _extensions():
-    """(ext_modules, cmdclass) for the native extension, or nothing (with one log line) when it cannot build."""
+    """(ext_modules, cmdclass) for the native extension, or nothing (with one log line) when it cannot build.
+
+    CPU sources (``csrc/*.cpp``) build whenever torch is importable here and a compiler works. CUDA sources
+    (``csrc/cuda/*.cu``) join them when torch has CUDA, ``CUDA_HOME`` (or nvcc) is found and either a GPU is
+    visible or ``CORDA_FAST_FORCE_CUDA=1``; ``TORCH_CUDA_ARCH_LIST`` and ``MAX_JOBS`` are honoured by torch's
+    builder. ``CORDA_FAST_SKIP_EXT=1`` skips the extension.
+    """
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if os.environ.get("CORDA_FAST_SKIP_EXT") == "1" or not sources:
+        if sources:
+            print("corda_fast: CORDA_FAST_SKIP_EXT=1: building without the native extension (pure-torch path)")
         return [], {}
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        import torch
+        from torch.utils import cpp_extension
     except Exception as exc:  # no torch in the build environment: pure-torch install
-        print(f"corda_fast: building without the native extension ({exc}); the pure-torch path will be used")
+        print(f"corda_fast: building without the native extension ({exc}); the pure-torch path will be used. "
+              "Install torch first and build with `pip install --no-build-isolation .` to get it.")
         return [], {}
-    ext = CppExtension("corda_fast._C", sources, extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
-                       extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    force = os.environ.get("CORDA_FAST_FORCE_CUDA") == "1"
+    with_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None \
+        and (force or torch.cuda.is_available())
+    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    if with_cuda:
+        ext = cpp_extension.CUDAExtension(
+            "corda_fast._C", sources + cuda_sources,
+            define_macros=[("CORDA_FAST_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]}, extra_link_args=["-fopenmp"])
+        print(f"corda_fast: building the native extension with CUDA {torch.version.cuda} "
+              f"(arch list {os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')})")
+    else:
+        ext = cpp_extension.CppExtension("corda_fast._C", sources, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=["-fopenmp"])
+        why = ("no CUDA sources" if not cuda_sources else "torch is CPU-only" if torch.version.cuda is None
+               else "CUDA_HOME not found" if cpp_extension.CUDA_HOME is None
+               else "no GPU visible (set CORDA_FAST_FORCE_CUDA=1 to build the CUDA sources anyway)")
+        print(f"corda_fast: building the native extension for CPU only ({why})")
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

@@ -1,8 +1,10 @@
 """Quality of CorDA / CorDA++ initialisations on SmolLM2-135M, offline, on CPU: forgetting and convergence.
 
-Knowledge = the Python documentation topics shipped with the standard library (``pydoc_data.topics``); task =
-Python source code of standard-library modules (a different distribution: code, not prose). Both are split
-90 / 10 by position; calibration and training read the first part, every evaluation the held-out part.
+Knowledge = the English prose of the Python documentation topics shipped with the standard library
+(``pydoc_data.topics`` without its indented code blocks); task = a synthetic format far from prose: lines
+``sort: 42 7 19 3 => 3 7 19 42`` (random lists, fixed seed), so that fine-tuning on it can make the model forget.
+Both are split 90 / 10 by position; calibration and training read the first part, every evaluation the held-out
+part.
 
 Methods, all at the same adapter parameter budget (uniform rank ``--rank`` on the 7 projections, alpha = rank):
   - ``lora``        PEFT LoRA (A Kaiming, B = 0; the seed changes A)
@@ -48,20 +50,23 @@ from bench_vs_peft import environment  # noqa: E402
 from corda_fast.cli import builtin_text, materialize_smollm2  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TASK_MODULES = ["argparse", "textwrap", "shutil", "json.decoder", "json.encoder", "dataclasses", "enum",
-                "functools", "pprint", "string", "statistics", "fractions", "heapq", "bisect", "difflib",
-                "configparser", "csv", "calendar", "tarfile", "zipfile"]
 METHODS = ["lora", "pissa", "corda-kpm", "corda++-kpm", "corda-ipm", "corda++-ipm"]
 
 
-def task_text() -> str:
-    parts = []
-    for name in TASK_MODULES:
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.origin and spec.origin.endswith(".py"):
-            with open(spec.origin, encoding="utf-8") as f:
-                parts.append(f.read())
-    return "\n\n".join(parts)
+def knowledge_text() -> str:
+    """The prose lines of the documentation topics (indented code blocks and doctest lines dropped)."""
+    lines = builtin_text().split("\n")
+    return "\n".join(l for l in lines if l.strip() and not l.startswith((" ", "\t")) and ">>>" not in l)
+
+
+def task_text(n_lines: int = 12000, seed: int = 0) -> str:
+    """Lines ``sort: <4-9 numbers in 0..99> => <the same, sorted>``."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_lines):
+        xs = [rng.randrange(100) for _ in range(rng.randint(4, 9))]
+        out.append("sort: " + " ".join(map(str, xs)) + " => " + " ".join(map(str, sorted(xs))))
+    return "\n".join(out)
 
 
 def split_tokens(tok, text: str, limit: int):
@@ -205,8 +210,8 @@ def main():
     model_dir = materialize_smollm2()
     tok = AutoTokenizer.from_pretrained(model_dir)
     rng = random.Random(233)
-    k_train, k_eval = split_tokens(tok, builtin_text(), 2_000_000)
-    t_train, t_eval = split_tokens(tok, task_text(), 600_000)
+    k_train, k_eval = split_tokens(tok, knowledge_text(), 2_000_000)
+    t_train, t_eval = split_tokens(tok, task_text(), 2_000_000)
     data = {
         "knowledge_calib": batches_of(windows(k_train, args.calib_samples, args.calib_len, rng), args.calib_batch),
         "task_calib": batches_of(windows(t_train, args.calib_samples, args.calib_len, rng), args.calib_batch),
@@ -215,9 +220,9 @@ def main():
         "task_train": t_train,
     }
     result = {"environment": environment(), "config": {k: v for k, v in vars(args).items() if k != "plot_dir"},
-              "data": {"knowledge": f"pydoc_data.topics, {len(k_train)} + {len(k_eval)} tokens",
-                       "task": f"stdlib sources of {len(TASK_MODULES)} modules (Python {sys.version.split()[0]}), "
-                               f"{len(t_train)} + {len(t_eval)} tokens"},
+              "data": {"knowledge": f"pydoc_data.topics prose (Python {sys.version.split()[0]}), {len(k_train)} + "
+                                    f"{len(k_eval)} tokens",
+                       "task": f"synthetic sorting lines, {len(t_train)} + {len(t_eval)} tokens"},
               "discard": {}, "methods": {}}
 
     base = load_base(model_dir)

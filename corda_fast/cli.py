@@ -276,12 +276,13 @@ def run_env() -> dict:
             info[pkg] = __import__(pkg).__version__
         except Exception as exc:  # not installed / broken
             info[pkg] = f"unavailable ({type(exc).__name__})"
-    try:
-        from corda_fast import _C  # noqa: F401
+    from corda_fast.ops import native
 
-        info["extension"] = "built"
-    except Exception:
-        info["extension"] = "not built (pure-torch path)"
+    info["extension"] = native.status()
+    try:
+        info["decompose_backend"] = native.decompose_backend()
+    except ops.BackendError as exc:
+        info["decompose_backend"] = f"error: {exc}"
     info["backends"] = ops.available_backends()
     try:
         info["active_backend"] = ops.active_backend()

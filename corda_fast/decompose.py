@@ -200,6 +200,18 @@ def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[Co
         return done
 
     out: dict[str, LayerFactors] = {}
+    from .ops import native
+
+    stat_device = device if device is not None else next(iter(stats.sums.values())).device if stats.sums else None
+    if by_key and native.decompose_backend(stat_device) == "native":
+        try:
+            out = _decompose_native(stats, by_key, config, work, method, device, release, bar)
+        finally:
+            bar.close()
+        logger.info("decomposed %d layers (%d distinct statistics, %s, %s, native) in %.2fs", len(out), len(by_key),
+                    config.decompose_precision, method, time.perf_counter() - t0)
+        order = {t.name: i for i, t in enumerate(targets)}
+        return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
     on_cpu = all(s.device.type == "cpu" for s in stats.sums.values()) and (device is None or torch.device(device).type == "cpu")
     threads = torch.get_num_threads()
     try:
@@ -222,3 +234,69 @@ def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[Co
                 config.decompose_precision, method, time.perf_counter() - t0)
     order = {t.name: i for i, t in enumerate(targets)}
     return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
+
+
+# Bytes of statistics (and their damped copies, factors and damping trials) one native call may hold.
+NATIVE_CHUNK_BYTES = 512 * 2**20
+
+
+def _decompose_native(stats: CovarianceStats, by_key: dict, config: CordaConfig, work: torch.dtype, method: str,
+                      device, release: bool, bar) -> dict[str, LayerFactors]:
+    """The same factors through the native ops: statistics of one size are damped together
+    (``damped_cholesky``, one host sync per round of trials), then same-shaped layers of the same rank are
+    decomposed together (``batched_decompose``, layers in parallel). Chunked to bound memory."""
+    dtype = config.decompose_dtype
+    by_dim: dict[int, list[str]] = {}
+    for key in by_key:
+        by_dim.setdefault(stats.sums[key].shape[0], []).append(key)
+    out: dict[str, LayerFactors] = {}
+    for d, keys in by_dim.items():
+        per = max(1, NATIVE_CHUNK_BYTES // (d * d * 8 * 4))
+        probes = torch.randn(d, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+        for c0 in range(0, len(keys), per):
+            chunk = keys[c0:c0 + per]
+            covs = torch.stack([stats.covariance(k, work) for k in chunk])
+            if device is not None:
+                covs = covs.to(device)
+            cf, chol, lam = torch.ops.corda_fast.damped_cholesky(
+                covs, probes.to(covs.device), config.damping_start, config.damping_tol, config.damping_max_iter)
+            del covs
+            for i, key in enumerate(chunk):
+                names = [t.name for t in by_key[key]]
+                value = float(lam[i])
+                if value == -1.0:
+                    md = float(torch.diagonal(stats.covariance(key, work)).mean())
+                    raise DampingError(
+                        f"the covariance of layer(s) {names} has mean diagonal {md}: its input was all zeros or "
+                        "non-finite on the calibration data. Exclude that layer or use other calibration data."
+                    )
+                if value != value:  # NaN: no λ passed within max_iter doublings
+                    raise DampingError(
+                        f"damping of layer(s) {names} did not converge after {config.damping_max_iter} doublings "
+                        f"(last λ={config.damping_start * 2 ** (config.damping_max_iter - 1):.3g}, "
+                        f"‖C_f C_f⁻¹ − I‖ ≥ {config.damping_tol}); the statistic is degenerate — check the "
+                        "calibration data."
+                    )
+            if release:
+                for key in chunk:
+                    stats.sums.pop(key, None)
+            groups: dict[tuple, list] = {}
+            for i, key in enumerate(chunk):
+                for t in by_key[key]:
+                    groups.setdefault((t.d_out, t.rank), []).append((i, t))
+            for (_, rank), items in groups.items():
+                idx = torch.tensor([i for i, _ in items], device=cf.device)
+                w = torch.stack([t.weight_matrix().detach().to(device=cf.device, dtype=work) for _, t in items])
+                scaling = torch.tensor([t.scaling for _, t in items], dtype=torch.float64)
+                a, b, s = torch.ops.corda_fast.batched_decompose(
+                    w, cf.index_select(0, idx), chol.index_select(0, idx), scaling, rank, config.mode == "ipm", method)
+                del w
+                finite = (torch.isfinite(a).flatten(1).all(1) & torch.isfinite(b).flatten(1).all(1)).tolist()
+                for j, (i, t) in enumerate(items):
+                    if not finite[j]:
+                        raise DampingError(f"non-finite adapter factors for layer '{t.name}' (λ={float(lam[i])}).")
+                    out[t.name] = LayerFactors(t.name, a[j].to(dtype), b[j].to(dtype), s[j].to(dtype), t.scaling,
+                                               float(lam[i]), chunk[i])
+                bar.update(len(items))
+            del cf, chol
+    return out

@@ -1,0 +1,28 @@
+// Declarations shared by the CPU (decompose.cpp) and CUDA (cuda/*.cpp, cuda/*.cu) sources of corda_fast._C.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <tuple>
+
+namespace corda {
+
+// covs (n, d, d) float32/float64, probes (d, p) -> (C_f, L, lam (n,) float64 on CPU; -1: degenerate statistic,
+// NaN: no convergence within max_iter).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky(const at::Tensor& covs, const at::Tensor& probes,
+                                                              double start, double tol, int64_t max_iter);
+
+// W (n, d_out, d_in) any float dtype, C (n, d_in, d_in) float32/float64 -> W C in C's dtype.
+at::Tensor weight_cov_product(const at::Tensor& w, const at::Tensor& c);
+
+// One layer: W (d_out, d_in), C_f and its Cholesky factor L (d_in, d_in), all one dtype -> (A (r, d_in),
+// B (d_out, r), S_r (r,)) in that dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decompose_one(const at::Tensor& w, const at::Tensor& cf,
+                                                             const at::Tensor& chol, int64_t rank, bool ipm,
+                                                             double scaling, const std::string& method);
+
+void check_decompose_args(const at::Tensor& w, const at::Tensor& cf, const at::Tensor& chol,
+                          const at::Tensor& scaling, int64_t rank, const std::string& method);
+
+}  // namespace corda
