@@ -16,3 +16,12 @@ CORDA_FAST_TRITON_AUTOTUNE=0 timeout 120 python -m pytest -q tests/test_triton_k
 timeout 300 python benchmarks/bench_calibration.py --model random --hidden 4096 --layers 2 --samples 32 \
     --seq-len 2048 --batch-size 4 --dtype bfloat16 --device cuda --repeats 3 \
     --out "$OUT/calibration_cuda.json" 2>&1 | tee "$OUT/calibration_cuda.txt" | tail -12
+# 3) the native extension built there with nvcc for sm_90; its CUDA ops against the CPU ones; decomposition of
+#    LLaMA-2-7B-shaped layers vs the PEFT-style loop (fp32)
+CORDA_FAST_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 300 python setup.py build_ext --inplace \
+    > "$OUT/build_ext.txt" 2>&1; tail -2 "$OUT/build_ext.txt"
+python -c "from corda_fast.ops import native; print('extension', native.status())" | tee -a "$OUT/build_ext.txt"
+timeout 120 python -m pytest -q tests/test_native.py 2>&1 | tee "$OUT/native_tests.txt" | tail -3
+timeout 300 python benchmarks/bench_decompose.py --device cuda --shapes 4096x4096 11008x4096 4096x11008 \
+    --layers-per-shape 2 --repeats 2 --modes kpm --out "$OUT/decompose_cuda.json" 2>&1 \
+    | tee "$OUT/decompose_cuda.txt" | tail -8

@@ -237,7 +237,7 @@ def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[Co
 
 
 # Bytes of statistics (and their damped copies, factors and damping trials) one native call may hold.
-NATIVE_CHUNK_BYTES = 512 * 2**20
+NATIVE_CHUNK_BYTES = 256 * 2**20
 
 
 def _decompose_native(stats: CovarianceStats, by_key: dict, config: CordaConfig, work: torch.dtype, method: str,

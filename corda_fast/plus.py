@@ -254,12 +254,14 @@ def plan(candidates: list, targets: list, config) -> PlusPlan:
     from .decompose import find_damping
 
     t0 = time.perf_counter()
-    layer_keys = candidates[0].layer_keys()
+    layer_keys = {}
+    for cand in candidates:  # with unused_targets="skip" a layer may be missing from some groups
+        layer_keys.update(cand.layer_keys())
     by_key: dict[str, list] = {}
     for t in targets:
         if t.name in layer_keys:
             by_key.setdefault(layer_keys[t.name], []).append(t)
-    jobs = [(g, key) for g in range(len(candidates)) for key in by_key]
+    jobs = [(g, key) for g in range(len(candidates)) for key in by_key if key in candidates[g].sums]
     bar = tqdm(total=len(jobs), desc="corda_fast: scoring candidates", unit="stat",
                disable=not config.show_progress)
 
@@ -315,8 +317,8 @@ def plan(candidates: list, targets: list, config) -> PlusPlan:
         if t.name not in results:
             continue
         per = results[t.name]
-        scores = [selection_score(pi, sigma, rank=t.rank, sum_over=config.plus_selection_sum)
-                  for pi, sigma, _ in per]
+        scores = [math.inf if v is None else selection_score(v[0], v[1], rank=t.rank, sum_over=config.plus_selection_sum)
+                  for v in per]  # a candidate group in which the layer never ran cannot be chosen
         best = min(range(len(scores)), key=lambda i: (scores[i], i))
         pi, sigma, lam = per[best]
         layers.append(PlusLayer(t.name, t.d_in, t.d_out, best, scores, pi, lam, t.rank))

@@ -54,6 +54,25 @@ at::Tensor lu_residual(const at::Tensor& cf) {
   return at::where(info == 0, err, at::full_like(err, std::numeric_limits<float>::infinity()));
 }
 
+// lu_residual, robust to a LAPACK failure on the batch (seen once, not reproduced: getrf returned pivots that
+// lu_solve rejected): retried one matrix at a time; a matrix that still fails gets NaN, and the caller then decides
+// by the probe estimate.
+at::Tensor lu_residual_safe(const at::Tensor& cf) {
+  try {
+    return lu_residual(cf);
+  } catch (const c10::Error&) {
+    std::vector<at::Tensor> parts;
+    for (int64_t i = 0; i < cf.size(0); ++i) {
+      try {
+        parts.push_back(lu_residual(cf.narrow(0, i, 1)));
+      } catch (const c10::Error&) {
+        parts.push_back(at::full({1}, std::numeric_limits<float>::quiet_NaN(), cf.options()));
+      }
+    }
+    return at::cat(parts);
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky(const at::Tensor& covs, const at::Tensor& probes,
@@ -106,9 +125,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky(const at::Tensor&
     std::vector<float> decided(e, e + m * w);
     if (!amb.empty()) {
       auto aidx = at::tensor(amb, at::TensorOptions().dtype(at::kLong)).to(cf.device());
-      auto lu = lu_residual(cf.index_select(0, aidx)).to(at::kCPU).contiguous();
+      auto lu = lu_residual_safe(cf.index_select(0, aidx)).to(at::kCPU).contiguous();
       const float* l = lu.data_ptr<float>();
-      for (size_t a = 0; a < amb.size(); ++a) decided[amb[a]] = l[a];
+      for (size_t a = 0; a < amb.size(); ++a) {
+        if (!std::isnan(l[a])) decided[amb[a]] = l[a];  // NaN: LU failed, the estimate decides
+      }
     }
     std::vector<int64_t> still;
     for (int64_t q = 0; q < m; ++q) {

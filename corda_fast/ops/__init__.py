@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import triton_xtx
+from . import native, triton_xtx  # native: registers torch.ops.corda_fast.* when the extension is built
 from .covariance import sample_scales, symmetrize, triangle_blocks, xtx_accumulate_torch
 
 BACKEND_ENV = "CORDA_FAST_BACKEND"
