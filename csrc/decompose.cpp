@@ -54,23 +54,21 @@ at::Tensor lu_residual(const at::Tensor& cf) {
   return at::where(info == 0, err, at::full_like(err, std::numeric_limits<float>::infinity()));
 }
 
-// lu_residual, robust to a LAPACK failure on the batch (seen once, not reproduced: getrf returned pivots that
-// lu_solve rejected): retried one matrix at a time; a matrix that still fails gets NaN, and the caller then decides
-// by the probe estimate.
+// lu_residual, robust to a LAPACK failure: NaN for a matrix whose LU fails, and the caller then decides by the
+// probe estimate. (A batched getrf/getrs was seen failing here — MKL "Parameter 6 was incorrect on entry to
+// SLASWP", then lu_solve rejecting the pivots — on finite, well-conditioned matrices after other LAPACK calls in
+// the same process, while the same call from Python and one matrix at a time succeeded; hence lu_residual works
+// one matrix at a time.)
 at::Tensor lu_residual_safe(const at::Tensor& cf) {
-  try {
-    return lu_residual(cf);
-  } catch (const c10::Error&) {
-    std::vector<at::Tensor> parts;
-    for (int64_t i = 0; i < cf.size(0); ++i) {
-      try {
-        parts.push_back(lu_residual(cf.narrow(0, i, 1)));
-      } catch (const c10::Error&) {
-        parts.push_back(at::full({1}, std::numeric_limits<float>::quiet_NaN(), cf.options()));
-      }
+  std::vector<at::Tensor> parts;
+  for (int64_t i = 0; i < cf.size(0); ++i) {
+    try {
+      parts.push_back(lu_residual(cf.narrow(0, i, 1)));
+    } catch (const c10::Error&) {
+      parts.push_back(at::full({1}, std::numeric_limits<float>::quiet_NaN(), cf.options()));
     }
-    return at::cat(parts);
   }
+  return at::cat(parts);
 }
 
 }  // namespace
