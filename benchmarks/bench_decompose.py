@@ -119,7 +119,8 @@ def main():
     targets, stats = make_problem(shapes, args.layers_per_shape, args.device)
     from corda_fast.ops import native
 
-    variants = ["peft-loop", "torch"] + (["native"] if native.decompose_backend(args.device) == "native" else [])
+    usable = native.HAVE_NATIVE and (args.device != "cuda" or "cuda" in native.BUILD)
+    variants = ["peft-loop", "torch"] + (["native"] if usable else [])
     result = {"environment": {**environment(), "device": args.device,
                               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                               "extension": native.status()},
