@@ -292,6 +292,7 @@ def plot(result, out_dir, suffix=""):
     axes[0].legend()
     axes[1].set_xlabel("held-out task NLL after fine-tuning (lower = learned more)")
     axes[1].set_ylabel("knowledge perplexity after fine-tuning (lower = forgot less)")
+    axes[1].set_yscale("log")
     axes[1].set_title("forgetting vs learning")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
