@@ -22,7 +22,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decompose_one(const at::Tensor& w
                                                              const at::Tensor& chol, int64_t rank, bool ipm,
                                                              double scaling, const std::string& method);
 
-void check_decompose_args(const at::Tensor& w, const at::Tensor& cf, const at::Tensor& chol,
-                          const at::Tensor& scaling, int64_t rank, const std::string& method);
+// Checks batched_decompose's arguments and allocates its outputs: (A (n, r, d_in), B (n, d_out, r), S (n, r)) in
+// W's dtype and device, and the per-layer scalings as a contiguous float64 CPU tensor.
+struct DecomposeBatch {
+  at::Tensor a, bm, s, scaling_host;
+};
+DecomposeBatch prepare_decompose(const at::Tensor& w, const at::Tensor& cf, const at::Tensor& chol,
+                                 const at::Tensor& scaling, int64_t rank, const std::string& method);
 
 }  // namespace corda

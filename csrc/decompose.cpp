@@ -230,8 +230,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decompose_one(const at::Tensor& w
   return {a.to(out_dtype), bm.to(out_dtype), s_r.to(out_dtype)};
 }
 
-void check_decompose_args(const at::Tensor& w, const at::Tensor& cf, const at::Tensor& chol,
-                          const at::Tensor& scaling, int64_t rank, const std::string& method) {
+DecomposeBatch prepare_decompose(const at::Tensor& w, const at::Tensor& cf, const at::Tensor& chol,
+                                 const at::Tensor& scaling, int64_t rank, const std::string& method) {
   TORCH_CHECK(w.dim() == 3, "corda_fast: weights must be (batch, d_out, d_in), got ", w.sizes());
   check_square_batch(cf, "damped covariances");
   check_square_batch(chol, "Cholesky factors");
@@ -245,19 +245,19 @@ void check_decompose_args(const at::Tensor& w, const at::Tensor& cf, const at::T
               " is outside [1, min(d_out, d_in) = ", std::min(w.size(1), w.size(2)), "]");
   TORCH_CHECK(method == "gram" || method == "svd", "corda_fast: method must be 'gram' or 'svd', got '", method,
               "'");
+  const int64_t b = w.size(0), d_out = w.size(1), d_in = w.size(2);
+  return {at::empty({b, rank, d_in}, w.options()), at::empty({b, d_out, rank}, w.options()),
+          at::empty({b, rank}, w.options()), scaling.to(at::kCPU, at::kDouble).contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_decompose_cpu(const at::Tensor& w, const at::Tensor& cf,
                                                                      const at::Tensor& chol, const at::Tensor& scaling,
                                                                      int64_t rank, bool ipm, c10::string_view method) {
   const std::string meth(method);
-  check_decompose_args(w, cf, chol, scaling, rank, meth);
-  const int64_t b = w.size(0), d_out = w.size(1), d_in = w.size(2);
-  auto a = at::empty({b, rank, d_in}, w.options());
-  auto bm = at::empty({b, d_out, rank}, w.options());
-  auto s = at::empty({b, rank}, w.options());
-  auto sc = scaling.to(at::kCPU, at::kDouble).contiguous();
-  const double* scp = sc.data_ptr<double>();
+  auto out = prepare_decompose(w, cf, chol, scaling, rank, meth);
+  auto &a = out.a, &bm = out.bm, &s = out.s;
+  const double* scp = out.scaling_host.data_ptr<double>();
+  const int64_t b = w.size(0);
   // One layer per thread; inside a parallel region ATen (and the BLAS/LAPACK under it) run single-threaded.
   at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {

@@ -65,14 +65,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_decompose_cuda(const at::
                                                                       const at::Tensor& scaling, int64_t rank,
                                                                       bool ipm, c10::string_view method) {
   const std::string meth(method);
-  check_decompose_args(w, cf, chol, scaling, rank, meth);
   c10::cuda::CUDAGuard guard(w.device());
-  const int64_t b = w.size(0), d_out = w.size(1), d_in = w.size(2);
-  auto a = at::empty({b, rank, d_in}, w.options());
-  auto bm = at::empty({b, d_out, rank}, w.options());
-  auto s = at::empty({b, rank}, w.options());
-  auto sc = scaling.to(at::kCPU, at::kDouble).contiguous();
-  const double* scp = sc.data_ptr<double>();
+  auto out = prepare_decompose(w, cf, chol, scaling, rank, meth);
+  auto &a = out.a, &bm = out.bm, &s = out.s;
+  const double* scp = out.scaling_host.data_ptr<double>();
+  const int64_t b = w.size(0);
 
   auto current = c10::cuda::getCurrentCUDAStream();
   at::cuda::CUDAEvent inputs_ready;
