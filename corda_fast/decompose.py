@@ -44,6 +44,37 @@ class LayerFactors:
     stat_key: str
 
 
+def _degenerate_error(what: str, mean_diag: float) -> DampingError:
+    return DampingError(
+        f"the covariance of {what} has mean diagonal {mean_diag}: its input was all zeros or non-finite "
+        "on the calibration data. Exclude that layer or use other calibration data."
+    )
+
+
+def _not_converged_error(what: str, max_iter: int, last_lam: float, residual: str, tol: float) -> DampingError:
+    return DampingError(
+        f"damping of {what} did not converge after {max_iter} doublings (last λ={last_lam:.3g}, "
+        f"‖C_f C_f⁻¹ − I‖{residual} ≥ {tol}); the statistic is degenerate — check the calibration data."
+    )
+
+
+def map_per_core(fn, items: list, on_cpu: bool) -> list:
+    """``[fn(x) for x in items]``; on CPU with several threads, one single-threaded call per core at a time:
+    LAPACK's eigh/svd scale poorly across cores at these sizes, and this gives 1.4x the throughput of one
+    multi-threaded call at a time (``benchmarks/bench_ops.py``)."""
+    threads = torch.get_num_threads()
+    if not (on_cpu and threads > 1 and len(items) > 1):
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def find_damping(cov: torch.Tensor, start: float = 0.01, tol: float = 0.05, max_iter: int = 40,
                  what: str = "statistic") -> float:
     """The PEFT / reference damping rule: the smallest ``λ = start·2^k`` with ``‖C_f C_f⁻¹ − I‖_F < tol`` where
@@ -64,10 +95,7 @@ def find_damping(cov: torch.Tensor, start: float = 0.01, tol: float = 0.05, max_
     c = cov.float()
     mean_diag = torch.diagonal(c).mean()
     if not bool(torch.isfinite(mean_diag)) or float(mean_diag) <= 0:
-        raise DampingError(
-            f"the covariance of {what} has mean diagonal {float(mean_diag)}: its input was all zeros or non-finite "
-            "on the calibration data. Exclude that layer or use other calibration data."
-        )
+        raise _degenerate_error(what, float(mean_diag))
     eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     lam = start
     err = float("nan")
@@ -88,10 +116,7 @@ def find_damping(cov: torch.Tensor, start: float = 0.01, tol: float = 0.05, max_
             if err < tol:
                 return lam
         lam *= 2
-    raise DampingError(
-        f"damping of {what} did not converge after {max_iter} doublings (last λ={lam / 2:.3g}, "
-        f"‖C_f C_f⁻¹ − I‖={err:.3g} ≥ {tol}); the statistic is degenerate — check the calibration data."
-    )
+    raise _not_converged_error(what, max_iter, lam / 2, f"={err:.3g}", tol)
 
 
 def _kept(n: int, rank: int, mode: str) -> slice:
@@ -203,35 +228,19 @@ def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[Co
     from .ops import native
 
     stat_device = device if device is not None else next(iter(stats.sums.values())).device if stats.sums else None
-    if by_key and native.decompose_backend(stat_device) == "native":
-        try:
-            out = _decompose_native(stats, by_key, config, work, method, device, release, bar)
-        finally:
-            bar.close()
-        logger.info("decomposed %d layers (%d distinct statistics, %s, %s, native) in %.2fs", len(out), len(by_key),
-                    config.decompose_precision, method, time.perf_counter() - t0)
-        order = {t.name: i for i, t in enumerate(targets)}
-        return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
-    on_cpu = all(s.device.type == "cpu" for s in stats.sums.values()) and (device is None or torch.device(device).type == "cpu")
-    threads = torch.get_num_threads()
+    backend = "native" if by_key and native.decompose_backend(stat_device) == "native" else "torch"
     try:
-        if on_cpu and threads > 1 and len(by_key) > 1:
-            # LAPACK's eigh/svd scale poorly across cores at these sizes: one single-threaded layer group per
-            # core gives 1.4x the throughput of one multi-threaded call at a time (benchmarks/bench_ops.py).
-            from concurrent.futures import ThreadPoolExecutor
-
-            torch.set_num_threads(1)
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                for group in pool.map(lambda kv: run_group(*kv), by_key.items()):
-                    out.update((f.name, f) for f in group)
+        if backend == "native":
+            out = _decompose_native(stats, by_key, config, work, method, device, release, bar)
         else:
-            for key, layer_targets in by_key.items():
-                out.update((f.name, f) for f in run_group(key, layer_targets))
+            on_cpu = all(s.device.type == "cpu" for s in stats.sums.values()) and (
+                device is None or torch.device(device).type == "cpu")
+            for group in map_per_core(lambda kv: run_group(*kv), list(by_key.items()), on_cpu):
+                out.update((f.name, f) for f in group)
     finally:
-        torch.set_num_threads(threads)
         bar.close()
-    logger.info("decomposed %d layers (%d distinct statistics, %s, %s) in %.2fs", len(out), len(by_key),
-                config.decompose_precision, method, time.perf_counter() - t0)
+    logger.info("decomposed %d layers (%d distinct statistics, %s, %s, %s) in %.2fs", len(out), len(by_key),
+                config.decompose_precision, method, backend, time.perf_counter() - t0)
     order = {t.name: i for i, t in enumerate(targets)}
     return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
 
@@ -261,22 +270,17 @@ def _decompose_native(stats: CovarianceStats, by_key: dict, config: CordaConfig,
             cf, chol, lam = torch.ops.corda_fast.damped_cholesky(
                 covs, probes.to(covs.device), config.damping_start, config.damping_tol, config.damping_max_iter)
             del covs
+            lam = lam.tolist()
             for i, key in enumerate(chunk):
                 names = [t.name for t in by_key[key]]
-                value = float(lam[i])
+                value = lam[i]
                 if value == -1.0:
                     md = float(torch.diagonal(stats.covariance(key, work)).mean())
-                    raise DampingError(
-                        f"the covariance of layer(s) {names} has mean diagonal {md}: its input was all zeros or "
-                        "non-finite on the calibration data. Exclude that layer or use other calibration data."
-                    )
+                    raise _degenerate_error(f"layer(s) {names}", md)
                 if value != value:  # NaN: no λ passed within max_iter doublings
-                    raise DampingError(
-                        f"damping of layer(s) {names} did not converge after {config.damping_max_iter} doublings "
-                        f"(last λ={config.damping_start * 2 ** (config.damping_max_iter - 1):.3g}, "
-                        f"‖C_f C_f⁻¹ − I‖ ≥ {config.damping_tol}); the statistic is degenerate — check the "
-                        "calibration data."
-                    )
+                    raise _not_converged_error(f"layer(s) {names}", config.damping_max_iter,
+                                               config.damping_start * 2 ** (config.damping_max_iter - 1), "",
+                                               config.damping_tol)
             if release:
                 for key in chunk:
                     stats.sums.pop(key, None)
@@ -294,9 +298,9 @@ def _decompose_native(stats: CovarianceStats, by_key: dict, config: CordaConfig,
                 finite = (torch.isfinite(a).flatten(1).all(1) & torch.isfinite(b).flatten(1).all(1)).tolist()
                 for j, (i, t) in enumerate(items):
                     if not finite[j]:
-                        raise DampingError(f"non-finite adapter factors for layer '{t.name}' (λ={float(lam[i])}).")
+                        raise DampingError(f"non-finite adapter factors for layer '{t.name}' (λ={lam[i]}).")
                     out[t.name] = LayerFactors(t.name, a[j].to(dtype), b[j].to(dtype), s[j].to(dtype), t.scaling,
-                                               float(lam[i]), chunk[i])
+                                               lam[i], chunk[i])
                 bar.update(len(items))
             del cf, chol
     return out

@@ -251,7 +251,7 @@ def plan(candidates: list, targets: list, config) -> PlusPlan:
         :class:`PlusPlan`; ``rank_pattern`` / ``alpha_pattern`` key every layer by its escaped full name.
     """
     from .calibrate import CovarianceStats
-    from .decompose import find_damping
+    from .decompose import find_damping, map_per_core
 
     t0 = time.perf_counter()
     layer_keys = {}
@@ -292,19 +292,10 @@ def plan(candidates: list, targets: list, config) -> PlusPlan:
         return g, out
 
     results: dict[str, list] = {t.name: [None] * len(candidates) for ts in by_key.values() for t in ts}
-    threads = torch.get_num_threads()
-    on_cpu = all(s.device.type == "cpu" for s in candidates[0].sums.values())
+    on_cpu = all(s.device.type == "cpu" for c in candidates for s in c.sums.values())
     try:
-        if on_cpu and threads > 1 and len(jobs) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            torch.set_num_threads(1)  # one single-threaded LAPACK call per core (see decompose)
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                done = list(pool.map(run, jobs))
-        else:
-            done = [run(j) for j in jobs]
+        done = map_per_core(run, jobs, on_cpu)
     finally:
-        torch.set_num_threads(threads)
         bar.close()
     for g, out in done:
         for name, v in out.items():
