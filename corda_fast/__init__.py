@@ -12,6 +12,7 @@ from .calibrate import (CacheError, CalibrationError, CovarianceStats, collect_c
                         model_fingerprint)
 from .config import CordaConfig, CordaConfigError
 from .data import pad_batches
+from .fused import FusedLoraLinear, FuseReport, fuse, fused_lora_linear, unfuse
 from .decompose import DampingError, LayerFactors, decompose, find_damping
 from .peft_bridge import build_peft_model, residual_state_dict, save_as_lora, save_initial_adapter, save_residual_base
 from .targets import Target, TargetError, resolve_targets
@@ -19,6 +20,11 @@ from .targets import Target, TargetError, resolve_targets
 __all__ = [
     "__version__",
     "init_adapters",
+    "fuse",
+    "unfuse",
+    "fused_lora_linear",
+    "FusedLoraLinear",
+    "FuseReport",
     "InitReport",
     "CordaConfig",
     "CordaConfigError",

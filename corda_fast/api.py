@@ -14,6 +14,7 @@ from torch import nn
 from .calibrate import CovarianceStats, collect_covariance
 from .config import CordaConfig
 from .decompose import LayerFactors, decompose
+from .fused import fuse
 from .peft_bridge import build_peft_model, save_initial_adapter
 from .targets import resolve_targets
 
@@ -34,6 +35,7 @@ class InitReport:
     covariance_cache: Optional[str] = None
     cache_hit: bool = False
     streaming: bool = False
+    fused: int = 0  # LoRA layers switched to the fused training path (init_adapters(fused=True))
     plus: Any = None  # CorDA++: the plus.PlusPlan (per-layer compactness, candidate, rank; .table(), .plot(path))
 
     def summary(self) -> str:
@@ -87,6 +89,7 @@ def init_adapters(
     task_type: Optional[str] = None,
     streaming: Union[bool, str] = False,
     cache_device=None,
+    fused: bool = False,
     return_report: bool = False,
     **config_overrides,
 ):
@@ -117,6 +120,8 @@ def init_adapters(
             one block; same result); ``"auto"`` does so when the statistics could exceed a quarter of the free
             memory of the model's device; ``False`` (default) calibrates the whole model in one pass.
         cache_device: with streaming, where the cached block inputs live (default: the model's device).
+        fused: switch the returned model's LoRA layers to the fused training path (:func:`corda_fast.fuse`;
+            state dict, saving and loading unchanged; :func:`corda_fast.unfuse` restores PEFT's layers).
         return_report: also return an :class:`InitReport`.
     Returns:
         ``peft.PeftModel`` (and the report if ``return_report``).
@@ -220,6 +225,8 @@ def init_adapters(
     peft_model = build_peft_model(model, factors, targets, config, task_type=task_type)
     if initial_adapter_dir is not None:
         save_initial_adapter(peft_model, initial_adapter_dir)
+    if fused:
+        report.fused = len(fuse(peft_model).fused)
     report.seconds["build_peft"] = time.perf_counter() - t2
     report.seconds["total"] = time.perf_counter() - t0
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import native, triton_xtx  # native: registers torch.ops.corda_fast.* when the extension is built
+from . import lowrank, native, triton_xtx  # native: registers torch.ops.corda_fast.* when the extension is built
 from .covariance import sample_scales, symmetrize, triangle_blocks, xtx_accumulate_torch
 
 BACKEND_ENV = "CORDA_FAST_BACKEND"
@@ -68,5 +68,10 @@ def xtx_accumulate(acc: torch.Tensor, x: torch.Tensor, row_scale: torch.Tensor, 
     return xtx_accumulate_torch(acc, x, row_scale)
 
 
-__all__ = ["active_backend", "available_backends", "xtx_accumulate", "symmetrize", "triangle_blocks", "sample_scales",
+def lowrank_gemm(p, q, s, r, bias=None, backend: Optional[str] = None) -> torch.Tensor:
+    """``p @ q + s @ r (+ bias)`` in one pass (the fused low-rank layer's GEMM); backend as :func:`active_backend`."""
+    return lowrank.lowrank_gemm(p, q, s, r, bias, backend or active_backend(p.device))
+
+
+__all__ = ["active_backend", "lowrank_gemm", "available_backends", "xtx_accumulate", "symmetrize", "triangle_blocks", "sample_scales",
            "BackendError", "BACKEND_ENV"]

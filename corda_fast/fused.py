@@ -1,0 +1,226 @@
+"""Fused low-rank training path: swaps PEFT ``lora.Linear`` layers to one fused forward/backward, in place.
+
+For a frozen residual ``W_res`` and a trainable LoRA pair ``(A, B)`` with scaling ``s``::
+
+    forward   S  = x·Aᵀ                         (tokens × r, kept for backward)
+              y  = x·W_resᵀ + S·(s·B)ᵀ (+ bias)   one GEMM: the low-rank term is an extra K-loop (Triton)
+    backward  dS = s·dy·B
+              dx = dy·W_res + dS·A               one GEMM, the same kernel
+              dA = dSᵀ·x,  dB = s·dyᵀ·S          thin GEMMs (cuBLAS / CPU BLAS)
+
+PEFT's layer runs the base GEMM, two thin GEMMs, a scale and an add as separate ops, materialises the
+``tokens × out`` low-rank output and, for 16-bit models with float32 adapters (PEFT's default
+``autocast_adapter_dtype``), a float32 copy of ``x`` that it keeps for backward. The fused path computes in the
+activations' dtype with float32 accumulation (the adapters are cast to it per call, gradients come back in the
+adapters' own dtype) and keeps only ``x`` and ``S``.
+
+:func:`fuse` changes each eligible layer's class to :class:`FusedLoraLinear` (a subclass of PEFT's
+``lora.Linear``: same parameters, state dict, ``save_pretrained`` / ``from_pretrained``, ``merge`` / ``unmerge``);
+:func:`unfuse` restores the class. A fused layer takes PEFT's own path whenever the fused one does not apply to a
+call: adapters disabled or merged, several active adapters, ``adapter_names``, variants (DoRA), a LoRA bias,
+``lora_dropout > 0`` while training, a trainable base weight, hooks on the base layer, mismatched dtypes.
+
+Backend: ``CORDA_FAST_BACKEND`` (see :mod:`corda_fast.ops`): the Triton kernel for CUDA tensors, the torch path
+(``addmm`` into the output buffer, in-place ``addmm_`` of the low-rank term) on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+from . import ops
+
+log = logging.getLogger(__name__)
+
+__all__ = ["fuse", "unfuse", "FuseReport", "FusedLoraLinear", "fused_lora_linear", "FusedLoRALinearFunction"]
+
+
+class FusedLoRALinearFunction(torch.autograd.Function):
+    """``y = x·Wᵀ (+ bias) + s·(x·Aᵀ)·Bᵀ`` with a frozen ``W``; gradients for ``x``, ``A``, ``B`` (and ``bias``).
+
+    ``x`` ``(..., K)``, ``weight`` ``(N, K)`` (any strides, e.g. a transposed Conv1D weight), ``lora_a`` ``(r, K)``,
+    ``lora_b`` ``(N, r)``, all in one dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, backend: str):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        s = x2 @ lora_a.t()
+        y = ops.lowrank_gemm(x2, weight.t(), s, lora_b.t() * scaling, bias, backend=backend)
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, s)
+        ctx.scaling, ctx.backend, ctx.lead = scaling, backend, lead
+        return y.view(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, lora_a, lora_b, s = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        if need_w:
+            raise RuntimeError("the fused LoRA layer keeps the base weight frozen; it has no weight gradient")
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        ds = (dy2 @ lora_b).mul_(ctx.scaling) if (need_x or need_a) else None
+        dx = ops.lowrank_gemm(dy2, weight, ds, lora_a, None, backend=ctx.backend).view(*ctx.lead, x2.shape[-1]) \
+            if need_x else None
+        da = ds.t() @ x2 if need_a else None
+        db = (dy2.t() @ s).mul_(ctx.scaling) if need_b else None
+        dbias = dy2.sum(0) if need_bias else None
+        return dx, None, dbias, da, db, None, None
+
+
+def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                      lora_b: torch.Tensor, scaling: float, backend: Optional[str] = None) -> torch.Tensor:
+    """Functional fused LoRA linear. ``lora_a`` / ``lora_b`` may be in another dtype than ``x`` (cast per call; the
+    cast is differentiable, so their gradients come back in their own dtype). ``weight`` must not need a grad."""
+    if weight.requires_grad:
+        raise ValueError("fused_lora_linear: the base weight must be frozen (requires_grad=False)")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"fused_lora_linear: x is {x.dtype} but the base weight is {weight.dtype}")
+    backend = backend or ops.active_backend(x.device)
+    return FusedLoRALinearFunction.apply(x, weight, bias, lora_a.to(x.dtype), lora_b.to(x.dtype), float(scaling),
+                                         backend)
+
+
+def _plain_base(base: nn.Module):
+    """``(weight as (out, in), bias)`` of a plain nn.Linear / transformers Conv1D, or None for anything else."""
+    from transformers.pytorch_utils import Conv1D
+
+    if type(base).forward is nn.Linear.forward:
+        return base.weight, base.bias
+    if type(base).forward is Conv1D.forward:
+        return base.weight.t(), base.bias
+    return None
+
+
+def _static_reason(module) -> Optional[str]:
+    """Why a PEFT lora.Linear can never take the fused path (None: it can)."""
+    base = module.get_base_layer()
+    if _plain_base(base) is None:
+        return f"base layer {type(base).__name__} is not a plain nn.Linear/Conv1D (quantized or custom)"
+    if not base.weight.is_floating_point():
+        return f"base weight dtype {base.weight.dtype} is not floating point"
+    return None
+
+
+def _call_reason(module, x, args, kwargs) -> Optional[str]:
+    """Why this call goes through PEFT's path (None: fused)."""
+    if args or kwargs:
+        return "extra forward arguments"
+    if module.disable_adapters or module.merged:
+        return "adapters disabled or merged"
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) != 1:
+        return "not exactly one active adapter"
+    name = active[0]
+    if name in module.lora_variant:
+        return "adapter variant (e.g. DoRA)"
+    if module.lora_B[name].bias is not None:
+        return "LoRA bias"
+    drop = module.lora_dropout[name]
+    if not (isinstance(drop, nn.Identity) or not drop.training or getattr(drop, "p", 0.0) == 0.0):
+        return "lora_dropout > 0 while training"
+    base = module.get_base_layer()
+    if base._forward_hooks or base._forward_pre_hooks:
+        return "hooks on the base layer"
+    if base.weight.requires_grad:
+        return "trainable base weight"
+    return None
+
+
+class FusedLoraLinear(PeftLoraLinear):
+    """PEFT's ``lora.Linear`` with the fused forward/backward (installed by :func:`fuse` by changing the class)."""
+
+    def forward(self, x, *args, **kwargs):
+        if _call_reason(self, x, args, kwargs) is not None:
+            return super().forward(x, *args, **kwargs)
+        name = next(a for a in self.active_adapters if a in self.lora_A)
+        weight, bias = _plain_base(self.get_base_layer())
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        backend = getattr(self, "_corda_fast_backend", None)
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # what autocast does for F.linear: every operand in its dtype
+            dtype = torch.get_autocast_dtype(dev)
+            with torch.autocast(dev, enabled=False):
+                return fused_lora_linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                                         a, b, self.scaling[name], backend=backend)
+        if x.dtype != weight.dtype:
+            return super().forward(x, *args, **kwargs)
+        return fused_lora_linear(x, weight, bias, a, b, self.scaling[name], backend=backend)
+
+    def __repr__(self):
+        return "fused_" + super().__repr__()
+
+
+@dataclass
+class FuseReport:
+    """Result of :func:`fuse`: names of the fused layers and, for PEFT LoRA layers left alone, why."""
+
+    fused: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)
+
+    def __len__(self):
+        return len(self.fused)
+
+
+def fuse(model: nn.Module, backend: Optional[str] = None) -> FuseReport:
+    """Switch every eligible PEFT ``lora.Linear`` of ``model`` to the fused path, in place.
+
+    Args:
+        model: a ``PeftModel`` (or any module holding PEFT LoRA layers).
+        backend: ``"torch"`` | ``"triton"`` for every call; default: chosen per call by
+            :func:`corda_fast.ops.active_backend` (Triton on CUDA, torch on CPU, ``CORDA_FAST_BACKEND`` honoured).
+
+    Returns a :class:`FuseReport`. Raises ``ValueError`` if ``model`` holds no PEFT LoRA linear layer.
+    """
+    if backend is not None and backend not in ("torch", "triton"):
+        raise ValueError(f"fuse(backend={backend!r}): expected 'torch', 'triton' or None")
+    if backend == "triton":
+        if not ops.available_backends()["triton"]:
+            raise ops.BackendError("fuse(backend='triton'): Triton cannot run here (no CUDA device, no interpreter)")
+    lora_linear, fused_cls = PeftLoraLinear, FusedLoraLinear
+    report = FuseReport()
+    seen = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, lora_linear):
+            continue
+        seen += 1
+        if type(module) is fused_cls:
+            module._corda_fast_backend = backend
+            report.fused.append(name)
+            continue
+        if type(module) is not lora_linear:
+            report.skipped[name] = f"subclass {type(module).__name__} of lora.Linear"
+            continue
+        reason = _static_reason(module)
+        if reason:
+            report.skipped[name] = reason
+            continue
+        module.__class__ = fused_cls
+        module._corda_fast_backend = backend
+        report.fused.append(name)
+    if not seen:
+        raise ValueError(f"fuse(): {type(model).__name__} holds no PEFT LoRA linear layer (peft.tuners.lora.Linear)")
+    log.info("fused %d LoRA layers%s", len(report.fused),
+             f"; {len(report.skipped)} left on PEFT's path" if report.skipped else "")
+    for name, reason in report.skipped.items():
+        log.info("not fused: %s (%s)", name, reason)
+    return report
+
+
+def unfuse(model: nn.Module) -> int:
+    """Restore PEFT's ``lora.Linear`` on every fused layer of ``model``; returns how many were restored."""
+    lora_linear, fused_cls = PeftLoraLinear, FusedLoraLinear
+    n = 0
+    for module in model.modules():
+        if type(module) is fused_cls:
+            module.__class__ = lora_linear
+            module.__dict__.pop("_corda_fast_backend", None)
+            n += 1
+    return n
