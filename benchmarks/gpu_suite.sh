@@ -25,3 +25,9 @@ timeout 120 python -m pytest -q tests/test_native.py 2>&1 | tee "$OUT/native_tes
 timeout 300 python benchmarks/bench_decompose.py --device cuda --shapes 4096x4096 11008x4096 4096x11008 \
     --layers-per-shape 2 --repeats 2 --modes kpm --out "$OUT/decompose_cuda.json" 2>&1 \
     | tee "$OUT/decompose_cuda.txt" | tail -8
+# 4) the fused training layer: its tests with the compiled kernel, then layer fwd+bwd and a training step vs PEFT
+#    LoRA at the issue's shapes (bf16, K, N in {4096, 11008}, 8k/16k tokens, r in {16, 64, 128})
+timeout 180 python -m pytest -q tests/test_fused.py 2>&1 | tee "$OUT/fused_tests.txt" | tail -3
+timeout 400 python benchmarks/bench_fused.py --device cuda --dtype bfloat16 --shapes 4096x4096 4096x11008 11008x4096 \
+    --tokens 8192 16384 --ranks 16 64 128 --train-hidden 2048 --train-layers 8 --train-batch 4 --train-seq 2048 \
+    --repeats 10 --out "$OUT/fused_cuda.json" 2>&1 | tee "$OUT/fused_cuda.txt" | tail -30

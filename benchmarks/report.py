@@ -27,6 +27,8 @@ TABLES = {  # name: (result file, module with markdown())
     "decompose": ("decompose_cpu.json", "bench_decompose"),
     "quality": ("quality_smollm2.json", "quality_smollm2"),
     "suite": ("suite_cpu.json", "report"),
+    "fused": ("fused_cpu.json", "bench_fused"),
+    "fused_bf16": ("fused_cpu_bf16.json", "bench_fused"),
 }
 
 

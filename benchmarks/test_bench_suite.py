@@ -196,10 +196,12 @@ def test_init(bench, variant):
         assert torch.allclose(out(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["peft_lora", "corda_fast"])
+@pytest.mark.parametrize("variant", ["peft_lora", "corda_fast", "corda_fast_fused"])
 def test_train_step(bench, variant):
     bench.group = "train_step"
-    model = _init(variant, _model(), _batches(N_SAMPLES, SEQ))
+    model = _init(variant.replace("_fused", ""), _model(), _batches(N_SAMPLES, SEQ))
+    if variant.endswith("_fused"):
+        corda_fast.fuse(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 1000, (4, SEQ))
     bench.extra_info.update(batch=list(ids.shape), rank=RANK, baseline="peft_lora")
