@@ -12,6 +12,7 @@ from .calibrate import (CacheError, CalibrationError, CovarianceStats, collect_c
                         model_fingerprint)
 from .config import CordaConfig, CordaConfigError
 from .data import pad_batches
+from . import distributed
 from .fused import FusedLoraLinear, FuseReport, fuse, fused_lora_linear, unfuse
 from .decompose import DampingError, LayerFactors, decompose, find_damping
 from .peft_bridge import build_peft_model, residual_state_dict, save_as_lora, save_initial_adapter, save_residual_base

@@ -14,6 +14,7 @@ from torch import nn
 from .calibrate import CovarianceStats, collect_covariance
 from .config import CordaConfig
 from .decompose import LayerFactors, decompose
+from . import distributed
 from .fused import fuse
 from .peft_bridge import build_peft_model, save_initial_adapter
 from .targets import resolve_targets
@@ -70,6 +71,13 @@ def _statistics_may_not_fit(model: nn.Module, targets) -> bool:
         except (ValueError, OSError, AttributeError):
             return False
     return need > free / 4
+
+
+def _decompose(stats, targets, config):
+    """Decompose (releasing each statistic once used), spread over the ranks when calibration is distributed."""
+    if distributed.is_active(config.distributed):
+        return distributed.decompose_sharded(stats, targets, config, release=True)
+    return decompose(stats, targets, config, release=True)
 
 
 def init_adapters(
@@ -172,7 +180,7 @@ def init_adapters(
         targets = resolve_targets(model, config)
         key_of = plus_plan.stats.layer_keys()
         t1 = time.perf_counter()
-        factors = decompose(plus_plan.stats, targets, config, release=True)
+        factors = _decompose(plus_plan.stats, targets, config)
         plus_plan.stats = None  # released
         report.seconds["decompose"] = time.perf_counter() - t1
         report.plus = plus_plan
@@ -191,7 +199,7 @@ def init_adapters(
             report.n_tokens = max(report.n_tokens, max(block_stats.n_tokens.values()))
             key_of.update(block_stats.layer_keys())
             t = time.perf_counter()
-            factors.update(decompose(block_stats, targets, config.replace(show_progress=False), release=True))
+            factors.update(_decompose(block_stats, targets, config.replace(show_progress=False)))
             t_decompose += time.perf_counter() - t
         report.statistics_mib = peak / 2**20
         report.seconds["calibrate"] = time.perf_counter() - t0 - t_decompose
@@ -206,7 +214,7 @@ def init_adapters(
             if loader is None:
                 raise ValueError("init_adapters needs a calibration `loader` (or an existing `covariance_cache`).")
             stats = collect_covariance(model, loader, config, targets)
-            if covariance_cache is not None:
+            if covariance_cache is not None and distributed.rank_and_world()[0] == 0:  # identical on every rank
                 stats.save(covariance_cache)
         report.seconds["calibrate"] = time.perf_counter() - t0
         report.n_statistics = len(stats.sums)
@@ -216,7 +224,7 @@ def init_adapters(
         key_of = stats.layer_keys()
 
         t1 = time.perf_counter()
-        factors = decompose(stats, targets, config, release=True)  # statistics freed as they are used
+        factors = _decompose(stats, targets, config)  # statistics freed as they are used
         del stats
         report.seconds["decompose"] = time.perf_counter() - t1
     report.streaming = bool(streaming)

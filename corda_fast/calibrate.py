@@ -237,6 +237,7 @@ class _Collector:
 
     def __init__(self, targets: list[Target], config: CordaConfig, device: torch.device, groups: int = 1):
         self.config = config
+        self.device = device
         self.backend = ops.active_backend(device, config.covariance_dtype)
         self.names = {id(t.module): t.name for t in targets}
         self.dtype = config.covariance_dtype
@@ -391,7 +392,10 @@ class _Collector:
 
 def iter_batches(loader, config: CordaConfig, device: torch.device, what: str):
     """``(index, model kwargs on device, host copy of the mask or None)`` for each loader batch, with progress
-    and ``config.max_batches``."""
+    and ``config.max_batches``. Rows that a ``DistributedSampler`` repeated to pad its last round are masked out
+    of the returned mask (they still run through the model, but enter no statistic)."""
+    from .distributed import PaddingFilter
+
     total = None
     try:
         total = len(loader)
@@ -399,13 +403,21 @@ def iter_batches(loader, config: CordaConfig, device: torch.device, what: str):
         pass
     if config.max_batches is not None and total is not None:
         total = min(total, config.max_batches)
+    padding = PaddingFilter.from_loader(loader)
     bar = tqdm(loader, total=total, desc=f"corda_fast: {what}", disable=not config.show_progress, unit="batch")
     for i, batch in enumerate(bar):
         if config.max_batches is not None and i >= config.max_batches:
             break
         kwargs, mask = _split_batch(batch)
+        mask = None if mask is None else mask.cpu()
+        if padding is not None:
+            lead = (kwargs["input_ids"] if "input_ids" in kwargs else kwargs["inputs_embeds"]).shape[:2]
+            repeated = padding.repeated(lead[0])
+            if bool(repeated.any()):
+                mask = torch.ones(lead, dtype=torch.long) if mask is None else mask.clone()
+                mask[repeated] = 0
         kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
-        yield i, kwargs, None if mask is None else mask.cpu()
+        yield i, kwargs, mask
 
 
 def finish_statistics(collector: _Collector, targets: list[Target], config: CordaConfig, fingerprint: str,
@@ -490,45 +502,59 @@ def collect_candidates(model: nn.Module, loader: Any, candidates: int, config: O
 
 def _collect(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target],
              groups: int) -> list[CovarianceStats]:
+    from . import distributed
+
     device = _model_device(model)
     collector = _Collector(targets, config, device, groups)
+    multi = distributed.is_active(config.distributed)
     was_training = model.training
     handles = []
     t0 = time.perf_counter()
     n_batches = 0
     try:
-        for t in targets:
-            handles.append(t.module.register_forward_pre_hook(collector.hook, with_kwargs=True))
-        model.eval()
-        with torch.no_grad():
-            if callable(loader) and not hasattr(loader, "__iter__"):  # PEFT-style run_model()
-                if groups > 1:
-                    raise CalibrationError(
-                        f"{groups} candidate groups need an iterable loader of batches (batch i feeds group "
-                        f"i mod {groups}); a run_model() callable is one opaque batch."
-                    )
-                collector.start_batch(0, None)
-                loader()
-                collector.record_finite()
-                collector.end_batch()
-                n_batches = 1
-            else:
-                run = _forward_runner(model, targets)
-                for i, kwargs, mask in iter_batches(loader, config, device, "calibrating"):
-                    collector.start_batch(i, mask)
-                    run(kwargs)
+        try:
+            for t in targets:
+                handles.append(t.module.register_forward_pre_hook(collector.hook, with_kwargs=True))
+            model.eval()
+            with torch.no_grad():
+                if callable(loader) and not hasattr(loader, "__iter__"):  # PEFT-style run_model()
+                    if groups > 1:
+                        raise CalibrationError(
+                            f"{groups} candidate groups need an iterable loader of batches (batch i feeds group "
+                            f"i mod {groups}); a run_model() callable is one opaque batch."
+                        )
+                    collector.start_batch(0, None)
+                    loader()
                     collector.record_finite()
                     collector.end_batch()
-                    n_batches += 1
-                    if device.type == "cpu" or n_batches % 16 == 0:  # fail fast where checking is free
-                        collector.check_finite()
-            collector.check_finite()
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+                    n_batches = 1
+                else:
+                    run = _forward_runner(model, targets)
+                    for i, kwargs, mask in iter_batches(loader, config, device, "calibrating"):
+                        collector.start_batch(i, mask)
+                        run(kwargs)
+                        collector.record_finite()
+                        collector.end_batch()
+                        n_batches += 1
+                        if device.type == "cpu" or n_batches % 16 == 0:  # fail fast where checking is free
+                            collector.check_finite()
+                collector.check_finite()
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+    except Exception as exc:
+        if multi:  # the other ranks must not wait for this one in the reduction
+            distributed.exchange_status(exc, "calibration")
+        raise
+    if multi:
+        distributed.exchange_status(None, "calibration")
+        local = n_batches
+        n_batches = distributed.sync_collector(collector, n_batches)
+        logger.info("statistics summed over ranks: %d batches here, %d in all", local, n_batches)
     if n_batches == 0:
-        raise CalibrationError("the calibration loader yielded no batches; give it at least one batch of samples.")
+        raise CalibrationError("the calibration loader yielded no batches; give it at least one batch of samples."
+                               + (" (on every rank)" if multi else ""))
     if n_batches < groups:
         raise CalibrationError(
             f"the calibration loader yielded {n_batches} batch(es) but {groups} candidate groups were asked for "
@@ -540,5 +566,7 @@ def _collect(model: nn.Module, loader: Any, config: CordaConfig, targets: list[T
     for g in range(groups):
         stats = finish_statistics(collector, targets, config, fingerprint, n_batches, t0, group=g)
         stats.meta["model_class"] = type(model).__name__
+        if multi:
+            stats.meta["ranks"] = distributed.rank_and_world()[1]
         out.append(stats)
     return out

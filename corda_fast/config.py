@@ -76,6 +76,11 @@ class CordaConfig:
             residual is computed from the factors *as stored*, so the model is unchanged at init up to the
             rounding of the residual to the model dtype.
         show_progress: tqdm progress bars for calibration and decomposition.
+        distributed: data-parallel calibration over a ``torch.distributed`` process group
+            (:mod:`corda_fast.distributed`): ``"auto"`` (default) when a default group with more than one rank is
+            initialised, ``True`` to require one, ``False`` to ignore it. Each rank calibrates on its own batches;
+            statistics are summed over ranks, decompositions are spread over them and every rank ends with the
+            same model.
 
     CorDA++ (``method="corda++"``; ``shared/reference/corda_spec.md`` §5, :mod:`corda_fast.plus`):
 
@@ -121,6 +126,7 @@ class CordaConfig:
     unused_targets: str = "error"
     autocast_adapter_dtype: bool = True
     show_progress: bool = True
+    distributed: Union[bool, str] = "auto"
     method: str = "corda"
     candidates: int = 4
     budget: Optional[int] = None
@@ -183,6 +189,8 @@ class CordaConfig:
             _fail("max_batches", self.max_batches, "None or an int >= 1")
         if self.unused_targets not in UNUSED_TARGET_POLICIES:
             _fail("unused_targets", self.unused_targets, f"one of {UNUSED_TARGET_POLICIES}")
+        if self.distributed not in (True, False, "auto"):
+            _fail("distributed", self.distributed, "True, False or 'auto'")
         if self.method not in METHODS:
             _fail("method", self.method, f"one of {METHODS}")
         for name, allowed in (("plus_selection_sum", PLUS_SELECTION_SUMS), ("plus_score_at", PLUS_SCORE_AT),

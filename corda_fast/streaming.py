@@ -11,6 +11,7 @@ all-at-once calibration.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from torch import nn
 
 from .calibrate import (CalibrationError, CovarianceStats, _Collector, _forward_runner, _model_device,
                         finish_statistics, iter_batches, model_fingerprint)
+from . import distributed
 from .config import CordaConfig
 from .targets import Target
 
@@ -65,6 +67,21 @@ def _to(obj: Any, device) -> Any:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def _ranks_in_step(multi: bool, stage: str):
+    """With several ranks: every rank reports success or failure of ``stage`` before going on, so a failure on
+    one rank raises on all instead of leaving the others waiting in the next collective."""
+    if not multi:
+        yield
+        return
+    try:
+        yield
+    except Exception as exc:
+        distributed.exchange_status(exc, stage)
+        raise
+    distributed.exchange_status(None, stage)
+
+
 def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target],
                           cache_device: Optional[torch.device] = None) -> Iterator[CovarianceStats]:
     """Yield one :class:`CovarianceStats` per block that holds targets, in model order.
@@ -77,6 +94,7 @@ def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, ta
     stops early.
     """
     device = _model_device(model)
+    multi = distributed.is_active(config.distributed)
     cache_device = torch.device(cache_device) if cache_device is not None else device
     prefix, blocks = find_blocks(model, targets)
     fingerprint = model_fingerprint(model)
@@ -95,18 +113,25 @@ def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, ta
 
         handles.append(blocks[0].register_forward_pre_hook(capture, with_kwargs=True))
         run = _forward_runner(model, targets)
-        for i, kwargs, mask in iter_batches(loader, config, device, "caching block inputs"):
-            current.clear()
-            try:
-                run(kwargs)
-            except _StopForward:
-                pass
-            if "args" not in current:
-                raise CalibrationError(f"the first block '{prefix}.0' did not run on calibration batch {i}.")
-            cached.append((i, mask, current["args"], current["kwargs"]))
+        with _ranks_in_step(multi, "calibration (caching block inputs)"):
+            for i, kwargs, mask in iter_batches(loader, config, device, "caching block inputs"):
+                current.clear()
+                try:
+                    run(kwargs)
+                except _StopForward:
+                    pass
+                if "args" not in current:
+                    raise CalibrationError(f"the first block '{prefix}.0' did not run on calibration batch {i}.")
+                cached.append((i, mask, current["args"], current["kwargs"]))
         handles.pop().remove()
-        if not cached:
-            raise CalibrationError("the calibration loader yielded no batches; give it at least one batch of samples.")
+        total = len(cached)
+        if multi:
+            counts = torch.tensor([len(cached)], dtype=torch.int64, device=distributed._comm_device())
+            torch.distributed.all_reduce(counts)
+            total = int(counts.item())
+        if not total:
+            raise CalibrationError("the calibration loader yielded no batches; give it at least one batch of samples."
+                                   + (" (on every rank)" if multi else ""))
 
         # 2. block by block
         for b, block in enumerate(blocks):
@@ -115,26 +140,30 @@ def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, ta
             for t in block_targets:
                 handles.append(t.module.register_forward_pre_hook(collector.hook, with_kwargs=True))
             try:
-                for n, (i, mask, args, kwargs) in enumerate(cached):
-                    collector.start_batch(i, mask)
-                    out = block(*_to(args, device), **_to(kwargs, device))
-                    collector.record_finite()
-                    collector.end_batch()
-                    if b + 1 < len(blocks):
-                        hidden = _to(out[0] if isinstance(out, (tuple, list)) else out, cache_device)
-                        if args:
-                            args = (hidden,) + tuple(args[1:])
-                        elif "hidden_states" in kwargs:
-                            kwargs = {**kwargs, "hidden_states": hidden}
-                        else:
-                            raise CalibrationError(f"cannot tell which input of block '{prefix}.{b}' is its hidden state.")
-                        cached[n] = (i, mask, args, kwargs)
-                collector.check_finite()
+                with _ranks_in_step(multi, f"calibration of block '{prefix}.{b}'"):
+                    for n, (i, mask, args, kwargs) in enumerate(cached):
+                        collector.start_batch(i, mask)
+                        out = block(*_to(args, device), **_to(kwargs, device))
+                        collector.record_finite()
+                        collector.end_batch()
+                        if b + 1 < len(blocks):
+                            hidden = _to(out[0] if isinstance(out, (tuple, list)) else out, cache_device)
+                            if args:
+                                args = (hidden,) + tuple(args[1:])
+                            elif "hidden_states" in kwargs:
+                                kwargs = {**kwargs, "hidden_states": hidden}
+                            else:
+                                raise CalibrationError(
+                                    f"cannot tell which input of block '{prefix}.{b}' is its hidden state.")
+                            cached[n] = (i, mask, args, kwargs)
+                    collector.check_finite()
             finally:
                 while handles:
                     handles.pop().remove()
+            if multi:
+                distributed.sync_collector(collector, len(cached))
             if block_targets:
-                stats = finish_statistics(collector, block_targets, config, fingerprint, len(cached), t0)
+                stats = finish_statistics(collector, block_targets, config, fingerprint, total, t0)
                 stats.meta["block"] = f"{prefix}.{b}"
                 yield stats
     finally:
