@@ -107,12 +107,14 @@ def read_texts(path: str, text_field: str = "text") -> tuple[list[str], bool]:
 
 
 def make_batches(tok, texts: list[str], per_sample: bool, n_samples: int, seq_len: int, batch_size: int,
-                 seed: int = 233):
+                 seed: int = 233, shard: tuple[int, int] = (0, 1)):
     """Calibration batches (dicts with ``input_ids`` / ``attention_mask``).
 
     A plain text is tokenized once and ``n_samples`` random windows of ``seq_len`` tokens are drawn (the
     reference's KPM recipe); JSONL gives one sample per line, truncated to ``seq_len`` and right-padded.
-    Returns ``(batches, held_out)`` where ``held_out`` is a batch of text not used for calibration.
+    Returns ``(batches, held_out)`` where ``held_out`` is a batch of text not used for calibration. With
+    ``shard=(rank, world)`` the batches hold only every ``world``-th sample from ``rank`` (the same draw on every
+    rank, so the shards partition it).
     """
     rng = random.Random(seed)
     if per_sample:
@@ -134,7 +136,10 @@ def make_batches(tok, texts: list[str], per_sample: bool, n_samples: int, seq_le
     from .data import pad_batches
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return pad_batches(calib, batch_size, pad_id=pad), pad_batches(held, len(held), pad_id=pad)[0]
+    rank, world = shard
+    calib = calib[rank::world]
+    batches = pad_batches(calib, batch_size, pad_id=pad) if calib else []
+    return batches, pad_batches(held, len(held), pad_id=pad)[0]
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -147,11 +152,38 @@ def _drift(model, batch) -> tuple[float, float]:
     return out, float(out[m].abs().max())
 
 
+def _start_distributed(args):
+    """``(rank, world, device)``: joins the process group torchrun describes (NCCL with CUDA, else gloo)."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise SystemExit("--distributed needs torchrun (or RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set): "
+                             "torchrun --nproc_per_node N -m corda_fast init ... --distributed")
+        cuda = args.device != "cpu" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.dist_timeout))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = "cpu"
+    if args.device != "cpu" and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.current_device()}"
+    return rank, world, device
+
+
 def run_init(args) -> dict:
     import torch
 
     import corda_fast
 
+    rank, world, device = 0, 1, args.device
+    if getattr(args, "distributed", False):
+        rank, world, device = _start_distributed(args)
+    elif device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     if args.model == "smollm2":
@@ -159,12 +191,15 @@ def run_init(args) -> dict:
     else:
         model_dir = args.model
     model, tok = load_model(model_dir, args.gguf_file, args.dtype)
+    model.to(device)
     t_load = time.perf_counter() - t0
     if args.data == "builtin":
         texts, per_sample = [builtin_text()], False
     else:
         texts, per_sample = read_texts(args.data, args.text_field)
-    batches, held = make_batches(tok, texts, per_sample, args.samples, args.seq_len, args.batch_size, args.seed)
+    batches, held = make_batches(tok, texts, per_sample, args.samples, args.seq_len, args.batch_size, args.seed,
+                                 shard=(rank, world))
+    held = {k: v.to(device) for k, v in held.items()}
     before, scale = _drift(model, held)
 
     targets = args.target_modules
@@ -178,11 +213,14 @@ def run_init(args) -> dict:
         initial_adapter_dir=os.path.join(args.out, "initial_adapter"), task_type="CAUSAL_LM",
         return_report=True, show_progress=not args.quiet, method=args.method, candidates=args.candidates,
         budget=args.budget, min_rank=args.min_rank, max_rank=args.max_rank,
+        distributed=bool(getattr(args, "distributed", False)),
     )
     after, _ = _drift(peft_model, held)
     m = held["attention_mask"].bool()
     drift = float((after - before)[m].abs().max())
 
+    if rank != 0:  # every rank holds the same model; one writes it
+        return {"quiet_rank": rank}
     t1 = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     peft_model.save_pretrained(os.path.join(args.out, "adapter"))
@@ -194,7 +232,7 @@ def run_init(args) -> dict:
         "mode": args.mode,
         "rank": args.rank,
         "calibration": {"samples": report.n_samples, "tokens": report.n_tokens, "seq_len": args.seq_len,
-                        "batch_size": args.batch_size, "data": args.data},
+                        "batch_size": args.batch_size, "data": args.data, "ranks": world},
         "layers": report.layers,
         "n_layers": len(report.layers),
         "distinct_statistics": report.n_statistics,
@@ -319,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CorDA++ adapter parameter budget (default: that of the uniform --rank)")
         q.add_argument("--min-rank", type=int, default=1, help="CorDA++ per-layer minimum rank")
         q.add_argument("--max-rank", type=int, default=None, help="CorDA++ per-layer maximum rank")
+        q.add_argument("--device", default="cpu", help="cpu | cuda | auto (with --distributed: this rank's GPU)")
+        q.add_argument("--distributed", action="store_true",
+                       help="data-parallel calibration under torchrun: each rank calibrates on its share of the "
+                            "samples, statistics are summed, decompositions spread over ranks; rank 0 writes")
+        q.add_argument("--dist-timeout", type=float, default=600.0,
+                       help="seconds a rank waits on the others before the job fails (process group timeout)")
         q.add_argument("--seed", type=int, default=233)
         q.add_argument("--out", default="corda_out")
         q.add_argument("--quiet", action="store_true")
@@ -345,7 +389,16 @@ def main(argv=None) -> int:
         return 0
     if args.command == "demo":
         args.model, args.gguf_file, args.data, args.text_field = "smollm2", None, "builtin", "text"
-    result = run_init(args)
+    try:
+        result = run_init(args)
+    finally:
+        if getattr(args, "distributed", False):
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if "quiet_rank" in result:  # a non-zero rank of a distributed run: rank 0 reports
+        return 0
     sys.stdout.write(format_result(result) + "\n")
     return 0
 

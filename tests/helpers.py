@@ -19,6 +19,26 @@ def tiny_llama(hidden=128, layers=2, vocab=300, dtype=torch.float32, seed=0):
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+def tiny_model_dir(d):
+    """A saved tiny random Llama with a word-level tokenizer over the builtin text (for the command line)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from corda_fast import cli
+
+    words = cli.builtin_text().split()[:4000]
+    vocab = {"[PAD]": 0, "[UNK]": 1}
+    for w in words:
+        if len(vocab) < 300:
+            vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
+    tiny_llama().save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
 def tiny_gpt2(seed=0):
     from transformers import GPT2Config, GPT2LMHeadModel
 

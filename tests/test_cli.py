@@ -8,26 +8,12 @@ import pytest
 import torch
 
 from corda_fast import cli
-from helpers import tiny_llama
+from helpers import tiny_llama, tiny_model_dir
 
 
 @pytest.fixture
 def model_dir(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = cli.builtin_text().split()[:4000]
-    vocab = {"[PAD]": 0, "[UNK]": 1}
-    for w in words:
-        if len(vocab) < 300:
-            vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
-    d = tmp_path / "model"
-    tiny_llama().save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return tiny_model_dir(tmp_path / "model")
 
 
 def test_init_on_text_file(model_dir, tmp_path):

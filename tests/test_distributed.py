@@ -11,11 +11,18 @@ import torch
 
 import corda_fast
 from corda_fast.distributed import PaddingFilter, _owners
-from helpers import padded_batches, random_samples, tiny_llama
+from helpers import padded_batches, random_samples, tiny_llama, tiny_model_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
+
+
+def torchrun_cmd(args, timeout=240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+                          + args, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def torchrun(out, case, timeout=240):
@@ -155,3 +162,32 @@ def test_shard_is_strided_and_uneven():
     assert corda_fast.distributed.shard(items, 0, 3) == [0, 3, 6]
     assert corda_fast.distributed.shard(items, 2, 3) == [2, 5]
     assert sorted(sum((corda_fast.distributed.shard(items, r, 3) for r in range(3)), [])) == items
+
+
+def test_cli_distributed_mode_equals_one_process(tmp_path):
+    """``torchrun -m corda_fast init --distributed``: rank 0 writes what one process writes (float64 statistics and
+    decomposition, so only the storage rounding differs)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from corda_fast import cli
+
+    model = tiny_model_dir(tmp_path / "model")
+    data = tmp_path / "calib.txt"
+    data.write_text(" ".join(cli.builtin_text().split()[:3000]))
+    common = ["init", "--model", str(model), "--data", str(data), "--mode", "kpm", "--rank", "4", "--samples", "7",
+              "--seq-len", "32", "--batch-size", "2", "--precision", "float64", "--quiet"]
+    proc = torchrun_cmd(["-m", "corda_fast"] + common + ["--distributed", "--out", str(tmp_path / "dist")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert cli.main(common + ["--out", str(tmp_path / "one")]) == 0
+    report = json.loads((tmp_path / "dist" / "corda_report.json").read_text())
+    assert report["calibration"]["ranks"] == 2 and report["calibration"]["samples"] == 7
+    assert report["drift_at_init"]["relative"] < 1e-5
+    got = load_file(tmp_path / "dist" / "adapter" / "adapter_model.safetensors")
+    ref = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == ref.keys() and len(got) == 28
+    for k in got:
+        if "lora_A" in k:
+            kb = k.replace("lora_A", "lora_B")
+            assert rel(got[kb] @ got[k], ref[kb] @ ref[k]) < 1e-6, k
