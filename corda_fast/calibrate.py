@@ -166,7 +166,13 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256(type(model).__name__.encode())
     for name, p in model.named_parameters():
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        flat = p.detach().reshape(-1)
+        data = p.data
+        if type(data) is not torch.Tensor:  # quantized tensor subclass (torchao): hash its values
+            data = data.dequantize() if callable(getattr(data, "dequantize", None)) else None
+            if data is None:
+                h.update(type(p.data).__name__.encode())
+                continue
+        flat = data.detach().reshape(-1)
         step = max(1, flat.numel() // 64)
         h.update(flat[::step][:64].to(torch.float64).cpu().numpy().tobytes())
     return h.hexdigest()

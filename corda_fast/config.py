@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -81,6 +81,12 @@ class CordaConfig:
             initialised, ``True`` to require one, ``False`` to ignore it. Each rank calibrates on its own batches;
             statistics are summed over ranks, decompositions are spread over them and every rank ends with the
             same model.
+        quantized_residual: for quantized base layers (bitsandbytes 4-bit, torchao; :mod:`corda_fast.quant`), which
+            are dequantized one at a time for ``W·C``: ``"requantize"`` (default; QLoRA + CorDA) stores the residual
+            back in the layer's own format — the per-layer error this introduces is in the report; ``"keep"``
+            replaces the layer by a plain ``nn.Linear`` holding the residual in the compute dtype (exact at init).
+        requantize_config: the torchao config (e.g. ``Int8WeightOnlyConfig()``) to re-quantize torchao residuals
+            with (a torchao weight does not record it); bitsandbytes layers need none.
 
     CorDA++ (``method="corda++"``; ``shared/reference/corda_spec.md`` §5, :mod:`corda_fast.plus`):
 
@@ -127,6 +133,8 @@ class CordaConfig:
     autocast_adapter_dtype: bool = True
     show_progress: bool = True
     distributed: Union[bool, str] = "auto"
+    quantized_residual: str = "requantize"
+    requantize_config: Any = None
     method: str = "corda"
     candidates: int = 4
     budget: Optional[int] = None
@@ -189,6 +197,8 @@ class CordaConfig:
             _fail("max_batches", self.max_batches, "None or an int >= 1")
         if self.unused_targets not in UNUSED_TARGET_POLICIES:
             _fail("unused_targets", self.unused_targets, f"one of {UNUSED_TARGET_POLICIES}")
+        if self.quantized_residual not in ("requantize", "keep"):
+            _fail("quantized_residual", self.quantized_residual, "'requantize' or 'keep'")
         if self.distributed not in (True, False, "auto"):
             _fail("distributed", self.distributed, "True, False or 'auto'")
         if self.method not in METHODS:

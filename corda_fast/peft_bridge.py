@@ -9,6 +9,7 @@ dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Optional
@@ -16,6 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import quant
 from .config import CordaConfig
 from .decompose import LayerFactors
 from .targets import Target
@@ -40,28 +42,53 @@ def _lora_config(targets: list[Target], config: CordaConfig, task_type=None):
     )
 
 
+def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
 @torch.no_grad()
 def build_peft_model(model: nn.Module, factors: dict[str, LayerFactors], targets: list[Target],
-                     config: Optional[CordaConfig] = None, adapter_name: str = "default", task_type=None):
+                     config: Optional[CordaConfig] = None, adapter_name: str = "default", task_type=None,
+                     quant_report: Optional[dict] = None):
     """Wrap ``model`` in a ``peft.PeftModel`` whose LoRA layers hold the CorDA factors.
 
     Args:
         model: the model the factors were computed on (its targeted base weights become ``W_res``).
         factors: ``{layer name: LayerFactors}`` from :func:`corda_fast.decompose`.
         targets: the resolved targets; only those with factors are adapted.
-        config: the same :class:`CordaConfig` (rank/alpha patterns, dropout, ``autocast_adapter_dtype``).
+        config: the same :class:`CordaConfig` (rank/alpha patterns, dropout, ``autocast_adapter_dtype``,
+            ``quantized_residual`` / ``requantize_config`` for quantized base layers).
         task_type: optional PEFT task type (e.g. ``"CAUSAL_LM"``) for the returned model's class.
+        quant_report: if given, filled with ``{layer name: {...}}`` for quantized base layers: the format, and
+            :func:`corda_fast.quant.residual_error` of the stored residual.
     Returns:
-        ``peft.PeftModel``. On any error the model is restored (adapters unloaded, weights untouched).
+        ``peft.PeftModel``. On any error the model is restored (adapters unloaded, weights and modules untouched).
     """
     from peft import get_peft_model
 
     config = config or CordaConfig()
     adapted = [t for t in targets if t.name in factors]
     lora_config = _lora_config(adapted, config, task_type)
-    originals = {t.name: t.module.weight.data for t in adapted}
+    keep = config.quantized_residual == "keep"
+    w_q, described, swapped = {}, {}, {}
+    originals, quant_params = {}, {}
     peft_model = None
     try:
+        for i, t in enumerate(adapted):  # quantized layers: dequantized once, here, one at a time
+            if t.quant is None:
+                continue
+            described[t.name] = quant.describe(t.module)
+            w_q[t.name] = quant.dequantize(t.module)
+            if keep:  # a float layer holding W_q takes its place; W_res is written into it below
+                new = quant.float_linear(t.module, w_q[t.name])
+                swapped[t.name] = _swap(model, t.name, new)
+                adapted[i] = dataclasses.replace(t, module=new, quant=None)
+        originals = {t.name: t.module.weight.data for t in adapted if t.quant is None}
+        quant_params = {t.name: t.module.weight for t in adapted if t.quant is not None}
         # LoRA weights are created on the meta device (no random init to pay for and overwrite; the user's RNG
         # stream is not touched) and replaced below by the CorDA factors.
         peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name,
@@ -78,28 +105,51 @@ def build_peft_model(model: nn.Module, factors: dict[str, LayerFactors], targets
                     f"factors are {tuple(f.A.shape)}/{tuple(f.B.shape)} (rank_pattern mismatch)."
                 )
             base = layer.get_base_layer()
-            device = base.weight.device
+            device = f.A.device
             a = f.A.to(device=device, dtype=lora_a.dtype)
             b = f.B.to(device=device, dtype=lora_b.dtype)
-            w = originals[t.name]
             cdt = f.A.dtype  # residual in the decomposition precision, from the factors as stored
-            w_mat = (w.t() if t.is_conv1d else w).to(device=f.A.device, dtype=cdt)
-            delta = (f.scaling * b.to(device=f.A.device, dtype=cdt)) @ a.to(device=f.A.device, dtype=cdt)
-            w_res = (w_mat - delta).to(w.dtype)
-            layer.lora_A[adapter_name].weight = nn.Parameter(a.contiguous(), requires_grad=lora_a.requires_grad)
-            layer.lora_B[adapter_name].weight = nn.Parameter(b.contiguous(), requires_grad=lora_b.requires_grad)
-            base.weight.data = (w_res.t() if t.is_conv1d else w_res).contiguous().to(w.device)
+            if t.name in w_q:
+                w_mat = w_q[t.name].to(device=device, dtype=cdt)
+            else:
+                w = originals[t.name]
+                w_mat = (w.t() if t.is_conv1d else w).to(device=device, dtype=cdt)
+            delta = (f.scaling * b.to(cdt)) @ a.to(cdt)
+            w_res = w_mat - delta
+            base_device = lora_a.device if lora_a.device.type != "meta" else quant_params.get(
+                t.name, originals.get(t.name)).device
+            layer.lora_A[adapter_name].weight = nn.Parameter(a.to(base_device).contiguous(),
+                                                             requires_grad=lora_a.requires_grad)
+            layer.lora_B[adapter_name].weight = nn.Parameter(b.to(base_device).contiguous(),
+                                                             requires_grad=lora_b.requires_grad)
+            if t.quant is not None:  # "requantize": back into the layer's own format
+                quant.store_residual(base, w_res, config.requantize_config)
+            else:
+                w = originals[t.name]
+                w_res = w_res.to(w.dtype)
+                base.weight.data = (w_res.t() if t.is_conv1d else w_res).contiguous().to(w.device)
+            if t.name in w_q and quant_report is not None:
+                quant_report[t.name] = {
+                    "quantization": described[t.name],
+                    "residual": "requantized" if t.quant is not None else f"kept in {base.weight.dtype}",
+                    **quant.residual_error(base, w_q[t.name], delta.to(w_q[t.name].device)),
+                }
         leftover = [n for n, p in peft_model.named_parameters() if p.is_meta]
         if leftover:
             raise RuntimeError(f"LoRA weights without CorDA factors: {leftover[:5]}")
     except BaseException:
-        if peft_model is not None:
-            for t in adapted:
+        for t in adapted:
+            if t.name in originals:
                 t.module.weight.data = originals[t.name]
+            elif t.name in quant_params:
+                t.module.weight = quant_params[t.name]
+        if peft_model is not None:
             try:
                 peft_model.unload()
             except Exception:  # pragma: no cover - best effort; weights are already restored
                 logger.exception("could not unload the partially built PEFT model")
+        for name, module in swapped.items():
+            _swap(model, name, module)
         raise
     return peft_model
 

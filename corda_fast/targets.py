@@ -15,13 +15,13 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import quant
 from .config import CordaConfig
 
 from transformers.pytorch_utils import Conv1D  # GPT-2 style linear, weight stored as (in, out)
 
 from peft.utils.other import get_pattern_key
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Task heads the paper (and PEFT's "all-linear") leave out besides the LM output embedding.
 _HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler")
 
@@ -42,9 +42,12 @@ class Target:
     rank: int
     alpha: float
     scaling: float
+    quant: Optional[str] = None  # "bnb4" / "torchao" for a quantized base weight (corda_fast.quant)
 
     def weight_matrix(self) -> torch.Tensor:
-        """``W`` as ``(d_out, d_in)`` (a view, never a copy)."""
+        """``W`` as ``(d_out, d_in)``: a view of a float weight, a dequantized copy of a quantized one."""
+        if self.quant is not None:
+            return quant.dequantize(self.module)
         w = self.module.weight
         return w.t() if self.is_conv1d else w
 
@@ -53,18 +56,6 @@ def _name_matches(name: str, spec: Union[str, Sequence[str]]) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == t or name.endswith("." + t) for t in spec)
-
-
-def _is_quantized(module: nn.Module) -> Optional[str]:
-    weight = getattr(module, "weight", None)
-    cls = type(weight).__name__ if weight is not None else ""
-    if cls in ("Params4bit", "Int8Params") or "bitsandbytes" in type(module).__module__:
-        return f"bitsandbytes {cls or type(module).__name__}"
-    if weight is not None and weight.dtype not in _FLOAT_DTYPES:
-        return f"dtype {weight.dtype}"
-    if weight is not None and type(weight.data) is not torch.Tensor:  # torchao / HQQ style tensor subclasses
-        return f"tensor subclass {type(weight.data).__name__}"
-    return None
 
 
 def _output_head_ids(model: nn.Module) -> set:
@@ -109,20 +100,24 @@ def resolve_targets(model: nn.Module, config: CordaConfig, check_rank: bool = Tr
         if not (is_linear or is_conv1d):
             unsupported.append(f"{name} ({type(module).__name__})")
             continue
-        quant = _is_quantized(module)
-        if quant is not None:
+        try:
+            qkind = quant.kind(module)
+        except quant.UnsupportedQuantization as exc:
             raise TargetError(
-                f"Layer '{name}' has quantized weights ({quant}). CorDA needs the full-precision weight: load the "
-                "model in float32/bfloat16/float16, initialise, then re-quantize the residual model."
-            )
-        w = module.weight
-        d_out, d_in = (w.shape[1], w.shape[0]) if is_conv1d else (w.shape[0], w.shape[1])
+                f"Layer '{name}' has quantized weights that corda_fast cannot dequantize: {exc}. Load the model in "
+                "float32/bfloat16/float16 (or a supported quantization), initialise, then re-quantize the residual."
+            ) from None
+        if qkind is not None:
+            d_out, d_in = quant.shape(module)
+        else:
+            w = module.weight
+            d_out, d_in = (w.shape[1], w.shape[0]) if is_conv1d else (w.shape[0], w.shape[1])
         rank_key = get_pattern_key(config.rank_pattern.keys(), name) if config.rank_pattern else name
         rank = int(config.rank_pattern.get(rank_key, config.rank))
         alpha_key = get_pattern_key(config.alpha_pattern.keys(), name) if config.alpha_pattern else name
         alpha = float(config.alpha_pattern.get(alpha_key, config.alpha))
         scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-        targets.append(Target(name, module, is_conv1d, int(d_in), int(d_out), rank, alpha, scaling))
+        targets.append(Target(name, module, is_conv1d, int(d_in), int(d_out), rank, alpha, scaling, qkind))
     if unsupported:
         raise TargetError(
             f"target_modules={spec!r} matches modules that are not nn.Linear or transformers Conv1D: "
