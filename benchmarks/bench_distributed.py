@@ -95,7 +95,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['world']} × {r['threads']} | {r['calibrate_s']:.2f} ({r['calibrate_min']:.2f}–"
                      f"{r['calibrate_max']:.2f}) | {a['samples'] / r['calibrate_s']:.1f} | "
                      f"{base['calibrate_s'] / r['calibrate_s']:.2f}x | {r['decompose_s']:.2f} | "
-                     f"{r.get('allreduce_s', 0):.3f} |")
+                     + (f"{r['allreduce_s']:.3f} |" if "allreduce_s" in r else "- |"))
     lines.append(f"\nrandom Llama hidden {a['hidden']}, {a['layers']} layers, {a['samples']} × {a['seq_len']} tokens "
                  f"(batches of {a['batch_size']}), KPM r={a['rank']}; {env['cpu_count']} CPUs, torch {env['torch']}, "
                  f"gloo, commit {env['corda_fast_commit']}, {env['date']}; median (min–max) of {a['repeats']} runs")
@@ -112,6 +112,7 @@ def main():
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--worlds", type=int, nargs="+", default=None, help="world sizes (default: 1 .. number of CPUs)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "distributed_cpu.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -122,7 +123,8 @@ def main():
     from bench_vs_peft import environment
 
     cores = os.cpu_count() or 1
-    configs = [(w, 1) for w in range(1, cores + 1)] + ([(1, cores)] if cores > 1 else [])
+    worlds = args.worlds or list(range(1, cores + 1))
+    configs = [(w, 1) for w in worlds] + ([(1, cores)] if cores > 1 else [])
     runs = {c: [] for c in configs}
     for _ in range(args.repeats):  # interleaved
         for world, threads in configs:

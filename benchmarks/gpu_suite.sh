@@ -31,3 +31,8 @@ timeout 180 python -m pytest -q tests/test_fused.py 2>&1 | tee "$OUT/fused_tests
 timeout 400 python benchmarks/bench_fused.py --device cuda --dtype bfloat16 --shapes 4096x4096 4096x11008 11008x4096 \
     --tokens 8192 16384 --ranks 16 64 128 --train-hidden 2048 --train-layers 8 --train-batch 4 --train-seq 2048 \
     --repeats 10 --out "$OUT/fused_cuda.json" 2>&1 | tee "$OUT/fused_cuda.txt" | tail -30
+# 5) distributed calibration scaling on the device machine's 16 CPU cores (gloo processes, one thread each), and
+#    the quantized-base tests (skip if bitsandbytes / torchao are not installed there)
+timeout 240 python benchmarks/bench_distributed.py --worlds 1 2 4 8 --repeats 1 --samples 128 \
+    --out "$OUT/distributed_cpu16.json" 2>&1 | tee "$OUT/distributed_cpu16.txt" | tail -8
+timeout 120 python -m pytest -q tests/test_quant.py tests/test_distributed.py 2>&1 | tee "$OUT/quant_dist_tests.txt" | tail -3
