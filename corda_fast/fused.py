@@ -184,13 +184,18 @@ def fuse(model: nn.Module, backend: Optional[str] = None) -> FuseReport:
     if backend == "triton":
         if not ops.available_backends()["triton"]:
             raise ops.BackendError("fuse(backend='triton'): Triton cannot run here (no CUDA device, no interpreter)")
+    from peft.tuners.lora.layer import LoraLayer
+
     lora_linear, fused_cls = PeftLoraLinear, FusedLoraLinear
     report = FuseReport()
     seen = 0
     for name, module in model.named_modules():
-        if not isinstance(module, lora_linear):
+        if not isinstance(module, LoraLayer):
             continue
         seen += 1
+        if not isinstance(module, lora_linear):  # embeddings, convolutions, quantized (bnb / torchao) LoRA layers
+            report.skipped[name] = f"{type(module).__name__}: only PEFT's lora.Linear is fused"
+            continue
         if type(module) is fused_cls:
             module._corda_fast_backend = backend
             report.fused.append(name)
@@ -206,7 +211,7 @@ def fuse(model: nn.Module, backend: Optional[str] = None) -> FuseReport:
         module._corda_fast_backend = backend
         report.fused.append(name)
     if not seen:
-        raise ValueError(f"fuse(): {type(model).__name__} holds no PEFT LoRA linear layer (peft.tuners.lora.Linear)")
+        raise ValueError(f"fuse(): {type(model).__name__} holds no PEFT LoRA layer")
     log.info("fused %d LoRA layers%s", len(report.fused),
              f"; {len(report.skipped)} left on PEFT's path" if report.skipped else "")
     for name, reason in report.skipped.items():

@@ -52,10 +52,20 @@ def sampler_loader(samples, rank, world):
 
 def main():
     out, case = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    if case == "accelerate":  # launched by `accelerate launch`: Accelerator sets up the process group
+        from accelerate import Accelerator
+
+        Accelerator(cpu=True)
+    else:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    if case == "results":
+    if case == "accelerate":
+        n, bs, _ = SCENARIOS["uneven"]
+        batches = padded_batches(corda_fast.distributed.shard(random_samples(n, seed=11)), bs)
+        pm = corda_fast.init_adapters(tiny_llama(hidden=64), batches, rank=4, mode="kpm", show_progress=False)
+        torch.save(adapted_tensors(pm), os.path.join(out, f"accelerate_rank{rank}.pt"))
+    elif case == "results":
         for name, (n, bs, kw) in SCENARIOS.items():
             samples = corda_fast.distributed.shard(random_samples(n, seed=11))
             batches = padded_batches(samples, bs) if samples else []
@@ -66,6 +76,13 @@ def main():
                 stats = corda_fast.collect_covariance(tiny_llama(hidden=64), batches,
                                                       corda_fast.CordaConfig(show_progress=False))
                 torch.save(stats_dict(stats), os.path.join(out, f"{name}_stats_rank{rank}.pt"))
+        # CorDA++: 8 samples, 2 batches per rank; candidate group = local batch index mod 2, which is what one
+        # process gets from rank 0's batches followed by rank 1's
+        batches = padded_batches(corda_fast.distributed.shard(random_samples(8, seed=13)), 2)
+        pm = corda_fast.init_adapters(tiny_llama(hidden=64), batches, rank=4, mode="kpm", method="corda++",
+                                      candidates=2, show_progress=False, covariance_precision="float64",
+                                      decompose_precision="float64")
+        torch.save(adapted_tensors(pm), os.path.join(out, f"plus_rank{rank}.pt"))
         loader = sampler_loader(random_samples(7, seed=12), rank, world)
         pm = corda_fast.init_adapters(tiny_llama(hidden=64), loader, rank=4, mode="kpm", show_progress=False)
         torch.save(adapted_tensors(pm), os.path.join(out, f"sampler_rank{rank}.pt"))

@@ -112,6 +112,44 @@ def test_two_rank_adapters_equal_one_process_on_the_union(two_rank_results, name
             assert e < max(10 * own[k], 1e-6), (k, e, own[k])
 
 
+def test_two_rank_corda_plus_plus_equals_one_process(two_rank_results):
+    r0 = torch.load(two_rank_results / "plus_rank0.pt")
+    r1 = torch.load(two_rank_results / "plus_rank1.pt")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    samples = random_samples(8, seed=13)
+    ordered = samples[0::2] + samples[1::2]  # rank 0's shard, then rank 1's: the same candidate groups
+    pm = corda_fast.init_adapters(tiny_llama(hidden=64), padded_batches(ordered, 2), rank=4, mode="kpm",
+                                  method="corda++", candidates=2, show_progress=False,
+                                  covariance_precision="float64", decompose_precision="float64")
+    ref = {k: v.detach() for k, v in pm.state_dict().items() if "lora_" in k or k.endswith("base_layer.weight")}
+    assert r0.keys() == ref.keys()
+    ranks = {k: v.shape[0] for k, v in ref.items() if "lora_A" in k}
+    assert {k: r0[k].shape[0] for k in ranks} == ranks and len(set(ranks.values())) > 1  # same non-uniform ranks
+    for k in ranks:
+        kb = k.replace("lora_A", "lora_B")
+        assert rel(r0[kb] @ r0[k], ref[kb] @ ref[k]) < 1e-6, k
+
+
+def test_accelerate_launch_equals_one_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           os.path.join(HERE, "dist_worker.py"), str(tmp_path), "accelerate"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "accelerate_rank0.pt")
+    r1 = torch.load(tmp_path / "accelerate_rank1.pt")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    ref = single_process(9, 2, seed=11)
+    own = single_process(9, 2, seed=11, reverse=True)
+    for k in r0:
+        if "lora_A" in k:
+            kb = k.replace("lora_A", "lora_B")
+            err = rel(r0[kb] @ r0[k], ref[kb] @ ref[k])
+            assert err < max(10 * rel(own[kb] @ own[k], ref[kb] @ ref[k]), 1e-6), k
+
+
 def test_sampler_padding_counts_are_what_one_process_sees():
     # the repeat is really there: without the filter the statistic differs
     from torch.utils.data import DistributedSampler

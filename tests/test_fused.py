@@ -243,7 +243,7 @@ def test_dropout_during_training_takes_peft_path_and_eval_is_fused(monkeypatch):
 def test_fuse_reports_unfusable_layers_and_rejects_non_peft_models():
     from peft import LoraConfig, get_peft_model
 
-    with pytest.raises(ValueError, match="no PEFT LoRA"):
+    with pytest.raises(ValueError, match="no PEFT LoRA layer"):
         corda_fast.fuse(tiny_llama(hidden=64))
     with pytest.raises(ValueError, match="backend"):
         corda_fast.fuse(_peft_llama(), backend="cuda")
@@ -349,3 +349,27 @@ def test_init_adapters_fused_flag():
     assert report.fused == 14
     assert sum(isinstance(m, FusedLoraLinear) for m in pm.modules()) == 14
     assert rel(_logits(pm, ids), ref) < 1e-5
+
+
+def test_transformers_trainer_trains_and_saves_a_fused_model(tmp_path):
+    from peft import PeftModel
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_llama(hidden=64, seed=3)
+    batches = padded_batches(random_samples(6, lo=8, hi=8, seed=6), batch_size=3)
+    pm = corda_fast.init_adapters(model, batches, rank=4, mode="ipm", fused=True, show_progress=False)
+    before = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    data = [{"input_ids": s, "labels": s} for s in random_samples(8, lo=8, hi=8, seed=7)]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=2,
+                             learning_rate=1e-3, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1)
+    result = Trainer(model=pm, args=args, train_dataset=data).train()
+    assert result.global_step == 3
+    assert sum(isinstance(m, FusedLoraLinear) for m in pm.modules()) == 14  # still fused after Trainer's setup
+    assert all(not torch.equal(p, before[n]) for n, p in pm.named_parameters() if p.requires_grad)
+    pm.save_pretrained(tmp_path / "adapter")
+    corda_fast.save_residual_base(pm, tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    ids = torch.randint(0, 300, (2, 8))
+    assert rel(_logits(loaded, ids), _logits(pm, ids)) < 1e-5

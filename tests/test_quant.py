@@ -110,7 +110,8 @@ def test_bnb4_requantize_keeps_the_format_and_reports_its_error(quant_type, doub
     ids = torch.randint(0, 300, (2, 10))
     before = logits(model, ids)
     pm, report = corda_fast.init_adapters(model, padded_batches(random_samples(6, seed=3), 3), rank=4, mode="kpm",
-                                          target_modules=TARGETS, return_report=True, show_progress=False)
+                                          target_modules=TARGETS, return_report=True, show_progress=False, fused=True)
+    assert report.fused == 0  # 4-bit LoRA layers keep PEFT's path (fuse() reports them as skipped)
     inner = pm.base_model.model
     layers = [l for l in report.layers if "quantized" in l]
     assert len(layers) == 10
