@@ -194,4 +194,18 @@ def save_residual_base(peft_model, path: str) -> None:
         os.makedirs(path, exist_ok=True)
         torch.save(residual_state_dict(peft_model), os.path.join(path, "residual_base.pt"))
         return
+    if getattr(base, "hf_quantizer", None) is not None:
+        # transformers serialises quantized weights itself (4-bit codes + quant state) and ignores a given
+        # state_dict: save the model with its LoRA wrappers swapped out for their base layers for the moment
+        from peft.tuners.lora.layer import LoraLayer
+
+        wrapped = [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
+        try:
+            for name, module in wrapped:
+                _swap(base, name, module.get_base_layer())
+            base.save_pretrained(path)
+        finally:
+            for name, module in wrapped:
+                _swap(base, name, module)
+        return
     base.save_pretrained(path, state_dict=residual_state_dict(peft_model))

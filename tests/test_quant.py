@@ -242,3 +242,40 @@ def test_unsupported_quantizer_is_a_clear_error_and_model_untouched():
                                           r"subclass FakeQuantTensor.*supported: bitsandbytes 4-bit"):
         corda_fast.init_adapters(model, padded_batches(random_samples(2), 2), rank=4, show_progress=False)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_transformers_4bit_model_residual_base_saves_and_reloads(tmp_path):
+    """The QLoRA flow: a model loaded with BitsAndBytesConfig, CorDA with a re-quantized residual, the residual base
+    saved with transformers' own 4-bit serialisation, reloaded with plain from_pretrained + PeftModel."""
+    _bnb()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    llama_32().save_pretrained(tmp_path / "fp")
+    qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=qcfg, device_map="cpu",
+                                                     dtype=torch.float32)
+    except Exception as exc:
+        pytest.skip(f"transformers cannot load a 4-bit model on this CPU: {type(exc).__name__}: {exc}")
+    pm = corda_fast.init_adapters(model, padded_batches(random_samples(6, seed=3), 3), rank=4, mode="kpm",
+                                  target_modules=TARGETS, show_progress=False)
+    pm.save_pretrained(tmp_path / "adapter")
+    corda_fast.save_residual_base(pm, tmp_path / "base")
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu"),
+                                       tmp_path / "adapter")
+    import bitsandbytes as bnb
+
+    n = 0
+    for name, mod in pm.base_model.model.named_modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            other = loaded.base_model.model.get_submodule(name)
+            assert torch.equal(quant.dequantize(mod), quant.dequantize(other)), name  # the residual, exactly
+            n += 1
+    assert n == 14  # all 7 projections of both blocks are 4-bit, 5 of them adapted
+    sd, sd2 = pm.state_dict(), loaded.state_dict()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd if "lora_" in k)
+    ids = torch.randint(0, 300, (2, 10))
+    pm.eval(), loaded.eval()
+    # same weights; bitsandbytes' CPU kernels (bf16 after their eval-mode repacking) set the output tolerance
+    assert rel(logits(loaded, ids), logits(pm, ids)) < 2e-2
