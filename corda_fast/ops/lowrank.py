@@ -36,7 +36,7 @@ def lowrank_gemm_torch(p: torch.Tensor, q: torch.Tensor, s: torch.Tensor, r: tor
 if HAVE_TRITON:
 
     @triton.jit
-    def _lowrank_gemm_kernel(p_ptr, q_ptr, s_ptr, r_ptr, bias_ptr, c_ptr, M, N, K, R,
+    def _lowrank_gemm_kernel(p_ptr, q_ptr, s_ptr, r_ptr, bias_ptr, c_ptr, M, N, K, R, M_BUCKET,
                              stride_pm, stride_pk, stride_qk, stride_qn, stride_sm, stride_sr, stride_rr, stride_rn,
                              stride_cm, stride_cn,
                              HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -96,7 +96,9 @@ if HAVE_TRITON:
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=st)
                 for m, n, k, w, st in shapes]
 
-    _tuned = {hopper: triton.autotune(configs=_configs(hopper), key=["M", "N", "K", "R"])(_lowrank_gemm_kernel)
+    # keyed on the token count's power-of-two bucket, not the count: training with dynamic padding sees many
+    # token counts and must not re-tune for each
+    _tuned = {hopper: triton.autotune(configs=_configs(hopper), key=["M_BUCKET", "N", "K", "R"])(_lowrank_gemm_kernel)
               for hopper in (False, True)}
 
     @triton_op("corda_fast::lowrank_gemm_triton", mutates_args={})
@@ -114,7 +116,7 @@ if HAVE_TRITON:
         tf32 = p.dtype == torch.float32 and p.is_cuda and torch.backends.cuda.matmul.allow_tf32
         precision = "tf32" if tf32 else "ieee"
         bias_arg = bias if bias is not None else out
-        args = (p, q, s, r, bias_arg, out, m, n, k, rank, p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+        args = (p, q, s, r, bias_arg, out, m, n, k, rank, triton.next_power_of_2(m), p.stride(0), p.stride(1), q.stride(0), q.stride(1),
                 s.stride(0), s.stride(1), r.stride(0), r.stride(1), out.stride(0), out.stride(1))
         consts = dict(HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision, BLOCK_R=_block_r(rank))
         if INTERPRETING or os.environ.get("CORDA_FAST_TRITON_AUTOTUNE", "1") == "0":
