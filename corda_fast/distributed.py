@@ -247,7 +247,7 @@ def decompose_sharded(stats, targets, config, device=None, release: bool = False
             tensors = [torch.empty(m[x], dtype=dtype, device=comm) for x in ("A", "B", "s")]
         for x in tensors:
             dist.broadcast(x, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
-        where = device if device is not None else (m["device"] if src == rank else _local_device(stats, m["device"]))
+        where = device if device is not None else (m["device"] if src == rank else _local_device(m["device"]))
         a, b, s = (x.to(where) for x in tensors)
         out[t.name] = LayerFactors(t.name, a, b, s, m["scaling"], m["damping"], m["stat_key"])
     logger.info("decomposed %d of %d statistics on rank %d of %d; %d layers' factors shared", len(mine),
@@ -255,7 +255,7 @@ def decompose_sharded(stats, targets, config, device=None, release: bool = False
     return out
 
 
-def _local_device(stats, owner_device: str):
+def _local_device(owner_device: str):
     """Where received factors live: this rank's device of the same type as the owner's (cuda:i differs by rank)."""
     kind = torch.device(owner_device).type
     if kind == "cuda":
