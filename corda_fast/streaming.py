@@ -66,7 +66,6 @@ def _to(obj: Any, device) -> Any:
     return obj
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def _ranks_in_step(multi: bool, stage: str):
     """With several ranks: every rank reports success or failure of ``stage`` before going on, so a failure on
@@ -82,6 +81,7 @@ def _ranks_in_step(multi: bool, stage: str):
     distributed.exchange_status(None, stage)
 
 
+@torch.no_grad()
 def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target],
                           cache_device: Optional[torch.device] = None) -> Iterator[CovarianceStats]:
     """Yield one :class:`CovarianceStats` per block that holds targets, in model order.

@@ -90,3 +90,15 @@ def test_streaming_names_poisoned_batch():
     batches[1]["input_ids"][0, 0] = 7
     with pytest.raises(CalibrationError, match=r"'model\.layers\.0\.self_attn\.q_proj'.*batch 1"):
         corda_fast.init_adapters(model, batches, streaming=True, rank=2, **QUIET)
+
+
+def test_streaming_runs_without_autograd():
+    """Block by block, no graph is recorded (the model's weights require grad, as a user's usually do)."""
+    model = tiny_llama()
+    model.requires_grad_(True)
+    seen = []
+    for block in model.model.layers:
+        block.register_forward_hook(lambda m, a, out: seen.append((torch.is_grad_enabled(), out[0].requires_grad
+                                                                   if isinstance(out, tuple) else out.requires_grad)))
+    corda_fast.init_adapters(model, padded_batches(random_samples(4), 2), rank=4, streaming=True, show_progress=False)
+    assert seen and not any(g or r for g, r in seen)
