@@ -74,17 +74,16 @@ def build_peft_model(model: nn.Module, factors: dict[str, LayerFactors], targets
     adapted = [t for t in targets if t.name in factors]
     lora_config = _lora_config(adapted, config, task_type)
     keep = config.quantized_residual == "keep"
-    w_q, described, swapped = {}, {}, {}
+    described, swapped = {}, {}
     originals, quant_params = {}, {}
     peft_model = None
     try:
-        for i, t in enumerate(adapted):  # quantized layers: dequantized once, here, one at a time
+        for i, t in enumerate(adapted):
             if t.quant is None:
                 continue
             described[t.name] = quant.describe(t.module)
-            w_q[t.name] = quant.dequantize(t.module)
             if keep:  # a float layer holding W_q takes its place; W_res is written into it below
-                new = quant.float_linear(t.module, w_q[t.name])
+                new = quant.float_linear(t.module, quant.dequantize(t.module))
                 swapped[t.name] = _swap(model, t.name, new)
                 adapted[i] = dataclasses.replace(t, module=new, quant=None)
         originals = {t.name: t.module.weight.data for t in adapted if t.quant is None}
@@ -109,8 +108,8 @@ def build_peft_model(model: nn.Module, factors: dict[str, LayerFactors], targets
             a = f.A.to(device=device, dtype=lora_a.dtype)
             b = f.B.to(device=device, dtype=lora_b.dtype)
             cdt = f.A.dtype  # residual in the decomposition precision, from the factors as stored
-            if t.name in w_q:
-                w_mat = w_q[t.name].to(device=device, dtype=cdt)
+            if t.quant is not None:  # "requantize": dequantized here, one layer at a time
+                w_mat = quant.dequantize(t.module).to(device=device, dtype=cdt)
             else:
                 w = originals[t.name]
                 w_mat = (w.t() if t.is_conv1d else w).to(device=device, dtype=cdt)
@@ -128,11 +127,11 @@ def build_peft_model(model: nn.Module, factors: dict[str, LayerFactors], targets
                 w = originals[t.name]
                 w_res = w_res.to(w.dtype)
                 base.weight.data = (w_res.t() if t.is_conv1d else w_res).contiguous().to(w.device)
-            if t.name in w_q and quant_report is not None:
+            if t.name in described and quant_report is not None:  # w_mat is W_q: the quantized weight, exactly
                 quant_report[t.name] = {
                     "quantization": described[t.name],
                     "residual": "requantized" if t.quant is not None else f"kept in {base.weight.dtype}",
-                    **quant.residual_error(base, w_q[t.name], delta.to(w_q[t.name].device)),
+                    **quant.residual_error(base, w_mat, delta),
                 }
         leftover = [n for n, p in peft_model.named_parameters() if p.is_meta]
         if leftover:

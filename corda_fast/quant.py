@@ -169,8 +169,8 @@ def residual_error(module: nn.Module, w_q: torch.Tensor, delta: torch.Tensor) ->
     """How far the adapted layer is from the quantized model it came from: ``‖W_now + ΔW − W_q‖ / ‖W_q‖`` (Frobenius,
     float64), with ``W_now`` what the layer stores now; and the quantization noise of the residual itself."""
     w_now = dequantize(module).double()
-    w_q = w_q.double()
-    delta = delta.double()
+    w_q = w_q.double().to(w_now.device)
+    delta = delta.double().to(w_now.device)
     w_res = w_q - delta
     return {"model_vs_quantized": float(torch.linalg.norm(w_now + delta - w_q) / torch.linalg.norm(w_q)),
             "residual_quantization": float(torch.linalg.norm(w_now - w_res) / torch.linalg.norm(w_res))}
