@@ -326,7 +326,7 @@ def _train(model, batches, steps):
     return losses
 
 
-@pytest.mark.parametrize("backend,steps", [("torch", 20), pytest.param("triton", 3, marks=pytest.mark.skipif(
+@pytest.mark.parametrize("backend,steps", [("torch", 20), pytest.param("triton", 20, marks=pytest.mark.skipif(
     not triton_xtx.available(), reason="triton cannot run here"))])
 def test_training_curve_fused_equals_unfused(backend, steps):
     model = tiny_llama(hidden=64, seed=1)
