@@ -149,6 +149,8 @@ def init_adapters(
         if value is not None:
             overrides[key] = value
     config = (config or CordaConfig()).replace(**overrides) if overrides else (config or CordaConfig())
+    if config.show_progress and distributed.is_active(config.distributed) and distributed.rank_and_world()[0] != 0:
+        config = config.replace(show_progress=False)  # one set of progress bars: rank 0's
     report = InitReport(mode=config.mode, covariance_cache=covariance_cache)
 
     t0 = time.perf_counter()
