@@ -517,7 +517,7 @@ def _collect(model: nn.Module, loader: Any, config: CordaConfig, targets: list[T
     handles = []
     t0 = time.perf_counter()
     n_batches = 0
-    try:
+    with distributed.stage(multi, "calibration"):  # a failure here raises on every rank
         try:
             for t in targets:
                 handles.append(t.module.register_forward_pre_hook(collector.hook, with_kwargs=True))
@@ -549,12 +549,7 @@ def _collect(model: nn.Module, loader: Any, config: CordaConfig, targets: list[T
             for h in handles:
                 h.remove()
             model.train(was_training)
-    except Exception as exc:
-        if multi:  # the other ranks must not wait for this one in the reduction
-            distributed.exchange_status(exc, "calibration")
-        raise
     if multi:
-        distributed.exchange_status(None, "calibration")
         local = n_batches
         n_batches = distributed.sync_collector(collector, n_batches)
         logger.info("statistics summed over ranks: %d batches here, %d in all", local, n_batches)

@@ -24,6 +24,7 @@ it with DDP / FSDP / DeepSpeed, as PEFT recommends for its own initialisations.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import logging
@@ -33,7 +34,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["is_active", "rank_and_world", "shard", "PaddingFilter", "DistributedError", "exchange_status",
+__all__ = ["is_active", "rank_and_world", "shard", "PaddingFilter", "DistributedError", "exchange_status", "stage",
            "sync_collector", "decompose_sharded"]
 
 
@@ -96,6 +97,22 @@ def exchange_status(error: Optional[BaseException], stage: str, group=None) -> N
         raise error
     detail = "; ".join(f"rank {r}: {m}" for r, m in failed)
     raise DistributedError(f"{stage} failed on {len(failed)} of {len(everyone)} ranks ({detail})")
+
+
+@contextlib.contextmanager
+def stage(multi: bool, name: str, group=None):
+    """With several ranks, every rank reports success or failure of the ``name`` stage at its end (an exception
+    inside is exchanged, then re-raised), so a failure on one rank raises on all instead of leaving the others
+    waiting in the next collective. A no-op for one process."""
+    if not multi:
+        yield
+        return
+    try:
+        yield
+    except Exception as exc:
+        exchange_status(exc, name, group)
+        raise
+    exchange_status(None, name, group)
 
 
 # ------------------------------------------------------------------------------------------------- padding
@@ -220,13 +237,10 @@ def decompose_sharded(stats, targets, config, device=None, release: bool = False
     if release:
         for k in list(stats.sums):
             stats.sums.pop(k)  # the owner holds its own in `sub`
-    error, local = None, {}
-    try:
+    local = {}
+    with stage(True, "decomposition", group):
         if mine:
             local = decompose(sub, targets, config, device=device, release=release)
-    except Exception as exc:  # every rank must reach the status exchange
-        error = exc
-    exchange_status(error, "decomposition", group)
     meta = {name: {"A": tuple(f.A.shape), "B": tuple(f.B.shape), "s": tuple(f.singular_values.shape),
                    "dtype": str(f.A.dtype).replace("torch.", ""), "device": str(f.A.device), "scaling": f.scaling,
                    "damping": f.damping, "stat_key": f.stat_key} for name, f in local.items()}

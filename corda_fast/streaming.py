@@ -11,7 +11,6 @@ all-at-once calibration.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -66,21 +65,6 @@ def _to(obj: Any, device) -> Any:
     return obj
 
 
-@contextlib.contextmanager
-def _ranks_in_step(multi: bool, stage: str):
-    """With several ranks: every rank reports success or failure of ``stage`` before going on, so a failure on
-    one rank raises on all instead of leaving the others waiting in the next collective."""
-    if not multi:
-        yield
-        return
-    try:
-        yield
-    except Exception as exc:
-        distributed.exchange_status(exc, stage)
-        raise
-    distributed.exchange_status(None, stage)
-
-
 @torch.no_grad()
 def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target],
                           cache_device: Optional[torch.device] = None) -> Iterator[CovarianceStats]:
@@ -113,7 +97,7 @@ def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, ta
 
         handles.append(blocks[0].register_forward_pre_hook(capture, with_kwargs=True))
         run = _forward_runner(model, targets)
-        with _ranks_in_step(multi, "calibration (caching block inputs)"):
+        with distributed.stage(multi, "calibration (caching block inputs)"):
             for i, kwargs, mask in iter_batches(loader, config, device, "caching block inputs"):
                 current.clear()
                 try:
@@ -140,7 +124,7 @@ def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, ta
             for t in block_targets:
                 handles.append(t.module.register_forward_pre_hook(collector.hook, with_kwargs=True))
             try:
-                with _ranks_in_step(multi, f"calibration of block '{prefix}.{b}'"):
+                with distributed.stage(multi, f"calibration of block '{prefix}.{b}'"):
                     for n, (i, mask, args, kwargs) in enumerate(cached):
                         collector.start_batch(i, mask)
                         out = block(*_to(args, device), **_to(kwargs, device))

@@ -18,21 +18,23 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="torch.distributed with gloo is not available")
 
 
-def torchrun_cmd(args, timeout=240):
+def launch(launcher, args, timeout=240):
+    """Run ``python -m <launcher> ...args`` with 2 processes of one thread each; ``(completed process, seconds)``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-                          + args, env=env, capture_output=True, text=True, timeout=timeout)
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m"] + launcher + args, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, time.perf_counter() - t
+
+
+TORCHRUN = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ACCELERATE = ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 def torchrun(out, case, timeout=240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1"),
-           "PYTHONPATH": os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           os.path.join(HERE, "dist_worker.py"), str(out), case],
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    return proc, time.perf_counter() - t
+    return launch(TORCHRUN, [os.path.join(HERE, "dist_worker.py"), str(out), case], timeout)
 
 
 def single_process(n, bs, seed, reverse=False, **kw):
@@ -131,12 +133,7 @@ def test_two_rank_corda_plus_plus_equals_one_process(two_rank_results):
 
 
 def test_accelerate_launch_equals_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           os.path.join(HERE, "dist_worker.py"), str(tmp_path), "accelerate"],
-                          env=env, capture_output=True, text=True, timeout=240)
+    proc, _ = launch(ACCELERATE, [os.path.join(HERE, "dist_worker.py"), str(tmp_path), "accelerate"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "accelerate_rank0.pt")
     r1 = torch.load(tmp_path / "accelerate_rank1.pt")
@@ -216,7 +213,7 @@ def test_cli_distributed_mode_equals_one_process(tmp_path):
     data.write_text(" ".join(cli.builtin_text().split()[:3000]))
     common = ["init", "--model", str(model), "--data", str(data), "--mode", "kpm", "--rank", "4", "--samples", "7",
               "--seq-len", "32", "--batch-size", "2", "--precision", "float64", "--quiet"]
-    proc = torchrun_cmd(["-m", "corda_fast"] + common + ["--distributed", "--out", str(tmp_path / "dist")])
+    proc, _ = launch(TORCHRUN, ["-m", "corda_fast"] + common + ["--distributed", "--out", str(tmp_path / "dist")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert cli.main(common + ["--out", str(tmp_path / "one")]) == 0
     report = json.loads((tmp_path / "dist" / "corda_report.json").read_text())

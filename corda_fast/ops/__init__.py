@@ -70,7 +70,9 @@ def xtx_accumulate(acc: torch.Tensor, x: torch.Tensor, row_scale: torch.Tensor, 
 
 def lowrank_gemm(p, q, s, r, bias=None, backend: Optional[str] = None) -> torch.Tensor:
     """``p @ q + s @ r (+ bias)`` in one pass (the fused low-rank layer's GEMM); backend as :func:`active_backend`."""
-    return lowrank.lowrank_gemm(p, q, s, r, bias, backend or active_backend(p.device))
+    if (backend or active_backend(p.device)) == "triton":
+        return torch.ops.corda_fast.lowrank_gemm_triton(p, q, s, r, bias)
+    return lowrank.lowrank_gemm_torch(p, q, s, r, bias)
 
 
 __all__ = ["active_backend", "lowrank_gemm", "available_backends", "xtx_accumulate", "symmetrize", "triangle_blocks", "sample_scales",

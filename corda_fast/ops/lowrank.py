@@ -134,10 +134,3 @@ if HAVE_TRITON:
     def _(p, q, s, r, bias=None):  # shape/dtype only (the interpreter cannot run on fake tensors)
         return p.new_empty((p.shape[0], q.shape[1]))
 
-
-def lowrank_gemm(p: torch.Tensor, q: torch.Tensor, s: torch.Tensor, r: torch.Tensor,
-                 bias: Optional[torch.Tensor] = None, backend: str = "torch") -> torch.Tensor:
-    """``p @ q + s @ r (+ bias)``: all operands 2-D in one dtype, any strides; ``backend`` ``torch`` | ``triton``."""
-    if backend == "triton":
-        return torch.ops.corda_fast.lowrank_gemm_triton(p, q, s, r, bias)
-    return lowrank_gemm_torch(p, q, s, r, bias)
