@@ -57,13 +57,13 @@ def _extensions():
     cxx = ["-O3", "-fopenmp"]  # the C++ standard is torch's (C++17 or C++20 depending on its version)
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
-            "corda_fast._C", sources + cuda_sources,
+            "corda_fast.ops._C", sources + cuda_sources,
             define_macros=[("CORDA_FAST_WITH_CUDA", "1")], include_dirs=_pip_cuda_includes(),
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=["-fopenmp"])
         print(f"corda_fast: building the native extension with CUDA {torch.version.cuda} "
               f"(arch list {os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')})")
     else:
-        ext = cpp_extension.CppExtension("corda_fast._C", sources, extra_compile_args={"cxx": cxx},
+        ext = cpp_extension.CppExtension("corda_fast.ops._C", sources, extra_compile_args={"cxx": cxx},
                                          extra_link_args=["-fopenmp"])
         why = ("no CUDA sources" if not cuda_sources else "torch is CPU-only" if torch.version.cuda is None
                else "CUDA_HOME not found" if cpp_extension.CUDA_HOME is None

@@ -5,29 +5,27 @@ Public API (re-exports only)::
     peft_model = corda_fast.init_adapters(model, loader, mode="kpm", rank=16)
 """
 
-__version__ = "0.1.0"
-
-from .api import InitReport, init_adapters
-from .calibrate import (CacheError, CalibrationError, CovarianceStats, collect_candidates, collect_covariance,
-                        model_fingerprint)
-from .config import CordaConfig, CordaConfigError
-from .data import pad_batches
+from ._version import __version__
 from . import distributed
-from .fused import FusedLoraLinear, FuseReport, fuse, fused_lora_linear, unfuse
+from .api import InitReport, init_adapters
+from .calibrate import CalibrationError, collect_candidates, collect_covariance
+from .config import CalibrationConfig, CordaConfig, CordaConfigError, DampingConfig, LoraSpec, PlusConfig
+from .data import pad_batches
 from .decompose import DampingError, LayerFactors, decompose, find_damping
+from .fused import FusedLoraLinear, FuseReport, fuse, fused_lora_linear, unfuse
 from .peft_bridge import build_peft_model, residual_state_dict, save_as_lora, save_initial_adapter, save_residual_base
+from .stats import CacheError, CovarianceStats, model_fingerprint
 from .targets import Target, TargetError, resolve_targets
 
 __all__ = [
     "__version__",
     "init_adapters",
-    "fuse",
-    "unfuse",
-    "fused_lora_linear",
-    "FusedLoraLinear",
-    "FuseReport",
     "InitReport",
     "CordaConfig",
+    "DampingConfig",
+    "CalibrationConfig",
+    "PlusConfig",
+    "LoraSpec",
     "CordaConfigError",
     "collect_covariance",
     "collect_candidates",
@@ -44,6 +42,12 @@ __all__ = [
     "residual_state_dict",
     "resolve_targets",
     "Target",
+    "fuse",
+    "unfuse",
+    "fused_lora_linear",
+    "FusedLoraLinear",
+    "FuseReport",
+    "distributed",
     "TargetError",
     "CalibrationError",
     "CacheError",

@@ -1,4 +1,13 @@
-"""``init_adapters``: calibrate → decompose → PEFT model, in one call."""
+"""``init_adapters``: statistics → decomposition → PEFT model → report, each a named step.
+
+::
+
+    configure          LoraSpec + CordaConfig from lora_config / corda_config / shortcuts
+    plan_source        where the statistics come from: "cache" | "one_pass" | "streaming" | "plus"
+    run_source         statistics from that source, decomposed into factors (CorDA++: selection and allocation)
+    build              the PEFT model (residual base + adapters); optionally saved, optionally fused
+    fill_report        the one place the InitReport is filled
+"""
 
 from __future__ import annotations
 
@@ -11,15 +20,20 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .calibrate import CovarianceStats, collect_covariance
-from .config import CordaConfig
-from .decompose import LayerFactors, decompose
 from . import distributed
+from .calibrate import collect_candidates, collect_covariance
+from .config import CordaConfig, LoraSpec
+from .decompose import LayerFactors, decompose, decompose_sharded
 from .fused import fuse
 from .peft_bridge import build_peft_model, save_initial_adapter
-from .targets import TargetError, resolve_targets
+from .plus import plan
+from .stats import CovarianceStats
+from .streaming import iter_block_statistics
+from .targets import Target, TargetError, resolve_targets
 
 logger = logging.getLogger(__name__)
+
+SOURCES = ("cache", "one_pass", "streaming", "plus")
 
 
 @dataclass
@@ -27,6 +41,7 @@ class InitReport:
     """What :func:`init_adapters` did: per-layer rank / damping / adapted spectrum, and wall time per stage."""
 
     mode: str
+    source: str = "one_pass"  # where the statistics came from: one of SOURCES
     layers: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     n_statistics: int = 0
@@ -64,7 +79,73 @@ class InitReport:
         return "\n".join(lines)
 
 
-def _statistics_may_not_fit(model: nn.Module, targets) -> bool:
+@dataclass
+class _Outcome:
+    """What a statistics source produced: factors, the statistic layout, and the tallies the report needs."""
+
+    factors: dict[str, LayerFactors]
+    key_of: dict[str, str]
+    targets: list[Target]
+    lora: LoraSpec
+    n_statistics: int = 0
+    statistics_bytes: int = 0
+    n_samples: int = 0
+    n_tokens: int = 0
+    seconds: dict = field(default_factory=dict)
+    plan: Any = None
+
+    def tally(self, stats: CovarianceStats, disjoint: bool = False, peak: bool = False) -> None:
+        """Count ``stats``: ``disjoint`` data (CorDA++ candidate groups) adds samples, else the largest count is
+        kept; ``peak`` (streaming blocks) keeps the largest size, else sizes add up."""
+        self.n_statistics += len(stats.sums)
+        size = stats.nbytes()
+        self.statistics_bytes = max(self.statistics_bytes, size) if peak else self.statistics_bytes + size
+        samples, tokens = max(stats.n_samples.values()), max(stats.n_tokens.values())
+        if disjoint:
+            self.n_samples += samples
+            self.n_tokens += tokens
+        else:
+            self.n_samples = max(self.n_samples, samples)
+            self.n_tokens = max(self.n_tokens, tokens)
+        self.key_of.update(stats.layer_keys())
+
+
+# ---------------------------------------------------------------------------------------------------- configure
+def configure(lora_config=None, corda_config: Optional[CordaConfig] = None, **shortcuts) -> tuple[LoraSpec, CordaConfig]:
+    """``(LoraSpec, CordaConfig)`` of a call: ``lora_config`` (a ``peft.LoraConfig``, a :class:`LoraSpec` or None)
+    and ``corda_config``, with the non-None ``shortcuts`` applied on top: ``rank`` / ``lora_alpha`` /
+    ``target_modules`` / ``task_type`` (LoRA), ``mode`` (CorDA), ``streaming`` / ``covariance_cache``
+    (calibration). Invalid values raise :class:`~corda_fast.CordaConfigError` naming the field."""
+    if lora_config is None:
+        lora = LoraSpec()
+    elif isinstance(lora_config, LoraSpec):
+        lora = lora_config
+    else:
+        lora = LoraSpec.from_peft(lora_config)
+    config = corda_config if corda_config is not None else CordaConfig()
+    if not isinstance(config, CordaConfig):
+        raise TypeError(f"corda_config must be a corda_fast.CordaConfig, got {type(config).__name__} (PEFT's own "
+                        "CordaConfig belongs in LoraConfig.corda_config).")
+    given = {k: v for k, v in shortcuts.items() if v is not None}
+    lora_changes = {{"rank": "r"}.get(k, k): given.pop(k) for k in ("rank", "lora_alpha", "target_modules", "task_type")
+                    if k in given}
+    calib_changes = {k: given.pop(k) for k in ("streaming", "covariance_cache") if k in given}
+    mode = given.pop("mode", None)
+    if given:
+        raise TypeError(f"unknown shortcut(s) {sorted(given)}")
+    if lora_changes:
+        lora = lora.replace(**lora_changes)
+    if calib_changes:
+        config = config.replace(calibration=config.calibration.replace(**calib_changes))
+    if mode is not None:
+        config = config.replace(mode=mode)
+    if config.show_progress and distributed.is_active(config.calibration.distributed) \
+            and distributed.rank_and_world()[0] != 0:
+        config = config.replace(show_progress=False)  # one set of progress bars: rank 0's
+    return lora, config
+
+
+def _statistics_may_not_fit(model: nn.Module, targets: list[Target]) -> bool:
     """Whether the float32 statistics (upper bound: one per target) exceed a quarter of the free memory of the
     model's device."""
     need = sum(t.d_in * t.d_in * 4 for t in targets)
@@ -79,33 +160,164 @@ def _statistics_may_not_fit(model: nn.Module, targets) -> bool:
     return need > free / 4
 
 
-def _decompose(stats, targets, config):
+# ---------------------------------------------------------------------------------------------------- source
+def plan_source(model: nn.Module, loader: Any, targets: list[Target], config: CordaConfig) -> str:
+    """Which statistics source this call uses, checked before anything runs: ``"plus"`` (CorDA++ candidates),
+    ``"cache"`` (an existing ``covariance_cache``), ``"streaming"`` (block by block) or ``"one_pass"``."""
+    calib = config.calibration
+    cache = calib.covariance_cache
+    cache_hit = cache is not None and os.path.isfile(cache)
+    streaming = calib.streaming
+    if streaming == "auto":
+        streaming = config.plus is None and not cache_hit and _statistics_may_not_fit(model, targets)
+    if config.plus is not None:
+        if streaming:
+            raise ValueError("CorDA++ (corda_config.plus) needs every layer's spectrum before any rank is known: it "
+                             "cannot stream block by block; use streaming=False.")
+        if cache is not None:
+            raise ValueError("CorDA++ (corda_config.plus) does not read or write a covariance_cache (its statistics "
+                             "are per candidate group); drop covariance_cache.")
+        if loader is None:
+            raise ValueError("CorDA++ (corda_config.plus) needs a calibration `loader`.")
+        return "plus"
+    if streaming:
+        if loader is None or (callable(loader) and not hasattr(loader, "__iter__")):
+            raise ValueError("streaming=True needs an iterable calibration `loader` of batches.")
+        if cache is not None:
+            raise ValueError("streaming=True does not write or read a covariance_cache; use one or the other.")
+        return "streaming"
+    if cache_hit:
+        return "cache"
+    if loader is None:
+        raise ValueError("init_adapters needs a calibration `loader` (or an existing `covariance_cache`).")
+    return "one_pass"
+
+
+def _decompose(stats: CovarianceStats, targets: list[Target], config: CordaConfig) -> dict[str, LayerFactors]:
     """Decompose (releasing each statistic once used), spread over the ranks when calibration is distributed."""
-    if distributed.is_active(config.distributed):
-        return distributed.decompose_sharded(stats, targets, config, release=True)
+    if distributed.is_active(config.calibration.distributed):
+        return decompose_sharded(stats, targets, config, release=True)
     return decompose(stats, targets, config, release=True)
 
 
+def _timed(outcome: _Outcome, stage: str, t0: float) -> float:
+    now = time.perf_counter()
+    outcome.seconds[stage] = outcome.seconds.get(stage, 0.0) + now - t0
+    return now
+
+
+def run_source(source: str, model: nn.Module, loader: Any, targets: list[Target], lora: LoraSpec,
+               config: CordaConfig) -> _Outcome:
+    """Statistics from ``source``, decomposed into factors (each statistic released once decomposed)."""
+    out = _Outcome({}, {}, targets, lora)
+    t0 = time.perf_counter()
+    if source == "plus":
+        candidates = collect_candidates(model, loader, config.plus.candidates, config, targets)
+        for c in candidates:
+            out.tally(c, disjoint=True)
+        t0 = _timed(out, "calibrate", t0)
+        out.plan = plan(candidates, targets, config, use_rslora=lora.use_rslora)
+        del candidates
+        t0 = _timed(out, "select_allocate", t0)
+        # every layer gets an explicit (escaped full-name) entry; the user's patterns were the uniform baseline
+        out.lora = lora.replace(rank_pattern=out.plan.rank_pattern, alpha_pattern=out.plan.alpha_pattern)
+        out.targets = resolve_targets(model, out.lora)
+        out.key_of = out.plan.stats.layer_keys()
+        out.factors = _decompose(out.plan.stats, out.targets, config)
+        out.plan.stats = None  # released
+        _timed(out, "decompose", t0)
+    elif source == "streaming":
+        quiet = config.replace(show_progress=False)
+        for block_stats in iter_block_statistics(model, loader, config, targets):
+            out.tally(block_stats, peak=True)
+            t0 = _timed(out, "calibrate", t0)
+            out.factors.update(_decompose(block_stats, targets, quiet))
+            t0 = _timed(out, "decompose", t0)
+    else:
+        cache = config.calibration.covariance_cache
+        if source == "cache":
+            stats = CovarianceStats.load(cache, model=model, targets=targets, normalization=config.normalization)
+            logger.info("loaded covariance statistics from %s", cache)
+        else:
+            stats = collect_covariance(model, loader, config, targets)
+            if cache is not None and distributed.rank_and_world()[0] == 0:  # identical on every rank
+                stats.save(cache)
+        out.tally(stats)
+        t0 = _timed(out, "calibrate", t0)
+        out.factors = _decompose(stats, targets, config)  # statistics freed as they are used
+        del stats
+        _timed(out, "decompose", t0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- build, report
+def build(model: nn.Module, outcome: _Outcome, config: CordaConfig, initial_adapter_dir: Optional[str],
+          fused: bool) -> tuple[Any, dict, int]:
+    """``(peft model, quantization report, number of fused layers)``."""
+    quant_report: dict = {}
+    peft_model = build_peft_model(model, outcome.factors, outcome.targets, config, outcome.lora,
+                                  quant_report=quant_report)
+    if initial_adapter_dir is not None:
+        save_initial_adapter(peft_model, initial_adapter_dir)
+    n_fused = len(fuse(peft_model).fused) if fused else 0
+    return peft_model, quant_report, n_fused
+
+
+def fill_report(report: InitReport, outcome: _Outcome, quant_report: dict, n_fused: int, build_seconds: float,
+                total_seconds: float) -> InitReport:
+    """Everything the report says, in one place."""
+    report.seconds.update(outcome.seconds)
+    report.seconds["build_peft"] = build_seconds
+    report.seconds["total"] = total_seconds
+    report.n_statistics = outcome.n_statistics
+    report.statistics_mib = outcome.statistics_bytes / 2**20
+    report.n_samples, report.n_tokens = outcome.n_samples, outcome.n_tokens
+    report.cache_hit = report.source == "cache"
+    report.streaming = report.source == "streaming"
+    report.plus = outcome.plan
+    report.fused = n_fused
+    by_name = {t.name: t for t in outcome.targets}
+    for name, f in outcome.factors.items():
+        t = by_name[name]
+        report.layers.append({
+            "name": name, "shape": [t.d_out, t.d_in], "rank": t.rank, "scaling": t.scaling, "damping": f.damping,
+            "shares_input_with": outcome.key_of[name],
+            "sigma_adapted_max": float(f.singular_values.max()), "sigma_adapted_min": float(f.singular_values.min()),
+            **({"quantized": quant_report[name]} if name in quant_report else {}),
+        })
+    if quant_report:
+        worst = max(quant_report.items(), key=lambda kv: kv[1]["model_vs_quantized"])
+        logger.info("quantized base: %d layers, residual %s; largest ‖W_res_stored + sBA − W_q‖/‖W_q‖ = %.3g (%s)",
+                    len(quant_report), worst[1]["residual"], worst[1]["model_vs_quantized"], worst[0])
+    return report
+
+
+def _check_quantized(targets: list[Target], config: CordaConfig) -> None:
+    torchao_layers = [t.name for t in targets if t.quant == "torchao"]
+    if torchao_layers and config.quantized_residual == "requantize" and config.requantize_config is None:
+        raise TargetError(
+            f"{len(torchao_layers)} targeted layer(s) hold torchao-quantized weights (e.g. '{torchao_layers[0]}'), "
+            "and a torchao weight does not record the config that made it: pass CordaConfig(requantize_config=<that "
+            "torchao config, e.g. Int8WeightOnlyConfig()>) to re-quantize the residual, or quantized_residual='keep'.")
+
+
+# ---------------------------------------------------------------------------------------------------- the call
 def init_adapters(
     model: nn.Module,
     loader: Any = None,
     *,
+    lora_config: Any = None,
+    corda_config: Optional[CordaConfig] = None,
     mode: Optional[str] = None,
     rank: Optional[int] = None,
     lora_alpha: Optional[float] = None,
     target_modules: Union[None, str, list] = None,
-    method: Optional[str] = None,
-    budget: Optional[int] = None,
-    candidates: Optional[int] = None,
-    config: Optional[CordaConfig] = None,
+    task_type: Optional[str] = None,
+    streaming: Union[None, bool, str] = None,
     covariance_cache: Optional[str] = None,
     initial_adapter_dir: Optional[str] = None,
-    task_type: Optional[str] = None,
-    streaming: Union[bool, str] = False,
-    cache_device=None,
     fused: bool = False,
     return_report: bool = False,
-    **config_overrides,
 ):
     """Initialise CorDA adapters on ``model`` from calibration data and return a ready-to-train PEFT model.
 
@@ -117,25 +329,18 @@ def init_adapters(
             ``attention_mask`` (padding on either side is ignored) / ``labels``; tensors of input ids;
             ``(input_ids, attention_mask)`` tuples; or a zero-argument callable that runs the model. May be
             ``None`` when ``covariance_cache`` exists.
-        mode, rank, lora_alpha, target_modules, **config_overrides: shortcuts for :class:`CordaConfig` fields
-            (applied on top of ``config``).
-        method, budget, candidates: ``method="corda++"`` selects, per layer, the most compact of ``candidates``
-            statistics (collected in the same forward pass from disjoint batches) and allocates per-layer ranks
-            under ``budget`` adapter parameters (default: the uniform ``rank``'s count); the ranks go to PEFT as
-            ``rank_pattern`` / ``alpha_pattern``, so the model saves and loads with plain PEFT. See
-            :class:`CordaConfig` for ``min_rank``, ``max_rank`` and the ``plus_*`` options.
-        covariance_cache: path of a safetensors statistics cache: loaded (and validated against this model,
-            targets and normalisation) if it exists, written after calibration otherwise. One calibration serves
-            any rank / mode.
+        lora_config: a ``peft.LoraConfig`` (or :class:`~corda_fast.LoraSpec`): ``r``, ``lora_alpha``,
+            ``target_modules``, ``exclude_modules``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``,
+            ``lora_dropout``, ``task_type`` are honoured; LoRA options CorDA cannot honour (DoRA, LoRA bias, ...)
+            are rejected by name. Default: rank 8, ``alpha = r``, every linear layer but the output head.
+        corda_config: :class:`~corda_fast.CordaConfig` — mode, normalisation, precision, damping, calibration
+            (cache, streaming, distributed), ``plus=PlusConfig(...)`` for CorDA++, quantized bases.
+        mode, rank, lora_alpha, target_modules, task_type, streaming, covariance_cache: shortcuts applied on top of
+            the two configs (``rank`` is ``LoraConfig.r``; ``streaming`` / ``covariance_cache`` are
+            ``CordaConfig.calibration``'s).
         initial_adapter_dir: if given, the freshly initialised adapter is saved there (needed later by
             :func:`corda_fast.save_as_lora` to convert the trained adapter to a plain LoRA).
-        task_type: PEFT task type of the returned model (e.g. ``"CAUSAL_LM"``).
-        streaming: ``True`` calibrates and decomposes one transformer block at a time (peak statistic memory =
-            one block; same result); ``"auto"`` does so when the statistics could exceed a quarter of the free
-            memory of the model's device; ``False`` (default) calibrates the whole model in one pass.
-        cache_device: with streaming, where the cached block inputs live (default: the model's device).
-        fused: switch the returned model's LoRA layers to the fused training path (:func:`corda_fast.fuse`;
-            state dict, saving and loading unchanged; :func:`corda_fast.unfuse` restores PEFT's layers).
+        fused: switch the returned model's LoRA layers to the fused training path (:func:`corda_fast.fuse`).
         return_report: also return an :class:`InitReport`.
     Returns:
         ``peft.PeftModel`` (and the report if ``return_report``).
@@ -143,128 +348,18 @@ def init_adapters(
     # torch.compile'd models: calibrate and wrap the original module in eager mode (hooks added to a compiled
     # graph would force recompiles); compile the returned PEFT model again if wanted.
     model = getattr(model, "_orig_mod", model)
-    overrides = dict(config_overrides)
-    for key, value in (("mode", mode), ("rank", rank), ("lora_alpha", lora_alpha), ("target_modules", target_modules),
-                       ("method", method), ("budget", budget), ("candidates", candidates)):
-        if value is not None:
-            overrides[key] = value
-    config = (config or CordaConfig()).replace(**overrides) if overrides else (config or CordaConfig())
-    if config.show_progress and distributed.is_active(config.distributed) and distributed.rank_and_world()[0] != 0:
-        config = config.replace(show_progress=False)  # one set of progress bars: rank 0's
-    report = InitReport(mode=config.mode, covariance_cache=covariance_cache)
-
+    lora, config = configure(lora_config, corda_config, mode=mode, rank=rank, lora_alpha=lora_alpha,
+                             target_modules=target_modules, task_type=task_type, streaming=streaming,
+                             covariance_cache=covariance_cache)
     t0 = time.perf_counter()
-    targets = resolve_targets(model, config)
-    torchao_layers = [t.name for t in targets if t.quant == "torchao"]
-    if torchao_layers and config.quantized_residual == "requantize" and config.requantize_config is None:
-        raise TargetError(
-            f"{len(torchao_layers)} targeted layer(s) hold torchao-quantized weights (e.g. '{torchao_layers[0]}'), "
-            "and a torchao weight does not record the config that made it: pass requantize_config=<that torchao "
-            "config, e.g. Int8WeightOnlyConfig()> to re-quantize the residual, or quantized_residual='keep'.")
-    cache_hit = covariance_cache is not None and os.path.isfile(covariance_cache)
-    if streaming == "auto":
-        streaming = config.method == "corda" and not cache_hit and _statistics_may_not_fit(model, targets)
-    if streaming not in (True, False):
-        raise ValueError(f"streaming={streaming!r}: expected True, False or 'auto'.")
-    plus_plan = None
-    if config.method == "corda++":
-        if streaming:
-            raise ValueError("method='corda++' needs every layer's spectrum before any rank is known: it cannot "
-                             "stream block by block; use streaming=False.")
-        if covariance_cache is not None:
-            raise ValueError("method='corda++' does not read or write a covariance_cache (its statistics are "
-                             "per candidate group); drop covariance_cache.")
-        if loader is None:
-            raise ValueError("init_adapters(method='corda++') needs a calibration `loader`.")
-        from .calibrate import collect_candidates
-        from .plus import plan
-
-        cands = collect_candidates(model, loader, config.candidates, config, targets)
-        report.seconds["calibrate"] = time.perf_counter() - t0
-        report.n_statistics = sum(len(c.sums) for c in cands)
-        report.statistics_mib = sum(c.nbytes() for c in cands) / 2**20
-        report.n_samples = sum(max(c.n_samples.values()) for c in cands)
-        report.n_tokens = sum(max(c.n_tokens.values()) for c in cands)
-        t1 = time.perf_counter()
-        plus_plan = plan(cands, targets, config)
-        del cands
-        report.seconds["select_allocate"] = time.perf_counter() - t1
-        # every layer gets an explicit (escaped full-name) entry; user patterns were the uniform baseline
-        config = config.replace(rank_pattern=plus_plan.rank_pattern, alpha_pattern=plus_plan.alpha_pattern)
-        targets = resolve_targets(model, config)
-        key_of = plus_plan.stats.layer_keys()
-        t1 = time.perf_counter()
-        factors = _decompose(plus_plan.stats, targets, config)
-        plus_plan.stats = None  # released
-        report.seconds["decompose"] = time.perf_counter() - t1
-        report.plus = plus_plan
-    elif streaming:
-        if loader is None or (callable(loader) and not hasattr(loader, "__iter__")):
-            raise ValueError("streaming=True needs an iterable calibration `loader` of batches.")
-        if covariance_cache is not None:
-            raise ValueError("streaming=True does not write or read a covariance_cache; use one or the other.")
-        from .streaming import iter_block_statistics
-
-        factors, key_of, peak, t_decompose = {}, {}, 0, 0.0
-        for block_stats in iter_block_statistics(model, loader, config, targets, cache_device):
-            peak = max(peak, block_stats.nbytes())
-            report.n_statistics += len(block_stats.sums)
-            report.n_samples = max(report.n_samples, max(block_stats.n_samples.values()))
-            report.n_tokens = max(report.n_tokens, max(block_stats.n_tokens.values()))
-            key_of.update(block_stats.layer_keys())
-            t = time.perf_counter()
-            factors.update(_decompose(block_stats, targets, config.replace(show_progress=False)))
-            t_decompose += time.perf_counter() - t
-        report.statistics_mib = peak / 2**20
-        report.seconds["calibrate"] = time.perf_counter() - t0 - t_decompose
-        report.seconds["decompose"] = t_decompose
-    else:
-        if cache_hit:
-            stats = CovarianceStats.load(covariance_cache, model=model, targets=targets,
-                                         normalization=config.normalization)
-            report.cache_hit = True
-            logger.info("loaded covariance statistics from %s", covariance_cache)
-        else:
-            if loader is None:
-                raise ValueError("init_adapters needs a calibration `loader` (or an existing `covariance_cache`).")
-            stats = collect_covariance(model, loader, config, targets)
-            if covariance_cache is not None and distributed.rank_and_world()[0] == 0:  # identical on every rank
-                stats.save(covariance_cache)
-        report.seconds["calibrate"] = time.perf_counter() - t0
-        report.n_statistics = len(stats.sums)
-        report.statistics_mib = stats.nbytes() / 2**20
-        report.n_samples = max(stats.n_samples.values())
-        report.n_tokens = max(stats.n_tokens.values())
-        key_of = stats.layer_keys()
-
-        t1 = time.perf_counter()
-        factors = _decompose(stats, targets, config)  # statistics freed as they are used
-        del stats
-        report.seconds["decompose"] = time.perf_counter() - t1
-    report.streaming = bool(streaming)
-
+    targets = resolve_targets(model, lora)
+    _check_quantized(targets, config)
+    source = plan_source(model, loader, targets, config)
+    report = InitReport(mode=config.mode, source=source, covariance_cache=config.calibration.covariance_cache)
+    outcome = run_source(source, model, loader, targets, lora, config)
+    t1 = time.perf_counter()
+    peft_model, quant_report, n_fused = build(model, outcome, config, initial_adapter_dir, fused)
     t2 = time.perf_counter()
-    quant_report: dict = {}
-    peft_model = build_peft_model(model, factors, targets, config, task_type=task_type, quant_report=quant_report)
-    if initial_adapter_dir is not None:
-        save_initial_adapter(peft_model, initial_adapter_dir)
-    if fused:
-        report.fused = len(fuse(peft_model).fused)
-    report.seconds["build_peft"] = time.perf_counter() - t2
-    report.seconds["total"] = time.perf_counter() - t0
-
-    by_name = {t.name: t for t in targets}
-    for name, f in factors.items():
-        t = by_name[name]
-        report.layers.append({
-            "name": name, "shape": [t.d_out, t.d_in], "rank": t.rank, "scaling": t.scaling, "damping": f.damping,
-            "shares_input_with": key_of[name],
-            "sigma_adapted_max": float(f.singular_values.max()), "sigma_adapted_min": float(f.singular_values.min()),
-            **({"quantized": quant_report[name]} if name in quant_report else {}),
-        })
-    if quant_report:
-        worst = max(quant_report.items(), key=lambda kv: kv[1]["model_vs_quantized"])
-        logger.info("quantized base: %d layers, residual %s; largest ‖W_res_stored + sBA − W_q‖/‖W_q‖ = %.3g (%s)",
-                    len(quant_report), worst[1]["residual"], worst[1]["model_vs_quantized"], worst[0])
+    fill_report(report, outcome, quant_report, n_fused, t2 - t1, t2 - t0)
     logger.info("%s", report.summary())
     return (peft_model, report) if return_report else peft_model

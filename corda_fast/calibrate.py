@@ -6,180 +6,36 @@ once. Padding (``attention_mask == 0``) never enters a statistic, batches may ha
 side, and the per-sample normalisation is applied per sequence, so a padded batch gives the statistics of
 batch-size-1 calibration.
 
-The model is left as it was whatever happens: hooks are removed and the train/eval mode restored in ``finally``,
-and calibration never writes to the model.
+The model is left as it was whatever happens: hooks are removed and every module's own train/eval mode restored
+in ``finally``, and calibration never writes to the model. Streaming (``streaming.py``) builds on the public pieces
+here: :class:`Collector`, :func:`forward_runner`, :func:`iter_batches`, :func:`finish_statistics`, :func:`eval_mode`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import ops
-from .config import CordaConfig
+from . import distributed, ops
+from .config import CordaConfig, LoraSpec
+from .stats import CovarianceStats, model_fingerprint
 from .targets import Target, resolve_targets
 
 logger = logging.getLogger(__name__)
-
-CACHE_FORMAT = "corda_fast.covariance.v1"
-
 
 class CalibrationError(RuntimeError):
     """Calibration could not produce valid statistics (empty loader, non-finite activations, unused layers...)."""
 
 
-class CacheError(ValueError):
-    """A covariance cache that does not belong to this model / configuration."""
-
-
-@dataclass
-class CovarianceStats:
-    """Uncentered second-moment statistics of the targeted layers' inputs.
-
-    ``sums[key]`` is ``Σ_samples (X_s/m_s)ᵀ (X_s/m_s)`` over real tokens (``(d, d)``, float32 or float64) and
-    ``n_samples[key]`` the number of samples that contributed; the covariance is their ratio (PEFT divides by
-    the number of hook calls, which is the number of samples at batch size 1). ``members[key]`` lists the layers
-    reading that input, the first being the one the statistic was computed on.
-    """
-
-    sums: dict[str, torch.Tensor]
-    n_samples: dict[str, int]
-    n_tokens: dict[str, int]
-    members: dict[str, list[str]]
-    normalization: str
-    model_fingerprint: str
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def layer_keys(self) -> dict[str, str]:
-        """``{layer name: statistic key}``."""
-        return {name: key for key, names in self.members.items() for name in names}
-
-    def key_of(self, name: str) -> str:
-        return self.layer_keys()[name]
-
-    def covariance(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """``C = sum / n_samples`` for statistic ``key`` (``(d, d)``)."""
-        s = self.sums[key]
-        return s.to(dtype or s.dtype) / self.n_samples[key]
-
-    def layer_names(self) -> list[str]:
-        return list(self.layer_keys())
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.sums.values())
-
-    # ------------------------------------------------------------------ cache
-    def save(self, path: str) -> None:
-        """Write the statistics (sums and counts, so caches can be merged) as safetensors with metadata."""
-        from safetensors.torch import save_file
-
-        keys = list(self.sums)
-        meta = {
-            "format": CACHE_FORMAT,
-            "model_fingerprint": self.model_fingerprint,
-            "normalization": self.normalization,
-            "keys": json.dumps(keys),
-            "members": json.dumps(self.members),
-            "n_samples": json.dumps(self.n_samples),
-            "n_tokens": json.dumps(self.n_tokens),
-            "meta": json.dumps(self.meta),
-        }
-        tensors = {f"stat{i}": self.sums[k].contiguous().cpu() for i, k in enumerate(keys)}
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file(tensors, path, metadata=meta)
-        logger.info("saved covariance statistics of %d inputs (%d layers) to %s", len(keys), len(self.layer_names()), path)
-
-    @classmethod
-    def load(cls, path: str, model: Optional[nn.Module] = None, targets: Optional[list[Target]] = None,
-             normalization: Optional[str] = None) -> "CovarianceStats":
-        """Load a cache written by :meth:`save`, validated against ``model`` / ``targets`` / ``normalization``.
-
-        Raises :class:`CacheError` naming the mismatched field (another model, a missing layer, a shape or
-        normalisation mismatch, non-finite values).
-        """
-        from safetensors import safe_open
-
-        if not os.path.isfile(path):
-            raise CacheError(f"covariance cache '{path}' does not exist.")
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != CACHE_FORMAT:
-                raise CacheError(f"'{path}' is not a corda_fast covariance cache (format={meta.get('format')!r}).")
-            keys = json.loads(meta["keys"])
-            sums = {k: f.get_tensor(f"stat{i}") for i, k in enumerate(keys)}
-        stats = cls(
-            sums=sums,
-            n_samples={k: int(v) for k, v in json.loads(meta["n_samples"]).items()},
-            n_tokens={k: int(v) for k, v in json.loads(meta["n_tokens"]).items()},
-            members=json.loads(meta["members"]),
-            normalization=meta["normalization"],
-            model_fingerprint=meta["model_fingerprint"],
-            meta=json.loads(meta.get("meta", "{}")),
-        )
-        if model is not None:
-            fp = model_fingerprint(model)
-            if fp != stats.model_fingerprint:
-                raise CacheError(
-                    f"covariance cache '{path}' was collected on another model (model_fingerprint "
-                    f"{stats.model_fingerprint[:12]}..., this model {fp[:12]}...: different architecture or weights, "
-                    f"cache made for {stats.meta.get('model_class', '?')}). Recalibrate, or load the model it was made on."
-                )
-        if normalization is not None and normalization != stats.normalization:
-            raise CacheError(
-                f"covariance cache '{path}' used normalization={stats.normalization!r} but the config asks for "
-                f"{normalization!r}."
-            )
-        if targets is not None:
-            keys = stats.layer_keys()
-            missing = [t.name for t in targets if t.name not in keys]
-            if missing:
-                raise CacheError(
-                    f"covariance cache '{path}' has no statistic for layer(s) {missing[:5]}"
-                    + (" ..." if len(missing) > 5 else "") + "; it was collected for other target_modules."
-                )
-            for t in targets:
-                key = keys[t.name]
-                if tuple(stats.sums[key].shape) != (t.d_in, t.d_in):
-                    raise CacheError(
-                        f"covariance cache '{path}': statistic of '{t.name}' is {tuple(stats.sums[key].shape)}, "
-                        f"the layer needs ({t.d_in}, {t.d_in})."
-                    )
-        bad = [k for k, s in stats.sums.items() if not torch.isfinite(s.diagonal()).all()]
-        if bad:
-            raise CacheError(f"covariance cache '{path}' holds non-finite statistics for {bad[:5]}.")
-        return stats
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A cheap identity of a model's architecture *and* weights (class, every parameter's name, shape, dtype and
-    a strided sample of its values). Statistics depend on every upstream weight, so all parameters count."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name, p in model.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        data = p.data
-        if type(data) is not torch.Tensor:  # quantized tensor subclass (torchao): hash its values
-            data = data.dequantize() if callable(getattr(data, "dequantize", None)) else None
-            if data is None:
-                h.update(type(p.data).__name__.encode())
-                continue
-        flat = data.detach().reshape(-1)
-        step = max(1, flat.numel() // 64)
-        h.update(flat[::step][:64].to(torch.float64).cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------- batches
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -206,7 +62,7 @@ def _split_batch(batch) -> tuple[dict, Optional[torch.Tensor]]:
     )
 
 
-def _forward_runner(model: nn.Module, targets: list[Target]) -> Callable[[dict], Any]:
+def forward_runner(model: nn.Module, targets: list[Target]) -> Callable[[dict], Any]:
     """The cheapest forward that reaches every target: a transformers model's backbone (no LM/task head, which
     can cost as much as a few layers) when all targets live inside it, with the KV cache off."""
     prefix = getattr(model, "base_model_prefix", None)
@@ -238,15 +94,15 @@ def _forward_runner(model: nn.Module, targets: list[Target]) -> Callable[[dict],
 
 
 # ---------------------------------------------------------------------------------------------------- hooks
-class _Collector:
+class Collector:
     """Holds the per-batch token layout and the accumulators; its hooks do the work."""
 
     def __init__(self, targets: list[Target], config: CordaConfig, device: torch.device, groups: int = 1):
         self.config = config
         self.device = device
-        self.backend = ops.active_backend(device, config.covariance_dtype)
+        self.dtype = config.dtype
+        self.backend = ops.choose("xtx_accumulate", device, self.dtype)
         self.names = {id(t.module): t.name for t in targets}
-        self.dtype = config.covariance_dtype
         # One (sums, n_samples, n_tokens) triple per candidate group (CorDA++); batch i feeds group i mod groups.
         # The hooks only ever see the current group's dicts.
         self.groups = [({}, {}, {}) for _ in range(groups)]
@@ -347,7 +203,7 @@ class _Collector:
         x = args[0] if args else next(iter(kwargs.values()))
         key = self.assigned.get(name)
         if key is None:  # first call: share a recent input's statistic (first batch only) or open its own
-            shared = self._find_recent(x) if self.first_batch and self.config.share_inputs else None
+            shared = self._find_recent(x) if self.first_batch and self.config.calibration.share_inputs else None
             key = shared or name
             if shared is None:
                 self.members[key] = [name]
@@ -396,23 +252,78 @@ class _Collector:
         )
 
 
+    # -- over ranks ------------------------------------------------------------------------------------------
+    def sync_ranks(self, n_batches: int, group=None) -> int:
+        """Collective: merge every rank's statistic layout into this collector and sum its accumulators and counts
+        over ranks, in place (a rank on which some layer never ran gets zero sums for it). Returns the total number
+        of batches over ranks."""
+        dims = {}
+        for sums, _, _ in self.groups:
+            dims.update({k: int(v.shape[0]) for k, v in sums.items()})
+        layout = {"batches": n_batches, "order": list(self.order), "members": self.members,
+                  "assigned": self.assigned, "dims": dims}
+        everyone = distributed.gather_objects(layout, group)
+        order, members, assigned, all_dims = _merge_layouts(everyone)
+        self.order[:] = order
+        self.members.clear()
+        self.members.update(members)
+        self.assigned.clear()
+        self.assigned.update(assigned)
+        for sums, n_samples, n_tokens in self.groups:
+            keys = [k for k in order if k in all_dims]
+            for k in keys:
+                if k not in sums:
+                    sums[k] = torch.zeros(all_dims[k], all_dims[k], dtype=self.dtype, device=self.device)
+                    n_samples[k] = n_tokens[k] = 0
+                distributed.all_reduce_sum(sums[k], group)
+            counts = torch.tensor([[n_samples[k], n_tokens[k]] for k in keys], dtype=torch.int64,
+                                  device=distributed.comm_device(group)).reshape(-1, 2)
+            distributed.all_reduce_sum(counts, group)
+            for k, (ns, nt) in zip(keys, counts.tolist()):
+                n_samples[k], n_tokens[k] = int(ns), int(nt)
+        return sum(lay["batches"] for lay in everyone)
+
+
+def _merge_layouts(everyone: list[dict]) -> tuple[list, dict, dict, dict]:
+    """``(order, members, assigned, dims)`` merged over ranks, the same on every rank (rank order)."""
+    order, members, assigned, all_dims = [], {}, {}, {}
+    for r, lay in enumerate(everyone):
+        for k in lay["order"]:
+            if k not in members:
+                order.append(k)
+                members[k] = []
+            for name in lay["members"].get(k, []):
+                if name not in members[k]:
+                    members[k].append(name)
+        for name, k in lay["assigned"].items():
+            if assigned.setdefault(name, k) != k:
+                raise distributed.DistributedError(
+                    f"layer '{name}' shares its input with '{assigned[name]}' on one rank and with '{k}' on rank "
+                    f"{r}: the ranks run different models?")
+        for k, d in lay["dims"].items():
+            if all_dims.setdefault(k, d) != d:
+                raise distributed.DistributedError(
+                    f"the input of '{k}' is {all_dims[k]} wide on one rank and {d} on rank {r}: the ranks run "
+                    "different models?")
+    return order, members, assigned, all_dims
+
+
 def iter_batches(loader, config: CordaConfig, device: torch.device, what: str):
     """``(index, model kwargs on device, host copy of the mask or None)`` for each loader batch, with progress
     and ``config.max_batches``. Rows that a ``DistributedSampler`` repeated to pad its last round are masked out
     of the returned mask (they still run through the model, but enter no statistic)."""
-    from .distributed import PaddingFilter
-
     total = None
     try:
         total = len(loader)
     except TypeError:
         pass
-    if config.max_batches is not None and total is not None:
-        total = min(total, config.max_batches)
-    padding = PaddingFilter.from_loader(loader)
+    max_batches = config.calibration.max_batches
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+    padding = distributed.PaddingFilter.from_loader(loader)
     bar = tqdm(loader, total=total, desc=f"corda_fast: {what}", disable=not config.show_progress, unit="batch")
     for i, batch in enumerate(bar):
-        if config.max_batches is not None and i >= config.max_batches:
+        if max_batches is not None and i >= max_batches:
             break
         kwargs, mask = _split_batch(batch)
         mask = None if mask is None else mask.cpu()
@@ -426,7 +337,7 @@ def iter_batches(loader, config: CordaConfig, device: torch.device, what: str):
         yield i, kwargs, mask
 
 
-def finish_statistics(collector: _Collector, targets: list[Target], config: CordaConfig, fingerprint: str,
+def finish_statistics(collector: Collector, targets: list[Target], config: CordaConfig, fingerprint: str,
                       n_batches: int, t0: float, group: int = 0) -> CovarianceStats:
     """The :class:`CovarianceStats` of a finished collector's candidate ``group`` (unused targets handled per
     ``config``)."""
@@ -437,7 +348,7 @@ def finish_statistics(collector: _Collector, targets: list[Target], config: Cord
         where = f" in candidate group {group} (batches {group}, {group} + {len(collector.groups)}, ...)" \
             if len(collector.groups) > 1 else ""
         msg = f"{len(unused)} targeted layer(s) saw no calibration token{where}: {unused[:5]}" + (" ..." if len(unused) > 5 else "")
-        if config.unused_targets == "error":
+        if config.calibration.unused_targets == "error":
             raise CalibrationError(msg + ". Exclude them (exclude_modules) or set unused_targets='skip'.")
         logger.warning("%s; they get no adapter (unused_targets='skip').", msg)
     keys = [k for k in collector.order if collector.n_samples.get(k, 0) > 0]
@@ -448,18 +359,39 @@ def finish_statistics(collector: _Collector, targets: list[Target], config: Cord
         members={k: [n for n in collector.members[k] if n not in unused] for k in keys},
         normalization=config.normalization,
         model_fingerprint=fingerprint,
-        meta={"batches": n_batches, "backend": collector.backend, "precision": config.covariance_precision,
+        meta={"batches": n_batches, "backend": collector.backend, "precision": config.precision,
               "seconds": round(time.perf_counter() - t0, 3),
               **({"candidate": group, "candidates": len(collector.groups)} if len(collector.groups) > 1 else {})},
     )
 
 
 # ---------------------------------------------------------------------------------------------------- public
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put ``model`` in eval mode for the block and restore *each module's own* train/eval flag afterwards (a
+    model with some submodules frozen in eval comes back exactly so), whatever happens inside."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def as_targets(model: nn.Module, targets: Union[None, LoraSpec, list]) -> list[Target]:
+    """Resolved targets: ``targets`` itself if already resolved, else resolved from a :class:`LoraSpec` (default:
+    every linear layer but the output head). Statistics do not depend on the rank, so it is not checked."""
+    if targets is None or isinstance(targets, LoraSpec):
+        return resolve_targets(model, targets, check_rank=False)
+    return list(targets)
+
+
 def collect_covariance(
     model: nn.Module,
     loader: Any,
     config: Optional[CordaConfig] = None,
-    targets: Optional[list[Target]] = None,
+    targets: Union[None, LoraSpec, list[Target]] = None,
 ) -> CovarianceStats:
     """Run ``model`` on ``loader`` and return the input statistics of every targeted layer.
 
@@ -469,16 +401,14 @@ def collect_covariance(
             ``attention_mask`` / ``labels`` (ignored), tensors of input ids, or ``(input_ids, attention_mask)``
             tuples — of any batch size and padding side; or a zero-argument callable that runs the model itself
             (PEFT's ``run_model``; then no mask is known and every token counts).
-        config: :class:`CordaConfig` (``normalization``, ``covariance_precision``, ``share_inputs``,
-            ``max_batches``, ``unused_targets``).
-        targets: pre-resolved targets (default: resolved from ``config``).
+        config: :class:`CordaConfig` (``normalization``, ``precision``, ``calibration``).
+        targets: resolved targets, or a :class:`LoraSpec` to resolve (default: every linear layer but the head).
 
     Returns:
         :class:`CovarianceStats` with one ``(d_in, d_in)`` statistic per distinct layer input.
     """
     config = config or CordaConfig()
-    targets = targets if targets is not None else resolve_targets(model, config, check_rank=False)
-    stats = _collect(model, loader, config, targets, groups=1)[0]
+    stats = _collect(model, loader, config, as_targets(model, targets), groups=1)[0]
     logger.info(
         "calibrated %d layers on %d batches (%d samples, %d tokens): %d distinct inputs, %.1f MiB of statistics, %.2fs",
         len(stats.layer_names()), stats.meta["batches"], max(stats.n_samples.values()), max(stats.n_tokens.values()),
@@ -488,7 +418,7 @@ def collect_covariance(
 
 
 def collect_candidates(model: nn.Module, loader: Any, candidates: int, config: Optional[CordaConfig] = None,
-                       targets: Optional[list[Target]] = None) -> list[CovarianceStats]:
+                       targets: Union[None, LoraSpec, list[Target]] = None) -> list[CovarianceStats]:
     """CorDA++ candidate statistics: like :func:`collect_covariance` but in ``candidates`` disjoint groups of
     the calibration data collected in the same forward pass (batch ``i`` feeds group ``i mod candidates``).
 
@@ -496,62 +426,63 @@ def collect_candidates(model: nn.Module, loader: Any, candidates: int, config: O
     the same way in every group). Raises :class:`CalibrationError` if the loader has fewer batches than groups.
     """
     config = config or CordaConfig()
-    targets = targets if targets is not None else resolve_targets(model, config, check_rank=False)
-    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+    if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
         raise ValueError(f"candidates={candidates!r}: expected an int >= 1.")
-    out = _collect(model, loader, config, targets, groups=candidates)
+    out = _collect(model, loader, config, as_targets(model, targets), groups=candidates)
     logger.info("calibrated %d layers into %d candidate groups on %d batches: %.1f MiB of statistics, %.2fs",
                 len(out[0].layer_names()), candidates, out[0].meta["batches"],
                 sum(s.nbytes() for s in out) / 2**20, out[0].meta["seconds"])
     return out
 
 
+def _run_batches(collector: Collector, model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target],
+                 device: torch.device, groups: int) -> int:
+    """The forward passes of one calibration; returns the number of batches run."""
+    if callable(loader) and not hasattr(loader, "__iter__"):  # PEFT-style run_model()
+        if groups > 1:
+            raise CalibrationError(
+                f"{groups} candidate groups need an iterable loader of batches (batch i feeds group "
+                f"i mod {groups}); a run_model() callable is one opaque batch."
+            )
+        collector.start_batch(0, None)
+        loader()
+        collector.record_finite()
+        collector.end_batch()
+        collector.check_finite()
+        return 1
+    run = forward_runner(model, targets)
+    n_batches = 0
+    for i, kwargs, mask in iter_batches(loader, config, device, "calibrating"):
+        collector.start_batch(i, mask)
+        run(kwargs)
+        collector.record_finite()
+        collector.end_batch()
+        n_batches += 1
+        if device.type == "cpu" or n_batches % 16 == 0:  # fail fast where checking is free
+            collector.check_finite()
+    collector.check_finite()
+    return n_batches
+
+
 def _collect(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target],
              groups: int) -> list[CovarianceStats]:
-    from . import distributed
-
-    device = _model_device(model)
-    collector = _Collector(targets, config, device, groups)
-    multi = distributed.is_active(config.distributed)
-    was_training = model.training
+    device = model_device(model)
+    collector = Collector(targets, config, device, groups)
+    multi = distributed.is_active(config.calibration.distributed)
     handles = []
     t0 = time.perf_counter()
-    n_batches = 0
     with distributed.stage(multi, "calibration"):  # a failure here raises on every rank
         try:
             for t in targets:
                 handles.append(t.module.register_forward_pre_hook(collector.hook, with_kwargs=True))
-            model.eval()
-            with torch.no_grad():
-                if callable(loader) and not hasattr(loader, "__iter__"):  # PEFT-style run_model()
-                    if groups > 1:
-                        raise CalibrationError(
-                            f"{groups} candidate groups need an iterable loader of batches (batch i feeds group "
-                            f"i mod {groups}); a run_model() callable is one opaque batch."
-                        )
-                    collector.start_batch(0, None)
-                    loader()
-                    collector.record_finite()
-                    collector.end_batch()
-                    n_batches = 1
-                else:
-                    run = _forward_runner(model, targets)
-                    for i, kwargs, mask in iter_batches(loader, config, device, "calibrating"):
-                        collector.start_batch(i, mask)
-                        run(kwargs)
-                        collector.record_finite()
-                        collector.end_batch()
-                        n_batches += 1
-                        if device.type == "cpu" or n_batches % 16 == 0:  # fail fast where checking is free
-                            collector.check_finite()
-                collector.check_finite()
+            with eval_mode(model), torch.no_grad():
+                n_batches = _run_batches(collector, model, loader, config, targets, device, groups)
         finally:
             for h in handles:
                 h.remove()
-            model.train(was_training)
     if multi:
         local = n_batches
-        n_batches = distributed.sync_collector(collector, n_batches)
+        n_batches = collector.sync_ranks(n_batches)
         logger.info("statistics summed over ranks: %d batches here, %d in all", local, n_batches)
     if n_batches == 0:
         raise CalibrationError("the calibration loader yielded no batches; give it at least one batch of samples."

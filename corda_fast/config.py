@@ -1,7 +1,13 @@
-"""Every knob of corda_fast in one validated dataclass.
+"""Configuration: LoRA's knobs in PEFT's shape (:class:`LoraSpec`, read from a ``peft.LoraConfig``) beside CorDA's own
+knobs, grouped (:class:`CordaConfig` with :class:`DampingConfig`, :class:`CalibrationConfig` and, for CorDA++,
+:class:`PlusConfig`).
 
-Defaults reproduce PEFT's ``preprocess_corda`` + ``init_lora_weights="corda"`` so that a user switching
-from PEFT gets the same adapters (see ``shared/reference/corda_spec.md`` §3-4 and DESIGN.md §3).
+Every dataclass validates itself on construction; an invalid value raises :class:`CordaConfigError` naming the field
+(``CordaConfig.plus.budget``...) and the allowed values. This module imports nothing of PEFT: a ``peft.LoraConfig``
+is read by attribute.
+
+Defaults reproduce PEFT's ``preprocess_corda`` + ``init_lora_weights="corda"``, so a user switching from PEFT gets
+the same adapters.
 """
 
 from __future__ import annotations
@@ -17,227 +23,333 @@ NORMALIZATIONS = ("peft", "absmax", "none")
 PRECISIONS = ("float32", "float64")
 SVD_METHODS = ("auto", "gram", "svd")
 UNUSED_TARGET_POLICIES = ("error", "skip")
-METHODS = ("corda", "corda++")
+QUANTIZED_RESIDUALS = ("requantize", "keep")
 PLUS_SELECTION_SUMS = ("all", "adapter")
 PLUS_SCORE_AT = ("next", "current")
 PLUS_ALPHA = ("scaling", "alpha")
 
 
 class CordaConfigError(ValueError):
-    """Raised when a :class:`CordaConfig` field has a value outside its allowed set."""
+    """A configuration field has a value outside its allowed set."""
 
 
-def _fail(field_name: str, value, allowed: str) -> None:
-    raise CordaConfigError(f"CordaConfig.{field_name}={value!r} is invalid: expected {allowed}.")
+def _fail(where: str, value, allowed: str) -> None:
+    raise CordaConfigError(f"{where}={value!r} is invalid: expected {allowed}.")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_int(owner: str, name: str, value, minimum: int = 1, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not _is_int(value) or value < minimum:
+        _fail(f"{owner}.{name}", value, ("None or " if optional else "") + f"an int >= {minimum}")
+
+
+def _check_choice(owner: str, name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        _fail(f"{owner}.{name}", value, f"one of {allowed}")
+
+
+def _check_bool(owner: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        _fail(f"{owner}.{name}", value, "True or False")
+
+
+class _Replace:
+    def replace(self, **changes):
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------------------- LoRA
+# peft.LoraConfig fields that corda_fast reads (same names, same meaning).
+LORA_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern", "use_rslora",
+               "lora_dropout", "task_type")
+# peft.LoraConfig fields that may differ from their defaults without changing what CorDA computes.
+_LORA_HARMLESS = {"init_lora_weights", "corda_config", "inference_mode", "peft_type", "base_model_name_or_path",
+                  "revision", "fan_in_fan_out", "auto_mapping", "peft_version", "runtime_config", "modules_to_save",
+                  "eva_config", "loftq_config", "layer_replication", "megatron_config", "megatron_core"}
+_INIT_OK = (True, "corda")
 
 
 @dataclass
-class CordaConfig:
-    """Configuration of a CorDA initialisation.
+class LoraSpec(_Replace):
+    """The LoRA side of an initialisation, with ``peft.LoraConfig``'s field names and semantics.
 
     Args:
-        mode: ``"ipm"`` (instruction-previewed: adapt the ``rank`` *largest* components of ``W·C``; calibrate on
-            the task) or ``"kpm"`` (knowledge-preserved: adapt the ``rank`` *smallest*; calibrate on the knowledge
-            to keep). PEFT's default is ``"ipm"``.
-        rank: LoRA rank ``r`` of every adapted layer, unless ``rank_pattern`` says otherwise.
-        lora_alpha: LoRA alpha; ``None`` means ``alpha = rank`` (scaling 1, as in the CorDA examples).
-        use_rslora: scaling ``alpha / sqrt(r)`` instead of ``alpha / r``.
-        rank_pattern: ``{module name or regex suffix: rank}``, PEFT semantics.
-        alpha_pattern: ``{module name or regex suffix: alpha}``, PEFT semantics.
-        target_modules: ``None`` or ``"all-linear"`` (every ``nn.Linear`` / ``Conv1D`` except the output head),
-            a regex (full match on the module name), or a list of names / name suffixes (PEFT semantics).
+        r: rank of every adapted layer, unless ``rank_pattern`` says otherwise.
+        lora_alpha: alpha; ``None`` means ``alpha = r`` (scaling 1, as in the CorDA examples). A ``peft.LoraConfig``
+            always carries a number, which is honoured as is.
+        target_modules: ``None`` or ``"all-linear"`` (every ``nn.Linear`` / transformers ``Conv1D`` except the output
+            head), a regex (full match on the module name), or a list of names / name suffixes.
         exclude_modules: names / suffixes (or a regex) never adapted, applied after ``target_modules``.
+        rank_pattern / alpha_pattern: ``{module name or regex suffix: value}``.
+        use_rslora: scaling ``alpha / sqrt(r)`` instead of ``alpha / r``.
         lora_dropout: dropout of the returned LoRA layers (training only; does not affect initialisation).
-        normalization: per-sample rescaling of activations before ``XᵀX``:
-            ``"peft"`` divides each sample by ``|max(X)|`` — the absolute value of the *signed* maximum, PEFT's
-            quirk, kept for parity; ``"absmax"`` divides by ``max|X|``; ``"none"`` keeps raw activations.
-            The covariance is the mean over samples in every case.
-        covariance_precision: accumulation dtype of the statistics (``"float32"`` as PEFT, or ``"float64"``).
-        decompose_precision: dtype of the returned factors and of the residual ``W − s·B·A``; with
-            ``svd_method="svd"`` also of ``W·C_f``, its SVD and the solve for ``V̂`` (``"float32"`` is PEFT's
-            arithmetic; ``"float64"`` is needed there when the smallest components (KPM) of an ill-conditioned
-            ``W·C_f`` must be accurate beyond ~1e-3). The damping search always uses float32, as PEFT, so every
-            precision picks the same damping.
-        svd_method: ``"gram"`` — float64 eigendecomposition of the Gram matrix of ``W·C_f`` on its smaller side,
-            mapping back only the ``r`` kept singular vectors: faster than a float32 SVD on CPU for rectangular
-            layers (on par for square ones) and more accurate
-            (error ≈ ε64·σ_max²/σ against ε32·σ_max), falling back to the SVD for kept σ below 1e-8·σ_max where
-            that stops being true; ``"svd"`` — the full thin SVD in ``decompose_precision``, PEFT's algorithm;
-            ``"auto"`` (default) — ``"gram"`` for float32, ``"svd"`` for float64 (the most accurate option).
-        damping_start / damping_tol / damping_max_iter: ``C_f = C + λ·mean(diag C)·I`` with ``λ`` from
-            ``damping_start`` doubling until ``‖C_f C_f⁻¹ − I‖_F < damping_tol``; an error after
-            ``damping_max_iter`` doublings (PEFT loops forever).
-        share_inputs: layers that read the same input tensor (q/k/v, gate/up) share one statistic, detected at
-            run time.
-        max_batches: stop calibration after this many loader batches (``None``: the whole loader).
-        unused_targets: ``"error"`` (default) if a targeted layer never ran during calibration, or ``"skip"``
-            to leave such layers out of the adapter (with a warning).
-        autocast_adapter_dtype: as PEFT's ``get_peft_model``: keep 16-bit models' adapters in float32. The
-            residual is computed from the factors *as stored*, so the model is unchanged at init up to the
-            rounding of the residual to the model dtype.
-        show_progress: tqdm progress bars for calibration and decomposition.
-        distributed: data-parallel calibration over a ``torch.distributed`` process group
-            (:mod:`corda_fast.distributed`): ``"auto"`` (default) when a default group with more than one rank is
-            initialised, ``True`` to require one, ``False`` to ignore it. Each rank calibrates on its own batches;
-            statistics are summed over ranks, decompositions are spread over them and every rank ends with the
-            same model.
-        quantized_residual: for quantized base layers (bitsandbytes 4-bit, torchao; :mod:`corda_fast.quant`), which
-            are dequantized one at a time for ``W·C``: ``"requantize"`` (default; QLoRA + CorDA) stores the residual
-            back in the layer's own format — the per-layer error this introduces is in the report; ``"keep"``
-            replaces the layer by a plain ``nn.Linear`` holding the residual in the compute dtype (exact at init).
-        requantize_config: the torchao config (e.g. ``Int8WeightOnlyConfig()``) to re-quantize torchao residuals
-            with (a torchao weight does not record it); bitsandbytes layers need none.
-
-    CorDA++ (``method="corda++"``; ``shared/reference/corda_spec.md`` §5, :mod:`corda_fast.plus`):
-
-    Args:
-        method: ``"corda"`` (uniform rank, one statistic per input) or ``"corda++"`` (dynamic covariance
-            selection among ``candidates`` statistics collected in the same forward pass, then dynamic rank
-            allocation under ``budget``).
-        candidates: number of candidate statistics per layer; calibration batch ``i`` feeds candidate
-            ``i mod candidates`` (so the loader needs at least that many batches). 1 disables selection.
-        budget: total adapter parameters ``Σ (d_in + d_out)·r_l``; ``None`` = the count of the uniform ``rank``
-            (and ``rank_pattern``) on the same layers.
-        min_rank / max_rank: per-layer bounds of the allocated rank (``max_rank`` is also capped by
-            ``min(d_in, d_out)``; ``None`` = no further cap).
-        plus_normalize: score candidates and layers on covariances scaled to unit mean diagonal (``π`` is not
-            scale-invariant, ``π(cC) = π(C)/√c``; a documented deviation that also guarantees ``π > 1``).
-        plus_selection_sum: the selection score's sum over ``"all"`` components (as transcribed) or the
-            ``rank`` smallest (``"adapter"``).
-        plus_score_at: the allocation score of a layer at rank ``r`` uses the ``"next"`` component (``r+1``-th
-            smallest, the one an increment would adapt) or the ``"current"`` one (``r``-th smallest, literal
-            transcription).
-        plus_alpha: ``"scaling"`` keeps every layer's LoRA scaling at the uniform configuration's (``alpha_l =
-            s·r_l``, or ``s·√r_l`` with rsLoRA); ``"alpha"`` keeps ``lora_alpha`` (PEFT's plain ``rank_pattern``).
+        task_type: PEFT task type of the returned model (e.g. ``"CAUSAL_LM"``).
     """
 
-    mode: str = "ipm"
-    rank: int = 8
+    r: int = 8
     lora_alpha: Optional[float] = None
-    use_rslora: bool = False
-    rank_pattern: dict = field(default_factory=dict)
-    alpha_pattern: dict = field(default_factory=dict)
     target_modules: Union[None, str, Sequence[str]] = None
     exclude_modules: Union[None, str, Sequence[str]] = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    use_rslora: bool = False
     lora_dropout: float = 0.0
-    normalization: str = "peft"
-    covariance_precision: str = "float32"
-    decompose_precision: str = "float32"
-    svd_method: str = "auto"
-    damping_start: float = 0.01
-    damping_tol: float = 0.05
-    damping_max_iter: int = 40
-    share_inputs: bool = True
-    max_batches: Optional[int] = None
-    unused_targets: str = "error"
-    autocast_adapter_dtype: bool = True
-    show_progress: bool = True
-    distributed: Union[bool, str] = "auto"
-    quantized_residual: str = "requantize"
-    requantize_config: Any = None
-    method: str = "corda"
-    candidates: int = 4
-    budget: Optional[int] = None
-    min_rank: int = 1
-    max_rank: Optional[int] = None
-    plus_normalize: bool = True
-    plus_selection_sum: str = "all"
-    plus_score_at: str = "next"
-    plus_alpha: str = "scaling"
+    task_type: Optional[str] = None
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            _fail("mode", self.mode, f"one of {MODES}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            _fail("rank", self.rank, "an int >= 1")
-        if self.lora_alpha is not None and (
-            isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0
-        ):
-            _fail("lora_alpha", self.lora_alpha, "None or a number > 0")
+        own = "LoraConfig"
+        _check_int(own, "r", self.r)
+        if self.lora_alpha is not None and (not _is_number(self.lora_alpha) or self.lora_alpha <= 0):
+            _fail(f"{own}.lora_alpha", self.lora_alpha, "None or a number > 0")
         for name in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, name)
             if not isinstance(pattern, dict):
-                _fail(name, pattern, "a dict {module name: value}")
+                _fail(f"{own}.{name}", pattern, "a dict {module name: value}")
             for key, val in pattern.items():
-                ok = isinstance(val, (int, float)) and not isinstance(val, bool) and val > 0
-                if name == "rank_pattern":
-                    ok = ok and isinstance(val, int)
+                ok = _is_number(val) and val > 0 and (name == "alpha_pattern" or _is_int(val))
                 if not isinstance(key, str) or not ok:
-                    _fail(name, pattern, "a dict {str: positive " + ("int" if name == "rank_pattern" else "number") + "}")
+                    _fail(f"{own}.{name}", pattern,
+                          "a dict {str: positive " + ("int" if name == "rank_pattern" else "number") + "}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None or isinstance(value, str):
                 continue
             if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v for v in value):
-                setattr(self, name, list(value))
+                setattr(self, name, sorted(value) if isinstance(value, set) else list(value))
                 continue
-            _fail(name, value, 'None, "all-linear", a regex string, or a non-empty list of module names')
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            _fail("lora_dropout", self.lora_dropout, "a float in [0, 1)")
-        if self.normalization not in NORMALIZATIONS:
-            _fail("normalization", self.normalization, f"one of {NORMALIZATIONS}")
-        for name in ("covariance_precision", "decompose_precision"):
-            value = getattr(self, name)
-            if isinstance(value, torch.dtype):
-                value = str(value).replace("torch.", "")
-                setattr(self, name, value)
-            if value not in PRECISIONS:
-                _fail(name, value, f"one of {PRECISIONS}")
-        if self.svd_method not in SVD_METHODS:
-            _fail("svd_method", self.svd_method, f"one of {SVD_METHODS}")
-        if not isinstance(self.damping_start, (int, float)) or not self.damping_start > 0:
-            _fail("damping_start", self.damping_start, "a number > 0")
-        if not isinstance(self.damping_tol, (int, float)) or not self.damping_tol > 0:
-            _fail("damping_tol", self.damping_tol, "a number > 0")
-        if isinstance(self.damping_max_iter, bool) or not isinstance(self.damping_max_iter, int) or self.damping_max_iter < 1:
-            _fail("damping_max_iter", self.damping_max_iter, "an int >= 1")
-        if self.max_batches is not None and (
-            isinstance(self.max_batches, bool) or not isinstance(self.max_batches, int) or self.max_batches < 1
-        ):
-            _fail("max_batches", self.max_batches, "None or an int >= 1")
-        if self.unused_targets not in UNUSED_TARGET_POLICIES:
-            _fail("unused_targets", self.unused_targets, f"one of {UNUSED_TARGET_POLICIES}")
-        if self.quantized_residual not in ("requantize", "keep"):
-            _fail("quantized_residual", self.quantized_residual, "'requantize' or 'keep'")
-        if self.distributed not in (True, False, "auto"):
-            _fail("distributed", self.distributed, "True, False or 'auto'")
-        if self.method not in METHODS:
-            _fail("method", self.method, f"one of {METHODS}")
-        for name, allowed in (("plus_selection_sum", PLUS_SELECTION_SUMS), ("plus_score_at", PLUS_SCORE_AT),
-                              ("plus_alpha", PLUS_ALPHA)):
-            if getattr(self, name) not in allowed:
-                _fail(name, getattr(self, name), f"one of {allowed}")
-        for name, optional in (("candidates", False), ("min_rank", False), ("max_rank", True), ("budget", True)):
-            value = getattr(self, name)
-            if optional and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                _fail(name, value, ("None or " if optional else "") + "an int >= 1")
-        if self.max_rank is not None and self.max_rank < self.min_rank:
-            _fail("max_rank", self.max_rank, f"None or an int >= min_rank ({self.min_rank})")
-        for name in ("use_rslora", "share_inputs", "autocast_adapter_dtype", "show_progress", "plus_normalize"):
-            if not isinstance(getattr(self, name), bool):
-                _fail(name, getattr(self, name), "True or False")
+            _fail(f"{own}.{name}", value, 'None, "all-linear", a regex string, or a non-empty list of module names')
+        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            _fail(f"{own}.lora_dropout", self.lora_dropout, "a float in [0, 1)")
+        _check_bool(own, "use_rslora", self.use_rslora)
+        if self.task_type is not None:
+            self.task_type = str(getattr(self.task_type, "value", self.task_type))
 
-    # ------------------------------------------------------------------ derived values
     @property
     def alpha(self) -> float:
-        return float(self.rank if self.lora_alpha is None else self.lora_alpha)
+        """``lora_alpha``, or ``r`` when it is ``None``."""
+        return float(self.lora_alpha if self.lora_alpha is not None else self.r)
+
+    @classmethod
+    def from_peft(cls, lora_config) -> "LoraSpec":
+        """The spec of a ``peft.LoraConfig``. Raises :class:`CordaConfigError` naming every LoRA option that CorDA
+        cannot honour (DoRA, LoRA bias, other initialisations, layer subsets, ...) when it differs from PEFT's
+        default."""
+        try:
+            default = type(lora_config)()
+        except Exception as exc:  # pragma: no cover - a LoraConfig always builds with defaults
+            raise CordaConfigError(f"lora_config of type {type(lora_config).__name__} is not a peft.LoraConfig") from exc
+        unsupported = []
+        for f in dataclasses.fields(lora_config):
+            name = f.name
+            if name in LORA_FIELDS or name in _LORA_HARMLESS:
+                continue
+            value, base = getattr(lora_config, name), getattr(default, name)
+            if value != base:
+                unsupported.append(f"{name}={value!r}")
+        init = getattr(lora_config, "init_lora_weights", True)
+        if init not in _INIT_OK:
+            unsupported.append(f"init_lora_weights={init!r}")
+        if unsupported:
+            raise CordaConfigError(
+                "lora_config sets LoRA option(s) that a CorDA initialisation cannot honour: " + ", ".join(unsupported)
+                + ". CorDA writes plain LoRA factors into nn.Linear / Conv1D layers from their own weights; drop "
+                "these options (or use PEFT without corda_fast for them).")
+        target = lora_config.target_modules
+        return cls(r=lora_config.r, lora_alpha=lora_config.lora_alpha,
+                   target_modules=sorted(target) if isinstance(target, set) else target,
+                   exclude_modules=(sorted(lora_config.exclude_modules)
+                                    if isinstance(lora_config.exclude_modules, set) else lora_config.exclude_modules),
+                   rank_pattern=dict(lora_config.rank_pattern or {}), alpha_pattern=dict(lora_config.alpha_pattern or {}),
+                   use_rslora=bool(lora_config.use_rslora), lora_dropout=float(lora_config.lora_dropout),
+                   task_type=lora_config.task_type)
+
+
+# ---------------------------------------------------------------------------------------------------- CorDA
+@dataclass
+class DampingConfig(_Replace):
+    """``C_f = C + λ·mean(diag C)·I`` with ``λ`` from ``start`` doubling until ``‖C_f C_f⁻¹ − I‖_F < tol``; an error
+    after ``max_iter`` doublings (PEFT loops forever)."""
+
+    start: float = 0.01
+    tol: float = 0.05
+    max_iter: int = 40
+
+    def __post_init__(self):
+        for name in ("start", "tol"):
+            value = getattr(self, name)
+            if not _is_number(value) or not value > 0:
+                _fail(f"DampingConfig.{name}", value, "a number > 0")
+        _check_int("DampingConfig", "max_iter", self.max_iter)
+
+
+@dataclass
+class PlusConfig(_Replace):
+    """CorDA++: dynamic covariance selection among ``candidates`` statistics per layer, then dynamic rank allocation
+    under a parameter ``budget``. Candidates and layers are scored on covariances scaled to unit mean diagonal (the
+    compactness ``π`` is not scale-invariant: ``π(cC) = π(C)/√c``).
+
+    Args:
+        candidates: candidate statistics per layer; calibration batch ``i`` feeds candidate ``i mod candidates`` (so
+            the loader needs at least that many batches). 1 disables selection.
+        budget: total adapter parameters ``Σ (d_in + d_out)·r_l``; ``None`` = the count of the uniform rank (and
+            ``rank_pattern``) on the same layers.
+        min_rank / max_rank: per-layer bounds of the allocated rank (``max_rank`` is also capped by
+            ``min(d_in, d_out)``).
+        selection_sum: the selection score sums over ``"all"`` components or the ``rank`` smallest (``"adapter"``).
+        score_at: the allocation score of a layer at rank ``r`` uses the ``"next"`` component (the one an increment
+            would adapt) or the ``"current"`` one.
+        alpha: ``"scaling"`` keeps every layer's LoRA scaling at the uniform configuration's (``alpha_l = s·r_l``,
+            or ``s·√r_l`` with rsLoRA); ``"alpha"`` keeps ``lora_alpha`` (PEFT's plain ``rank_pattern``).
+    """
+
+    candidates: int = 4
+    budget: Optional[int] = None
+    min_rank: int = 1
+    max_rank: Optional[int] = None
+    selection_sum: str = "all"
+    score_at: str = "next"
+    alpha: str = "scaling"
+
+    def __post_init__(self):
+        own = "PlusConfig"
+        _check_int(own, "candidates", self.candidates)
+        _check_int(own, "budget", self.budget, optional=True)
+        _check_int(own, "min_rank", self.min_rank)
+        _check_int(own, "max_rank", self.max_rank, optional=True)
+        if self.max_rank is not None and self.max_rank < self.min_rank:
+            _fail(f"{own}.max_rank", self.max_rank, f"None or an int >= min_rank ({self.min_rank})")
+        _check_choice(own, "selection_sum", self.selection_sum, PLUS_SELECTION_SUMS)
+        _check_choice(own, "score_at", self.score_at, PLUS_SCORE_AT)
+        _check_choice(own, "alpha", self.alpha, PLUS_ALPHA)
+
+
+@dataclass
+class CalibrationConfig(_Replace):
+    """Where the statistics come from and how they are collected.
+
+    Args:
+        covariance_cache: path of a safetensors statistics cache: loaded (validated against the model, targets and
+            normalisation) if it exists, written after calibration otherwise. One calibration serves any rank/mode.
+        streaming: ``True`` calibrates and decomposes one transformer block at a time (peak statistic memory = one
+            block; same result); ``"auto"`` does so when the statistics could exceed a quarter of the free memory of
+            the model's device; ``False`` calibrates the whole model in one pass.
+        cache_device: with streaming, where the cached block inputs live (default: the model's device).
+        distributed: data-parallel calibration over a ``torch.distributed`` process group: ``"auto"`` when a
+            default group with more than one rank is initialised, ``True`` to require one, ``False`` to ignore it.
+        max_batches: stop calibration after this many loader batches (``None``: the whole loader).
+        share_inputs: layers that read the same input tensor (q/k/v, gate/up) share one statistic (detected at run
+            time).
+        unused_targets: ``"error"`` if a targeted layer never ran during calibration, or ``"skip"`` to leave such
+            layers out of the adapter (with a warning).
+    """
+
+    covariance_cache: Optional[str] = None
+    streaming: Union[bool, str] = False
+    cache_device: Any = None
+    distributed: Union[bool, str] = "auto"
+    max_batches: Optional[int] = None
+    share_inputs: bool = True
+    unused_targets: str = "error"
+
+    def __post_init__(self):
+        own = "CalibrationConfig"
+        if self.covariance_cache is not None and not isinstance(self.covariance_cache, (str, bytes)) \
+                and not hasattr(self.covariance_cache, "__fspath__"):
+            _fail(f"{own}.covariance_cache", self.covariance_cache, "None or a file path")
+        if self.covariance_cache is not None:
+            self.covariance_cache = str(self.covariance_cache)
+        if self.streaming not in (True, False, "auto"):
+            _fail(f"{own}.streaming", self.streaming, "True, False or 'auto'")
+        if self.cache_device is not None:
+            try:
+                torch.device(self.cache_device)
+            except (RuntimeError, TypeError):
+                _fail(f"{own}.cache_device", self.cache_device, "None or a torch device (e.g. 'cpu', 'cuda:0')")
+        if self.distributed not in (True, False, "auto"):
+            _fail(f"{own}.distributed", self.distributed, "True, False or 'auto'")
+        _check_int(own, "max_batches", self.max_batches, optional=True)
+        _check_bool(own, "share_inputs", self.share_inputs)
+        _check_choice(own, "unused_targets", self.unused_targets, UNUSED_TARGET_POLICIES)
+
+
+@dataclass
+class CordaConfig(_Replace):
+    """CorDA's own knobs (LoRA's are PEFT's: :class:`LoraSpec` / ``peft.LoraConfig``).
+
+    Args:
+        mode: ``"ipm"`` (instruction-previewed: adapt the ``r`` *largest* components of ``W·C``; calibrate on the
+            task) or ``"kpm"`` (knowledge-preserved: adapt the ``r`` *smallest*; calibrate on the knowledge to
+            keep). PEFT's default is ``"ipm"``.
+        normalization: per-sample rescaling of activations before ``XᵀX``: ``"peft"`` divides each sample by
+            ``|max(X)|`` — the absolute value of the *signed* maximum, PEFT's quirk, kept for parity; ``"absmax"``
+            divides by ``max|X|``; ``"none"`` keeps raw activations. The covariance is the mean over samples.
+        precision: ``"float32"`` (PEFT's arithmetic) or ``"float64"``: the accumulation dtype of the statistics, the
+            dtype of the factors and of the residual ``W − s·B·A``, and with ``svd_method="svd"`` of ``W·C_f``, its
+            SVD and the solve for ``V̂`` (float64 is needed when the smallest components (KPM) of an ill-conditioned
+            ``W·C_f`` must be accurate beyond ~1e-3). The damping search always runs in float32, as PEFT's.
+        svd_method: ``"gram"`` — float64 eigendecomposition of the Gram matrix of ``W·C_f`` on its smaller side,
+            mapping back only the ``r`` kept singular vectors (faster than a float32 SVD on CPU for rectangular
+            layers, more accurate: error ≈ ε64·σ_max²/σ against ε32·σ_max; falls back to the SVD for kept σ below
+            1e-8·σ_max); ``"svd"`` — the thin SVD in ``precision``, PEFT's algorithm; ``"auto"`` — ``"gram"`` for
+            float32, ``"svd"`` for float64.
+        damping: :class:`DampingConfig`.
+        calibration: :class:`CalibrationConfig` (cache, streaming, distributed, batches, input sharing).
+        plus: :class:`PlusConfig` for CorDA++, or ``None`` for CorDA (uniform rank, one statistic per input).
+        quantized_residual: for quantized base layers (bitsandbytes 4-bit, torchao), dequantized one at a time for
+            ``W·C``: ``"requantize"`` stores the residual back in the layer's own format (the per-layer error is in
+            the report); ``"keep"`` replaces the layer by a plain ``nn.Linear`` holding the residual (exact at init).
+        requantize_config: the torchao config (e.g. ``Int8WeightOnlyConfig()``) to re-quantize torchao residuals with
+            (a torchao weight does not record it); bitsandbytes layers need none.
+        autocast_adapter_dtype: as PEFT's ``get_peft_model``: keep 16-bit models' adapters in float32.
+        show_progress: tqdm progress bars.
+    """
+
+    mode: str = "ipm"
+    normalization: str = "peft"
+    precision: str = "float32"
+    svd_method: str = "auto"
+    damping: DampingConfig = field(default_factory=DampingConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    plus: Optional[PlusConfig] = None
+    quantized_residual: str = "requantize"
+    requantize_config: Any = None
+    autocast_adapter_dtype: bool = True
+    show_progress: bool = True
+
+    def __post_init__(self):
+        own = "CordaConfig"
+        _check_choice(own, "mode", self.mode, MODES)
+        _check_choice(own, "normalization", self.normalization, NORMALIZATIONS)
+        if isinstance(self.precision, torch.dtype):
+            self.precision = str(self.precision).replace("torch.", "")
+        _check_choice(own, "precision", self.precision, PRECISIONS)
+        _check_choice(own, "svd_method", self.svd_method, SVD_METHODS)
+        for name, cls in (("damping", DampingConfig), ("calibration", CalibrationConfig)):
+            if not isinstance(getattr(self, name), cls):
+                _fail(f"{own}.{name}", getattr(self, name), f"a {cls.__name__}")
+        if self.plus is not None and not isinstance(self.plus, PlusConfig):
+            _fail(f"{own}.plus", self.plus, "None or a PlusConfig")
+        _check_choice(own, "quantized_residual", self.quantized_residual, QUANTIZED_RESIDUALS)
+        _check_bool(own, "autocast_adapter_dtype", self.autocast_adapter_dtype)
+        _check_bool(own, "show_progress", self.show_progress)
 
     @property
-    def covariance_dtype(self) -> torch.dtype:
-        return getattr(torch, self.covariance_precision)
-
-    @property
-    def decompose_dtype(self) -> torch.dtype:
-        return getattr(torch, self.decompose_precision)
+    def dtype(self) -> torch.dtype:
+        """``torch.float32`` or ``torch.float64`` (:attr:`precision`)."""
+        return getattr(torch, self.precision)
 
     @property
     def resolved_svd_method(self) -> str:
         if self.svd_method != "auto":
             return self.svd_method
-        return "gram" if self.decompose_precision == "float32" else "svd"
-
-    def replace(self, **changes) -> "CordaConfig":
-        """A validated copy with ``changes`` applied."""
-        return dataclasses.replace(self, **changes)
+        return "gram" if self.precision == "float32" else "svd"

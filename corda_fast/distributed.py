@@ -1,4 +1,8 @@
-"""Data-parallel calibration over a ``torch.distributed`` process group (NCCL on GPU, gloo on CPU).
+"""Collectives for data-parallel calibration over a ``torch.distributed`` process group (NCCL on GPU, gloo on CPU).
+
+This module holds the collectives only (status exchange, gathers, reductions, broadcasts, the sampler's padding
+filter) and imports nothing else of the package; calibration merges its statistics with them
+(``calibrate.Collector.sync_ranks``) and decomposition shards its work with them (``decompose.decompose_sharded``).
 
 Each rank runs its own calibration batches through its own replica of the model. The statistics stay what they are
 on one process — float32 (or float64) sums of ``XᵀX`` plus sample and token counts — so the union of the data is
@@ -14,7 +18,7 @@ Uneven shards cannot hang: the forward passes contain no collective, the reducti
 Samples that ``DistributedSampler`` repeats to pad the last round (``drop_last=False``) are recognised from the
 sampler and masked out of the statistics on the rank that holds the copy (:class:`PaddingFilter`).
 
-Decomposition (:func:`decompose_sharded`): statistics are assigned to owner ranks by estimated cost (longest
+Decomposition (``decompose.decompose_sharded``): statistics are assigned to owner ranks by estimated cost (longest
 first, to the least-loaded rank), each owner decomposes its share, and the factors are broadcast from their owner,
 so every rank builds the identical PEFT model. Non-owners drop a statistic as soon as it is assigned elsewhere.
 
@@ -25,8 +29,6 @@ it with DDP / FSDP / DeepSpeed, as PEFT recommends for its own initialisations.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import heapq
 import logging
 from typing import Optional
 
@@ -35,7 +37,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = ["is_active", "rank_and_world", "shard", "PaddingFilter", "DistributedError", "exchange_status", "stage",
-           "sync_collector", "decompose_sharded"]
+           "gather_objects", "all_reduce_sum", "broadcast_", "comm_device"]
 
 
 class DistributedError(RuntimeError):
@@ -49,13 +51,13 @@ def _dist():
 
 
 def is_active(setting=True) -> bool:
-    """Whether the distributed path runs for ``CordaConfig.distributed = setting``."""
+    """Whether the distributed path runs for ``CalibrationConfig.distributed = setting``."""
     if setting is False:
         return False
     dist = _dist()
     up = dist.is_available() and dist.is_initialized()
     if setting is True and not up:
-        raise DistributedError("CordaConfig.distributed=True but no torch.distributed process group is initialised: "
+        raise DistributedError("CalibrationConfig.distributed=True but no torch.distributed process group is initialised: "
                                "call torch.distributed.init_process_group() (e.g. under torchrun) first.")
     return bool(up and dist.get_world_size() > 1)
 
@@ -75,7 +77,8 @@ def shard(items: list, rank: Optional[int] = None, world: Optional[int] = None) 
     return list(items[rank::world])
 
 
-def _comm_device(group=None) -> torch.device:
+def comm_device(group=None) -> torch.device:
+    """Where tensors of collectives live: this rank's GPU under NCCL, the CPU otherwise."""
     dist = _dist()
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -86,10 +89,8 @@ def _comm_device(group=None) -> torch.device:
 def exchange_status(error: Optional[BaseException], stage: str, group=None) -> None:
     """Collective: every rank says whether ``stage`` failed on it. A failed rank re-raises its own error; the others
     raise :class:`DistributedError` naming the failed rank(s) and their errors."""
-    dist = _dist()
     mine = None if error is None else f"{type(error).__name__}: {error}"
-    everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
+    everyone = gather_objects(mine, group)
     failed = [(r, m) for r, m in enumerate(everyone) if m is not None]
     if not failed:
         return
@@ -150,128 +151,23 @@ class PaddingFilter:
         return self.rank + j * self.world >= self.n
 
 
-# ------------------------------------------------------------------------------------------------- statistics
-def sync_collector(collector, n_batches: int, group=None) -> int:
-    """Collective: merge the statistic layout of every rank into ``collector`` and sum its accumulators and counts
-    over ranks, in place. Returns the total number of batches over ranks."""
+# ------------------------------------------------------------------------------------------------- collectives
+def gather_objects(obj, group=None) -> list:
+    """Collective: every rank's ``obj`` (picklable), in rank order."""
     dist = _dist()
-    dims = {}
-    for sums, _, _ in collector.groups:
-        dims.update({k: int(v.shape[0]) for k, v in sums.items()})
-    layout = {"batches": n_batches, "order": list(collector.order), "members": collector.members,
-              "assigned": collector.assigned, "dims": dims}
     everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, layout, group=group)
-    order, members, assigned, all_dims = [], {}, {}, {}
-    for r, lay in enumerate(everyone):  # the same merge, in rank order, on every rank
-        for k in lay["order"]:
-            if k not in members:
-                order.append(k)
-                members[k] = []
-            for name in lay["members"].get(k, []):
-                if name not in members[k]:
-                    members[k].append(name)
-        for name, k in lay["assigned"].items():
-            if assigned.setdefault(name, k) != k:
-                raise DistributedError(f"layer '{name}' shares its input with '{assigned[name]}' on one rank and "
-                                       f"with '{k}' on rank {r}: the ranks run different models?")
-        for k, d in lay["dims"].items():
-            if all_dims.setdefault(k, d) != d:
-                raise DistributedError(f"the input of '{k}' is {all_dims[k]} wide on one rank and {d} on rank {r}: "
-                                       "the ranks run different models?")
-    collector.order[:] = order
-    collector.members.clear()
-    collector.members.update(members)
-    collector.assigned.clear()
-    collector.assigned.update(assigned)
-    device = collector.device
-    for sums, n_samples, n_tokens in collector.groups:
-        keys = [k for k in order if k in all_dims]
-        for k in keys:
-            if k not in sums:
-                sums[k] = torch.zeros(all_dims[k], all_dims[k], dtype=collector.dtype, device=device)
-                n_samples[k] = n_tokens[k] = 0
-            dist.all_reduce(sums[k], group=group)
-        counts = torch.tensor([[n_samples[k], n_tokens[k]] for k in keys], dtype=torch.int64,
-                              device=_comm_device(group)).reshape(-1, 2)
-        dist.all_reduce(counts, group=group)
-        for k, (ns, nt) in zip(keys, counts.tolist()):
-            n_samples[k], n_tokens[k] = int(ns), int(nt)
-    return sum(lay["batches"] for lay in everyone)
+    dist.all_gather_object(everyone, obj, group=group)
+    return everyone
 
 
-# ------------------------------------------------------------------------------------------------- decomposition
-def _owners(stats, targets, world: int) -> dict:
-    """``{statistic key: owner rank}``: longest-processing-time-first onto the least-loaded rank."""
-    layer_keys = stats.layer_keys()
-    cost = {}
-    for k, s in stats.sums.items():
-        d = s.shape[0]
-        cost[k] = float(d) ** 3  # damping + Cholesky
-    for t in targets:
-        k = layer_keys.get(t.name)
-        if k in cost:
-            cost[k] += float(t.d_out) * t.d_in * min(t.d_out, t.d_in)  # W·C_f and its Gram / SVD
-    heap = [(0.0, r) for r in range(world)]
-    owner = {}
-    for k in sorted(cost, key=lambda k: (-cost[k], k)):
-        load, r = heapq.heappop(heap)
-        owner[k] = r
-        heapq.heappush(heap, (load + cost[k], r))
-    return owner
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Collective: ``tensor`` summed over ranks, in place."""
+    _dist().all_reduce(tensor, group=group)
+    return tensor
 
 
-def decompose_sharded(stats, targets, config, device=None, release: bool = False, group=None) -> dict:
-    """:func:`corda_fast.decompose` spread over the ranks: each statistic is decomposed by one owner rank and its
-    layers' factors broadcast from there. Collective; returns the same ``{name: LayerFactors}`` on every rank."""
-    from .decompose import LayerFactors, decompose
-
+def broadcast_(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """Collective: ``tensor`` overwritten with rank ``src``'s (``src`` is the rank within ``group``)."""
     dist = _dist()
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    owner = _owners(stats, targets, world)
-    mine = [k for k in stats.sums if owner[k] == rank]
-    sub = dataclasses.replace(stats, sums={k: stats.sums[k] for k in mine},
-                              n_samples={k: stats.n_samples[k] for k in mine},
-                              n_tokens={k: stats.n_tokens[k] for k in mine},
-                              members={k: stats.members[k] for k in mine})
-    if release:
-        for k in list(stats.sums):
-            stats.sums.pop(k)  # the owner holds its own in `sub`
-    local = {}
-    with stage(True, "decomposition", group):
-        if mine:
-            local = decompose(sub, targets, config, device=device, release=release)
-    meta = {name: {"A": tuple(f.A.shape), "B": tuple(f.B.shape), "s": tuple(f.singular_values.shape),
-                   "dtype": str(f.A.dtype).replace("torch.", ""), "device": str(f.A.device), "scaling": f.scaling,
-                   "damping": f.damping, "stat_key": f.stat_key} for name, f in local.items()}
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, meta, group=group)
-    comm = _comm_device(group)
-    out = {}
-    for t in targets:  # the same order on every rank
-        src = next((r for r in range(world) if t.name in everyone[r]), None)
-        if src is None:
-            continue
-        m = everyone[src][t.name]
-        dtype = getattr(torch, m["dtype"])
-        if src == rank:
-            f = local[t.name]
-            tensors = [f.A.to(comm).contiguous(), f.B.to(comm).contiguous(), f.singular_values.to(comm).contiguous()]
-        else:
-            tensors = [torch.empty(m[x], dtype=dtype, device=comm) for x in ("A", "B", "s")]
-        for x in tensors:
-            dist.broadcast(x, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
-        where = device if device is not None else (m["device"] if src == rank else _local_device(m["device"]))
-        a, b, s = (x.to(where) for x in tensors)
-        out[t.name] = LayerFactors(t.name, a, b, s, m["scaling"], m["damping"], m["stat_key"])
-    logger.info("decomposed %d of %d statistics on rank %d of %d; %d layers' factors shared", len(mine),
-                len(owner), rank, world, len(out))
-    return out
-
-
-def _local_device(owner_device: str):
-    """Where received factors live: this rank's device of the same type as the owner's (cuda:i differs by rank)."""
-    kind = torch.device(owner_device).type
-    if kind == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(kind)
+    dist.broadcast(tensor, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+    return tensor

@@ -1,14 +1,9 @@
 """Fused low-rank training path: swaps PEFT ``lora.Linear`` layers to one fused forward/backward, in place.
 
-For a frozen residual ``W_res`` and a trainable LoRA pair ``(A, B)`` with scaling ``s``::
-
-    forward   S  = x·Aᵀ                         (tokens × r, kept for backward)
-              y  = x·W_resᵀ + S·(s·B)ᵀ (+ bias)   one GEMM: the low-rank term is an extra K-loop (Triton)
-    backward  dS = s·dy·B
-              dx = dy·W_res + dS·A               one GEMM, the same kernel
-              dA = dSᵀ·x,  dB = s·dyᵀ·S          thin GEMMs (cuBLAS / CPU BLAS)
-
-PEFT's layer runs the base GEMM, two thin GEMMs, a scale and an add as separate ops, materialises the
+The fused op itself (``ops.lowrank``: the ``corda_fast::lowrank_gemm`` kernel, :class:`FusedLoRALinearFunction` and
+:func:`fused_lora_linear`) computes, for a frozen residual ``W_res`` and a trainable LoRA pair ``(A, B)`` with scaling
+``s``, ``y = x·W_resᵀ + (x·Aᵀ)·(s·B)ᵀ`` with the low-rank term as extra K-steps of one GEMM, forward and backward.
+This module only decides which PEFT layers take it. PEFT's layer runs the base GEMM, two thin GEMMs, a scale and an add as separate ops, materialises the
 ``tokens × out`` low-rank output and, for 16-bit models with float32 adapters (PEFT's default
 ``autocast_adapter_dtype``), a float32 copy of ``x`` that it keeps for backward. The fused path computes in the
 activations' dtype with float32 accumulation (the adapters are cast to it per call, gradients come back in the
@@ -20,8 +15,8 @@ adapters' own dtype) and keeps only ``x`` and ``S``.
 call: adapters disabled or merged, several active adapters, ``adapter_names``, variants (DoRA), a LoRA bias,
 ``lora_dropout > 0`` while training, a trainable base weight, hooks on the base layer, mismatched dtypes.
 
-Backend: ``CORDA_FAST_BACKEND`` (see :mod:`corda_fast.ops`): the Triton kernel for CUDA tensors, the torch path
-(``addmm`` into the output buffer, in-place ``addmm_`` of the low-rank term) on CPU.
+Kernel: chosen by ``corda_fast.ops`` (the Triton kernel for CUDA tensors, the torch reference — ``addmm`` into the
+output buffer, in-place ``addmm_`` of the low-rank term — on CPU; ``CORDA_FAST_BACKEND`` overrides).
 """
 
 from __future__ import annotations
@@ -36,56 +31,11 @@ from torch import nn
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 from . import ops
+from .ops import FusedLoRALinearFunction, fused_lora_linear
 
 log = logging.getLogger(__name__)
 
 __all__ = ["fuse", "unfuse", "FuseReport", "FusedLoraLinear", "fused_lora_linear", "FusedLoRALinearFunction"]
-
-
-class FusedLoRALinearFunction(torch.autograd.Function):
-    """``y = x·Wᵀ (+ bias) + s·(x·Aᵀ)·Bᵀ`` with a frozen ``W``; gradients for ``x``, ``A``, ``B`` (and ``bias``).
-
-    ``x`` ``(..., K)``, ``weight`` ``(N, K)`` (any strides, e.g. a transposed Conv1D weight), ``lora_a`` ``(r, K)``,
-    ``lora_b`` ``(N, r)``, all in one dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, backend: str):
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        s = x2 @ lora_a.t()
-        y = ops.lowrank_gemm(x2, weight.t(), s, lora_b.t() * scaling, bias, backend=backend)
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, s)
-        ctx.scaling, ctx.backend, ctx.lead = scaling, backend, lead
-        return y.view(*lead, y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, lora_a, lora_b, s = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        if need_w:
-            raise RuntimeError("the fused LoRA layer keeps the base weight frozen; it has no weight gradient")
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        ds = (dy2 @ lora_b).mul_(ctx.scaling) if (need_x or need_a) else None
-        dx = ops.lowrank_gemm(dy2, weight, ds, lora_a, None, backend=ctx.backend).view(*ctx.lead, x2.shape[-1]) \
-            if need_x else None
-        da = ds.t() @ x2 if need_a else None
-        db = (dy2.t() @ s).mul_(ctx.scaling) if need_b else None
-        dbias = dy2.sum(0) if need_bias else None
-        return dx, None, dbias, da, db, None, None
-
-
-def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                      lora_b: torch.Tensor, scaling: float, backend: Optional[str] = None) -> torch.Tensor:
-    """Functional fused LoRA linear. ``lora_a`` / ``lora_b`` may be in another dtype than ``x`` (cast per call; the
-    cast is differentiable, so their gradients come back in their own dtype). ``weight`` must not need a grad."""
-    if weight.requires_grad:
-        raise ValueError("fused_lora_linear: the base weight must be frozen (requires_grad=False)")
-    if x.dtype != weight.dtype:
-        raise ValueError(f"fused_lora_linear: x is {x.dtype} but the base weight is {weight.dtype}")
-    backend = backend or ops.active_backend(x.device)
-    return FusedLoRALinearFunction.apply(x, weight, bias, lora_a.to(x.dtype), lora_b.to(x.dtype), float(scaling),
-                                         backend)
 
 
 def _plain_base(base: nn.Module):
@@ -175,14 +125,14 @@ def fuse(model: nn.Module, backend: Optional[str] = None) -> FuseReport:
     Args:
         model: a ``PeftModel`` (or any module holding PEFT LoRA layers).
         backend: ``"torch"`` | ``"triton"`` for every call; default: chosen per call by
-            :func:`corda_fast.ops.active_backend` (Triton on CUDA, torch on CPU, ``CORDA_FAST_BACKEND`` honoured).
+            ``corda_fast.ops.choose`` (Triton on CUDA, torch on CPU, ``CORDA_FAST_BACKEND`` honoured).
 
     Returns a :class:`FuseReport`. Raises ``ValueError`` if ``model`` holds no PEFT LoRA linear layer.
     """
     if backend is not None and backend not in ("torch", "triton"):
         raise ValueError(f"fuse(backend={backend!r}): expected 'torch', 'triton' or None")
     if backend == "triton":
-        if not ops.available_backends()["triton"]:
+        if not ops.available()["triton"]:
             raise ops.BackendError("fuse(backend='triton'): Triton cannot run here (no CUDA device, no interpreter)")
     from peft.tuners.lora.layer import LoraLayer
 

@@ -18,27 +18,29 @@ import torch
 from torch import nn
 
 from . import quant
-from .config import CordaConfig
+from .config import CordaConfig, LoraSpec
 from .decompose import LayerFactors
 from .targets import Target
 
 logger = logging.getLogger(__name__)
 
 
-def _lora_config(targets: list[Target], config: CordaConfig, task_type=None):
+def peft_lora_config(targets: list[Target], lora: LoraSpec):
+    """The ``peft.LoraConfig`` of the returned model: the user's LoRA settings on exactly the adapted layers, with
+    ``init_lora_weights=True`` (the saved ``adapter_config.json`` never says ``"corda"``)."""
     from peft import LoraConfig
 
     return LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        use_rslora=config.use_rslora,
-        rank_pattern=dict(config.rank_pattern),
-        alpha_pattern=dict(config.alpha_pattern),
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        use_rslora=lora.use_rslora,
+        rank_pattern=dict(lora.rank_pattern),
+        alpha_pattern=dict(lora.alpha_pattern),
         target_modules=[t.name for t in targets],
-        lora_dropout=config.lora_dropout,
+        lora_dropout=lora.lora_dropout,
         fan_in_fan_out=any(t.is_conv1d for t in targets),
         init_lora_weights=True,
-        task_type=task_type,
+        task_type=lora.task_type,
     )
 
 
@@ -50,19 +52,98 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
+class _Undo:
+    """What :func:`build_peft_model` changed on the user's model, to put back on failure."""
+
+    def __init__(self):
+        self.described: dict = {}  # quantized layer -> its format
+        self.swapped: dict = {}  # name -> original module, for quantized layers replaced by float ones ("keep")
+        self.originals: dict = {}  # name -> original float weight tensor
+        self.quant_params: dict = {}  # name -> original quantized weight Parameter
+        self.peft_model = None
+
+    def restore(self, model: nn.Module, adapted: list[Target]) -> None:
+        for t in adapted:
+            if t.name in self.originals:
+                t.module.weight.data = self.originals[t.name]
+            elif t.name in self.quant_params:
+                t.module.weight = self.quant_params[t.name]
+        if self.peft_model is not None:
+            try:
+                self.peft_model.unload()
+            except Exception:  # pragma: no cover - best effort; weights are already restored
+                logger.exception("could not unload the partially built PEFT model")
+        for name, module in self.swapped.items():
+            _swap(model, name, module)
+
+
+def _float_stand_ins(model: nn.Module, adapted: list[Target], keep: bool, undo: _Undo) -> None:
+    """Record each quantized layer's format; with ``keep``, put a float layer holding ``W_q`` in its place (its
+    residual is then written like any float layer's)."""
+    for i, t in enumerate(adapted):
+        if t.quant is None:
+            continue
+        undo.described[t.name] = quant.describe(t.module)
+        if keep:
+            new = quant.float_linear(t.module, quant.dequantize(t.module))
+            undo.swapped[t.name] = _swap(model, t.name, new)
+            adapted[i] = dataclasses.replace(t, module=new, quant=None)
+
+
+def _write_layer(layer, t: Target, f: LayerFactors, adapter_name: str, config: CordaConfig, undo: _Undo,
+                 quant_report: Optional[dict]) -> None:
+    """Put ``A``, ``B`` into a PEFT LoRA layer and ``W_res = W − s·B·A`` (from the factors as stored) into its
+    base layer, in the base weight's own format."""
+    lora_a = layer.lora_A[adapter_name].weight
+    lora_b = layer.lora_B[adapter_name].weight
+    if tuple(lora_a.shape) != tuple(f.A.shape) or tuple(lora_b.shape) != tuple(f.B.shape):
+        raise RuntimeError(
+            f"layer '{t.name}': PEFT made LoRA shapes {tuple(lora_a.shape)}/{tuple(lora_b.shape)} but the "
+            f"factors are {tuple(f.A.shape)}/{tuple(f.B.shape)} (rank_pattern mismatch)."
+        )
+    base = layer.get_base_layer()
+    device = f.A.device
+    a = f.A.to(device=device, dtype=lora_a.dtype)
+    b = f.B.to(device=device, dtype=lora_b.dtype)
+    cdt = f.A.dtype  # residual in the decomposition precision, from the factors as stored
+    if t.quant is not None:  # "requantize": dequantized here, one layer at a time
+        w_mat = quant.dequantize(t.module).to(device=device, dtype=cdt)
+    else:
+        w = undo.originals[t.name]
+        w_mat = (w.t() if t.is_conv1d else w).to(device=device, dtype=cdt)
+    delta = (f.scaling * b.to(cdt)) @ a.to(cdt)
+    w_res = w_mat - delta
+    base_device = lora_a.device if lora_a.device.type != "meta" else undo.quant_params.get(
+        t.name, undo.originals.get(t.name)).device
+    layer.lora_A[adapter_name].weight = nn.Parameter(a.to(base_device).contiguous(), requires_grad=lora_a.requires_grad)
+    layer.lora_B[adapter_name].weight = nn.Parameter(b.to(base_device).contiguous(), requires_grad=lora_b.requires_grad)
+    if t.quant is not None:  # "requantize": back into the layer's own format
+        quant.store_residual(base, w_res, config.requantize_config)
+    else:
+        w = undo.originals[t.name]
+        w_res = w_res.to(w.dtype)
+        base.weight.data = (w_res.t() if t.is_conv1d else w_res).contiguous().to(w.device)
+    if t.name in undo.described and quant_report is not None:  # w_mat is W_q: the quantized weight, exactly
+        quant_report[t.name] = {
+            "quantization": undo.described[t.name],
+            "residual": "requantized" if t.quant is not None else f"kept in {base.weight.dtype}",
+            **quant.residual_error(base, w_mat, delta),
+        }
+
+
 @torch.no_grad()
 def build_peft_model(model: nn.Module, factors: dict[str, LayerFactors], targets: list[Target],
-                     config: Optional[CordaConfig] = None, adapter_name: str = "default", task_type=None,
-                     quant_report: Optional[dict] = None):
+                     config: Optional[CordaConfig] = None, lora: Optional[LoraSpec] = None,
+                     adapter_name: str = "default", quant_report: Optional[dict] = None):
     """Wrap ``model`` in a ``peft.PeftModel`` whose LoRA layers hold the CorDA factors.
 
     Args:
         model: the model the factors were computed on (its targeted base weights become ``W_res``).
         factors: ``{layer name: LayerFactors}`` from :func:`corda_fast.decompose`.
         targets: the resolved targets; only those with factors are adapted.
-        config: the same :class:`CordaConfig` (rank/alpha patterns, dropout, ``autocast_adapter_dtype``,
-            ``quantized_residual`` / ``requantize_config`` for quantized base layers).
-        task_type: optional PEFT task type (e.g. ``"CAUSAL_LM"``) for the returned model's class.
+        config: the :class:`CordaConfig` (``autocast_adapter_dtype``; ``quantized_residual`` / ``requantize_config``
+            for quantized base layers).
+        lora: the :class:`LoraSpec` the targets were resolved with (rank / alpha patterns, dropout, task type).
         quant_report: if given, filled with ``{layer name: {...}}`` for quantized base layers: the format, and
             :func:`corda_fast.quant.residual_error` of the stored residual.
     Returns:
@@ -71,86 +152,28 @@ def build_peft_model(model: nn.Module, factors: dict[str, LayerFactors], targets
     from peft import get_peft_model
 
     config = config or CordaConfig()
+    lora = lora or LoraSpec()
     adapted = [t for t in targets if t.name in factors]
-    lora_config = _lora_config(adapted, config, task_type)
-    keep = config.quantized_residual == "keep"
-    described, swapped = {}, {}
-    originals, quant_params = {}, {}
-    peft_model = None
+    lora_config = peft_lora_config(adapted, lora)
+    undo = _Undo()
     try:
-        for i, t in enumerate(adapted):
-            if t.quant is None:
-                continue
-            described[t.name] = quant.describe(t.module)
-            if keep:  # a float layer holding W_q takes its place; W_res is written into it below
-                new = quant.float_linear(t.module, quant.dequantize(t.module))
-                swapped[t.name] = _swap(model, t.name, new)
-                adapted[i] = dataclasses.replace(t, module=new, quant=None)
-        originals = {t.name: t.module.weight.data for t in adapted if t.quant is None}
-        quant_params = {t.name: t.module.weight for t in adapted if t.quant is not None}
+        _float_stand_ins(model, adapted, config.quantized_residual == "keep", undo)
+        undo.originals = {t.name: t.module.weight.data for t in adapted if t.quant is None}
+        undo.quant_params = {t.name: t.module.weight for t in adapted if t.quant is not None}
         # LoRA weights are created on the meta device (no random init to pay for and overwrite; the user's RNG
         # stream is not touched) and replaced below by the CorDA factors.
-        peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name,
-                                    autocast_adapter_dtype=config.autocast_adapter_dtype, low_cpu_mem_usage=True)
-        inner = peft_model.base_model.model
+        undo.peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name,
+                                         autocast_adapter_dtype=config.autocast_adapter_dtype, low_cpu_mem_usage=True)
+        inner = undo.peft_model.base_model.model
         for t in adapted:
-            f = factors[t.name]
-            layer = inner.get_submodule(t.name)
-            lora_a = layer.lora_A[adapter_name].weight
-            lora_b = layer.lora_B[adapter_name].weight
-            if tuple(lora_a.shape) != tuple(f.A.shape) or tuple(lora_b.shape) != tuple(f.B.shape):
-                raise RuntimeError(
-                    f"layer '{t.name}': PEFT made LoRA shapes {tuple(lora_a.shape)}/{tuple(lora_b.shape)} but the "
-                    f"factors are {tuple(f.A.shape)}/{tuple(f.B.shape)} (rank_pattern mismatch)."
-                )
-            base = layer.get_base_layer()
-            device = f.A.device
-            a = f.A.to(device=device, dtype=lora_a.dtype)
-            b = f.B.to(device=device, dtype=lora_b.dtype)
-            cdt = f.A.dtype  # residual in the decomposition precision, from the factors as stored
-            if t.quant is not None:  # "requantize": dequantized here, one layer at a time
-                w_mat = quant.dequantize(t.module).to(device=device, dtype=cdt)
-            else:
-                w = originals[t.name]
-                w_mat = (w.t() if t.is_conv1d else w).to(device=device, dtype=cdt)
-            delta = (f.scaling * b.to(cdt)) @ a.to(cdt)
-            w_res = w_mat - delta
-            base_device = lora_a.device if lora_a.device.type != "meta" else quant_params.get(
-                t.name, originals.get(t.name)).device
-            layer.lora_A[adapter_name].weight = nn.Parameter(a.to(base_device).contiguous(),
-                                                             requires_grad=lora_a.requires_grad)
-            layer.lora_B[adapter_name].weight = nn.Parameter(b.to(base_device).contiguous(),
-                                                             requires_grad=lora_b.requires_grad)
-            if t.quant is not None:  # "requantize": back into the layer's own format
-                quant.store_residual(base, w_res, config.requantize_config)
-            else:
-                w = originals[t.name]
-                w_res = w_res.to(w.dtype)
-                base.weight.data = (w_res.t() if t.is_conv1d else w_res).contiguous().to(w.device)
-            if t.name in described and quant_report is not None:  # w_mat is W_q: the quantized weight, exactly
-                quant_report[t.name] = {
-                    "quantization": described[t.name],
-                    "residual": "requantized" if t.quant is not None else f"kept in {base.weight.dtype}",
-                    **quant.residual_error(base, w_mat, delta),
-                }
-        leftover = [n for n, p in peft_model.named_parameters() if p.is_meta]
+            _write_layer(inner.get_submodule(t.name), t, factors[t.name], adapter_name, config, undo, quant_report)
+        leftover = [n for n, p in undo.peft_model.named_parameters() if p.is_meta]
         if leftover:
             raise RuntimeError(f"LoRA weights without CorDA factors: {leftover[:5]}")
     except BaseException:
-        for t in adapted:
-            if t.name in originals:
-                t.module.weight.data = originals[t.name]
-            elif t.name in quant_params:
-                t.module.weight = quant_params[t.name]
-        if peft_model is not None:
-            try:
-                peft_model.unload()
-            except Exception:  # pragma: no cover - best effort; weights are already restored
-                logger.exception("could not unload the partially built PEFT model")
-        for name, module in swapped.items():
-            _swap(model, name, module)
+        undo.restore(model, adapted)
         raise
-    return peft_model
+    return undo.peft_model
 
 
 def save_initial_adapter(peft_model, path: str) -> None:

@@ -1,13 +1,13 @@
 """CorDA++ building blocks: compactness metric, covariance selection score, dynamic rank allocation.
 
-The definitions follow ``shared/reference/corda_spec.md`` §5.2 (transcribed, not yet checked against the paper) with
-every uncertain choice an explicit option:
+The definitions (``docs/corda_plus.md``) leave some choices open; each is an explicit option of
+:class:`~corda_fast.config.PlusConfig`:
 
 - compactness ``π(C_f) = √(d_out·λ_max(C_f)) / λ_min(C_f)`` (eigenvalues of the damped covariance, §5.3) — the
   bound ``‖ΔY‖₁ ≤ π·σ`` on the output change from discarding a component of singular value σ;
 - selection score ``log π · Σ σ_{−k}/σ_max`` summed over all components (``sum_over="all"``, as transcribed) or over
   the ``r`` adapted ones (``"adapter"``), lower is better; candidates are compared after scaling each to unit mean
-  diagonal (``normalize=True``), since ``π(cC) = π(C)/√c`` while the σ-ratios are scale-free;
+  diagonal, since ``π(cC) = π(C)/√c`` while the σ-ratios are scale-free;
 - rank allocation: every layer starts at ``min_rank``; the layer with the lowest score
   ``log π · σ_{−(r+1)} / Σ_{k≤R−r−1} σ_k`` (the next component's relative weight) gets the next rank, until the
   budget is used (a heap over layers and prefix sums of the spectra: O(steps · log layers)).
@@ -29,6 +29,11 @@ from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
+
+from .config import PlusConfig
+from .decompose import map_per_core
+from .ops import damp, find_damping
+from .stats import CovarianceStats
 
 logger = logging.getLogger(__name__)
 
@@ -235,24 +240,23 @@ class PlusPlan:
 
 
 @torch.no_grad()
-def plan(candidates: list, targets: list, config) -> PlusPlan:
+def plan(candidates: list[CovarianceStats], targets: list, config, use_rslora: bool = False) -> PlusPlan:
     """CorDA++ between calibration and decomposition.
 
     For every candidate statistic and layer: damping (the CorDA rule), ``π`` of the damped covariance, singular
     values of ``W·C_f`` (float64, from the Gram matrix of the smaller side); selection of the candidate with the
     lowest :func:`selection_score` per layer (ties → the lowest index); :func:`allocate_ranks` on the chosen
-    spectra under ``config.budget`` (default: the uniform ranks' count).
+    spectra under ``config.plus.budget`` (default: the uniform ranks' count).
 
     Args:
         candidates: ``calibrate.collect_candidates`` output (same keys in every group).
         targets: resolved targets (their ``rank`` is the uniform rank; ``module.weight`` is read only).
-        config: :class:`CordaConfig` (``mode``, ``budget``, ``min_rank``, ``max_rank``, ``plus_*``).
+        config: :class:`CordaConfig` (``mode``, ``damping``, ``plus``: budget, ranks, scoring options).
+        use_rslora: the LoRA scaling rule (``LoraConfig.use_rslora``), for ``plus.alpha="scaling"``.
     Returns:
         :class:`PlusPlan`; ``rank_pattern`` / ``alpha_pattern`` key every layer by its escaped full name.
     """
-    from .calibrate import CovarianceStats
-    from .decompose import find_damping, map_per_core
-
+    pconf = config.plus or PlusConfig()
     t0 = time.perf_counter()
     layer_keys = {}
     for cand in candidates:  # with unused_targets="skip" a layer may be missing from some groups
@@ -261,29 +265,43 @@ def plan(candidates: list, targets: list, config) -> PlusPlan:
     for t in targets:
         if t.name in layer_keys:
             by_key.setdefault(layer_keys[t.name], []).append(t)
+    results = _score_candidates(candidates, by_key, config)
+    t1 = time.perf_counter()
+    layers, spectra = _select(targets, results, pconf)
+    budget = pconf.budget if pconf.budget is not None else sum((l.d_in + l.d_out) * l.uniform_rank for l in layers)
+    ranks = allocate_ranks(spectra, budget, pconf.min_rank, pconf.max_rank, config.mode, pconf.score_at)
+    rank_pattern, alpha_pattern = _patterns(layers, ranks, {t.name: t for t in targets}, pconf, use_rslora)
+    realised = allocation_cost(spectra, ranks)
+    if realised < budget - max((l.d_in + l.d_out) for l in layers):
+        logger.warning("CorDA++: only %d of the %d-parameter budget could be used (every layer at its max rank).",
+                       realised, budget)
+    stats = _selected_statistics(candidates, layers, layer_keys)
+    seconds = {"score": t1 - t0, "select_allocate": time.perf_counter() - t1}
+    logger.info("CorDA++: %d layers, %d candidates scored in %.2fs; ranks %d..%d, %d of %d budget parameters",
+                len(layers), len(candidates), seconds["score"], min(ranks.values()), max(ranks.values()),
+                realised, budget)
+    return PlusPlan(stats, rank_pattern, alpha_pattern, layers, budget, realised, seconds)
+
+
+def _score_candidates(candidates: list[CovarianceStats], by_key: dict, config) -> dict[str, list]:
+    """``{layer: [(π, σ of W·C_f, λ) or None per candidate]}``: every (candidate, statistic) pair scored once,
+    spread over the CPU cores; covariances scaled to unit mean diagonal first."""
     jobs = [(g, key) for g in range(len(candidates)) for key in by_key if key in candidates[g].sums]
     bar = tqdm(total=len(jobs), desc="corda_fast: scoring candidates", unit="stat",
                disable=not config.show_progress)
+    damping = config.damping
 
     def run(job):
         g, key = job
         names = [t.name for t in by_key[key]]
-        c = candidates[g].covariance(key, torch.float64)
-        if config.plus_normalize:
-            c = normalized(c)
-        lam = find_damping(c, config.damping_start, config.damping_tol, config.damping_max_iter,
-                           what=f"layer(s) {names} (candidate {g})")
-        c_f = c + torch.eye(c.shape[0], dtype=c.dtype, device=c.device) * (torch.diagonal(c).mean() * lam)
+        c = normalized(candidates[g].covariance(key, torch.float64))
+        lam = find_damping(c, damping.start, damping.tol, damping.max_iter, what=f"layer(s) {names} (candidate {g})")
+        c_f = damp(c, lam)
         ev = torch.linalg.eigvalsh(c_f)
         lo, hi = float(ev[0]), float(ev[-1])
         out = {}
         for t in by_key[key]:
-            pi = _pi(lo, hi, t.d_out)
-            if not pi > 1:
-                raise ValueError(
-                    f"layer '{t.name}' (candidate {g}): compactness π = {pi:.4g} ≤ 1, so log π ≤ 0 and the CorDA++ "
-                    "scores flip sign; use plus_normalize=True."
-                )
+            pi = _pi(lo, hi, t.d_out)  # > 1 on a unit-mean-diagonal covariance: log π > 0
             m = t.weight_matrix().detach().to(device=c.device, dtype=torch.float64) @ c_f
             gram = m @ m.mT if m.shape[0] <= m.shape[1] else m.mT @ m
             sigma = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().flip(0).cpu()
@@ -300,42 +318,45 @@ def plan(candidates: list, targets: list, config) -> PlusPlan:
     for g, out in done:
         for name, v in out.items():
             results[name][g] = v
-    t1 = time.perf_counter()
+    return results
 
-    # selection
+
+def _select(targets: list, results: dict, pconf) -> tuple[list[PlusLayer], list[LayerSpectrum]]:
+    """Per layer the candidate with the lowest selection score (a group in which the layer never ran cannot be
+    chosen; ties → the lowest index)."""
     layers, spectra = [], []
     for t in targets:
         if t.name not in results:
             continue
         per = results[t.name]
-        scores = [math.inf if v is None else selection_score(v[0], v[1], rank=t.rank, sum_over=config.plus_selection_sum)
-                  for v in per]  # a candidate group in which the layer never ran cannot be chosen
+        scores = [math.inf if v is None else selection_score(v[0], v[1], rank=t.rank, sum_over=pconf.selection_sum)
+                  for v in per]
         best = min(range(len(scores)), key=lambda i: (scores[i], i))
         pi, sigma, lam = per[best]
         layers.append(PlusLayer(t.name, t.d_in, t.d_out, best, scores, pi, lam, t.rank))
         spectra.append(LayerSpectrum(t.name, sigma, math.log(pi), t.d_in, t.d_out))
+    return layers, spectra
 
-    # allocation
-    by_name = {t.name: t for t in targets}
-    budget = config.budget if config.budget is not None else sum((l.d_in + l.d_out) * l.uniform_rank for l in layers)
-    ranks = allocate_ranks(spectra, budget, config.min_rank, config.max_rank, config.mode, config.plus_score_at)
+
+def _patterns(layers: list[PlusLayer], ranks: dict, by_name: dict, pconf, use_rslora: bool) -> tuple[dict, dict]:
+    """PEFT ``rank_pattern`` / ``alpha_pattern`` with an escaped full-name entry for every layer."""
     rank_pattern, alpha_pattern = {}, {}
     for l in layers:
         t = by_name[l.name]
         l.rank = ranks[l.name]
-        if config.plus_alpha == "scaling":
-            l.alpha = t.scaling * (math.sqrt(l.rank) if config.use_rslora else l.rank)
+        if pconf.alpha == "scaling":
+            l.alpha = t.scaling * (math.sqrt(l.rank) if use_rslora else l.rank)
         else:
             l.alpha = t.alpha
         key = re.escape(l.name)
         rank_pattern[key] = l.rank
         alpha_pattern[key] = l.alpha
-    realised = allocation_cost(spectra, ranks)
-    if realised < budget - max((l.d_in + l.d_out) for l in layers):
-        logger.warning("CorDA++: only %d of the %d-parameter budget could be used (every layer at its max rank).",
-                       realised, budget)
+    return rank_pattern, alpha_pattern
 
-    # the selected statistics, one key per (input, candidate) actually chosen
+
+def _selected_statistics(candidates: list[CovarianceStats], layers: list[PlusLayer],
+                         layer_keys: dict) -> CovarianceStats:
+    """One :class:`CovarianceStats` holding, per (input, chosen candidate), its statistic: key ``input@candidate``."""
     sums, n_samples, n_tokens, members = {}, {}, {}, {}
     for l in layers:
         key = layer_keys[l.name]
@@ -346,10 +367,5 @@ def plan(candidates: list, targets: list, config) -> PlusPlan:
             n_samples[new], n_tokens[new], members[new] = src.n_samples[key], src.n_tokens[key], []
         members[new].append(l.name)
     first = candidates[0]
-    stats = CovarianceStats(sums, n_samples, n_tokens, members, first.normalization, first.model_fingerprint,
-                            meta={**first.meta, "selected": True})
-    seconds = {"score": t1 - t0, "select_allocate": time.perf_counter() - t1}
-    logger.info("CorDA++: %d layers, %d candidates scored in %.2fs; ranks %d..%d, %d of %d budget parameters",
-                len(layers), len(candidates), seconds["score"], min(ranks.values()), max(ranks.values()),
-                realised, budget)
-    return PlusPlan(stats, rank_pattern, alpha_pattern, layers, budget, realised, seconds)
+    return CovarianceStats(sums, n_samples, n_tokens, members, first.normalization, first.model_fingerprint,
+                           meta={**first.meta, "selected": True})

@@ -19,10 +19,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .calibrate import (CalibrationError, CovarianceStats, _Collector, _forward_runner, _model_device,
-                        finish_statistics, iter_batches, model_fingerprint)
 from . import distributed
+from .calibrate import (CalibrationError, Collector, eval_mode, finish_statistics, forward_runner, iter_batches,
+                        model_device)
 from .config import CordaConfig
+from .stats import CovarianceStats, model_fingerprint
 from .targets import Target
 
 logger = logging.getLogger(__name__)
@@ -65,38 +66,20 @@ def _to(obj: Any, device) -> Any:
     return obj
 
 
-@torch.no_grad()
-def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target],
-                          cache_device: Optional[torch.device] = None) -> Iterator[CovarianceStats]:
-    """Yield one :class:`CovarianceStats` per block that holds targets, in model order.
+def _cache_first_block_inputs(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target], prefix: str,
+                              blocks: nn.ModuleList, device, cache_device, multi: bool) -> tuple[list, int]:
+    """Run the model up to its first block on every batch; returns ``([(index, mask, args, kwargs)], total batches
+    over ranks)`` with the block inputs on ``cache_device``."""
+    cached: list[tuple[int, Optional[torch.Tensor], tuple, dict]] = []
+    current: dict = {}
 
-    Args:
-        model, loader, config, targets: as :func:`corda_fast.collect_covariance` (loader must be iterable).
-        cache_device: where block inputs are kept between blocks (default: the model's device; ``"cpu"`` frees
-            accelerator memory at the cost of transfers).
-    The model is left as it was (hooks removed, mode restored) whatever happens, including when the consumer
-    stops early.
-    """
-    device = _model_device(model)
-    multi = distributed.is_active(config.distributed)
-    cache_device = torch.device(cache_device) if cache_device is not None else device
-    prefix, blocks = find_blocks(model, targets)
-    fingerprint = model_fingerprint(model)
-    was_training = model.training
-    handles = []
-    t0 = time.perf_counter()
+    def capture(module, args, kwargs):
+        current["args"], current["kwargs"] = _to(args, cache_device), _to(kwargs, cache_device)
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        model.eval()
-        # 1. inputs of the first block, for every batch
-        cached: list[tuple[int, Optional[torch.Tensor], tuple, dict]] = []
-        current: dict = {}
-
-        def capture(module, args, kwargs):
-            current["args"], current["kwargs"] = _to(args, cache_device), _to(kwargs, cache_device)
-            raise _StopForward
-
-        handles.append(blocks[0].register_forward_pre_hook(capture, with_kwargs=True))
-        run = _forward_runner(model, targets)
+        run = forward_runner(model, targets)
         with distributed.stage(multi, "calibration (caching block inputs)"):
             for i, kwargs, mask in iter_batches(loader, config, device, "caching block inputs"):
                 current.clear()
@@ -107,53 +90,77 @@ def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, ta
                 if "args" not in current:
                     raise CalibrationError(f"the first block '{prefix}.0' did not run on calibration batch {i}.")
                 cached.append((i, mask, current["args"], current["kwargs"]))
-        handles.pop().remove()
-        total = len(cached)
-        if multi:
-            counts = torch.tensor([len(cached)], dtype=torch.int64, device=distributed._comm_device())
-            torch.distributed.all_reduce(counts)
-            total = int(counts.item())
-        if not total:
-            raise CalibrationError("the calibration loader yielded no batches; give it at least one batch of samples."
-                                   + (" (on every rank)" if multi else ""))
+    finally:
+        handle.remove()
+    total = len(cached)
+    if multi:
+        total = int(distributed.all_reduce_sum(torch.tensor([total], dtype=torch.int64,
+                                                            device=distributed.comm_device())).item())
+    if not total:
+        raise CalibrationError("the calibration loader yielded no batches; give it at least one batch of samples."
+                               + (" (on every rank)" if multi else ""))
+    return cached, total
 
-        # 2. block by block
+
+def _run_block(block: nn.Module, name: str, cached: list, collector: Collector, device, cache_device,
+               feed_next: bool) -> None:
+    """Run ``block`` on every cached input (statistics into ``collector``); with ``feed_next`` its outputs replace
+    the cached hidden states, as the next block's inputs."""
+    for n, (i, mask, args, kwargs) in enumerate(cached):
+        collector.start_batch(i, mask)
+        out = block(*_to(args, device), **_to(kwargs, device))
+        collector.record_finite()
+        collector.end_batch()
+        if feed_next:
+            hidden = _to(out[0] if isinstance(out, (tuple, list)) else out, cache_device)
+            if args:
+                args = (hidden,) + tuple(args[1:])
+            elif "hidden_states" in kwargs:
+                kwargs = {**kwargs, "hidden_states": hidden}
+            else:
+                raise CalibrationError(f"cannot tell which input of block '{name}' is its hidden state.")
+            cached[n] = (i, mask, args, kwargs)
+    collector.check_finite()
+
+
+@torch.no_grad()
+def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target],
+                          cache_device: Optional[torch.device] = None) -> Iterator[CovarianceStats]:
+    """Yield one :class:`CovarianceStats` per block that holds targets, in model order.
+
+    Args:
+        model, loader, config, targets: as :func:`corda_fast.collect_covariance` (loader must be iterable).
+        cache_device: where block inputs are kept between blocks (default: ``config.calibration.cache_device``,
+            else the model's device; ``"cpu"`` frees accelerator memory at the cost of transfers).
+    The model is left as it was (hooks removed, every module's mode restored) whatever happens, including when the
+    consumer stops early.
+    """
+    device = model_device(model)
+    multi = distributed.is_active(config.calibration.distributed)
+    cache_device = cache_device if cache_device is not None else config.calibration.cache_device
+    cache_device = torch.device(cache_device) if cache_device is not None else device
+    prefix, blocks = find_blocks(model, targets)
+    fingerprint = model_fingerprint(model)
+    t0 = time.perf_counter()
+    with eval_mode(model):
+        cached, total = _cache_first_block_inputs(model, loader, config, targets, prefix, blocks, device,
+                                                  cache_device, multi)
         for b, block in enumerate(blocks):
             block_targets = [t for t in targets if t.name.startswith(f"{prefix}.{b}.")]
-            collector = _Collector(block_targets, config, device)
-            for t in block_targets:
-                handles.append(t.module.register_forward_pre_hook(collector.hook, with_kwargs=True))
+            collector = Collector(block_targets, config, device)
+            handles = [t.module.register_forward_pre_hook(collector.hook, with_kwargs=True) for t in block_targets]
             try:
                 with distributed.stage(multi, f"calibration of block '{prefix}.{b}'"):
-                    for n, (i, mask, args, kwargs) in enumerate(cached):
-                        collector.start_batch(i, mask)
-                        out = block(*_to(args, device), **_to(kwargs, device))
-                        collector.record_finite()
-                        collector.end_batch()
-                        if b + 1 < len(blocks):
-                            hidden = _to(out[0] if isinstance(out, (tuple, list)) else out, cache_device)
-                            if args:
-                                args = (hidden,) + tuple(args[1:])
-                            elif "hidden_states" in kwargs:
-                                kwargs = {**kwargs, "hidden_states": hidden}
-                            else:
-                                raise CalibrationError(
-                                    f"cannot tell which input of block '{prefix}.{b}' is its hidden state.")
-                            cached[n] = (i, mask, args, kwargs)
-                    collector.check_finite()
+                    _run_block(block, f"{prefix}.{b}", cached, collector, device, cache_device, b + 1 < len(blocks))
             finally:
-                while handles:
-                    handles.pop().remove()
+                for h in handles:
+                    h.remove()
             if multi:
-                distributed.sync_collector(collector, len(cached))
+                collector.sync_ranks(len(cached))
             if block_targets:
                 stats = finish_statistics(collector, block_targets, config, fingerprint, total, t0)
                 stats.meta["block"] = f"{prefix}.{b}"
                 yield stats
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
 
 
 def collect_covariance_streaming(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target],
@@ -165,10 +172,7 @@ def collect_covariance_streaming(model: nn.Module, loader: Any, config: CordaCon
         if merged is None:
             merged = stats
             merged.meta.pop("block", None)
-            continue
-        merged.sums.update(stats.sums)
-        merged.n_samples.update(stats.n_samples)
-        merged.n_tokens.update(stats.n_tokens)
-        merged.members.update(stats.members)
+        else:
+            merged.merge(stats)
     merged.meta["model_class"] = type(model).__name__
     return merged

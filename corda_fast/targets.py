@@ -2,7 +2,8 @@
 
 Matching follows PEFT's ``LoraConfig.target_modules`` semantics exactly (a string is a regex that must match the
 whole module name; a list matches a name equal to an entry or ending in ``"." + entry``), so the layers we calibrate
-are the layers PEFT wraps. Rank / alpha patterns use PEFT's own ``get_pattern_key``.
+are the layers PEFT wraps. Rank / alpha patterns follow PEFT's rule too (:func:`pattern_key`; a test compares it with
+PEFT's own). Nothing here imports PEFT.
 """
 
 from __future__ import annotations
@@ -15,12 +16,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import quant
-from .config import CordaConfig
-
 from transformers.pytorch_utils import Conv1D  # GPT-2 style linear, weight stored as (in, out)
 
-from peft.utils.other import get_pattern_key
+from . import quant
+from .config import LoraSpec
 
 # Task heads the paper (and PEFT's "all-linear") leave out besides the LM output embedding.
 _HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler")
@@ -58,6 +57,15 @@ def _name_matches(name: str, spec: Union[str, Sequence[str]]) -> bool:
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
+def pattern_key(keys, name: str) -> Optional[str]:
+    """The ``rank_pattern`` / ``alpha_pattern`` key that applies to module ``name``: the first key ``k`` such that
+    ``name`` ends with ``k`` as a regex after a dot boundary (``(.*\\.)?(k)$``), PEFT's rule; ``None`` if none does."""
+    for key in keys:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
 def _output_head_ids(model: nn.Module) -> set:
     ids = set()
     get_out = getattr(model, "get_output_embeddings", None)
@@ -71,13 +79,15 @@ def _output_head_ids(model: nn.Module) -> set:
     return ids
 
 
-def resolve_targets(model: nn.Module, config: CordaConfig, check_rank: bool = True) -> list[Target]:
-    """Resolve ``config.target_modules`` on ``model`` into an ordered list of :class:`Target`.
+def resolve_targets(model: nn.Module, lora: Optional[LoraSpec] = None, check_rank: bool = True) -> list[Target]:
+    """Resolve ``lora.target_modules`` on ``model`` into an ordered list of :class:`Target` (``lora`` defaults to
+    :class:`LoraSpec` ``()``: every linear layer but the output head, rank 8).
 
     Raises :class:`TargetError` naming the offending layer when a matched module is not a ``nn.Linear`` /
     ``Conv1D``, when its weight is quantized, when nothing matches, or when a layer's rank exceeds
     ``min(d_in, d_out)`` (unless ``check_rank=False``: statistics do not depend on the rank).
     """
+    config = lora if lora is not None else LoraSpec()
     spec = config.target_modules
     all_linear = spec is None or spec == "all-linear"
     heads = _output_head_ids(model) if all_linear else set()
@@ -112,10 +122,10 @@ def resolve_targets(model: nn.Module, config: CordaConfig, check_rank: bool = Tr
         else:
             w = module.weight
             d_out, d_in = (w.shape[1], w.shape[0]) if is_conv1d else (w.shape[0], w.shape[1])
-        rank_key = get_pattern_key(config.rank_pattern.keys(), name) if config.rank_pattern else name
-        rank = int(config.rank_pattern.get(rank_key, config.rank))
-        alpha_key = get_pattern_key(config.alpha_pattern.keys(), name) if config.alpha_pattern else name
-        alpha = float(config.alpha_pattern.get(alpha_key, config.alpha))
+        rank_key = pattern_key(config.rank_pattern, name)
+        rank = int(config.rank_pattern[rank_key] if rank_key is not None else config.r)
+        alpha_key = pattern_key(config.alpha_pattern, name)
+        alpha = float(config.alpha_pattern[alpha_key] if alpha_key is not None else config.alpha)
         scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
         targets.append(Target(name, module, is_conv1d, int(d_in), int(d_out), rank, alpha, scaling, qkind))
     if unsupported:
@@ -136,7 +146,7 @@ def resolve_targets(model: nn.Module, config: CordaConfig, check_rank: bool = Tr
         raise TargetError(
             f"rank {t.rank} is too large for layer '{t.name}' ({t.d_out}x{t.d_in}): its max rank is "
             f"{min(t.d_in, t.d_out)}" + (f" ({len(too_big) - 1} more layers too)" if len(too_big) > 1 else "")
-            + ". Lower `rank` or set a `rank_pattern` entry for it."
+            + ". Lower `rank` (LoraConfig.r) or set a `rank_pattern` entry for it."
         )
     kinds = {t.is_conv1d for t in targets}
     if len(kinds) > 1:

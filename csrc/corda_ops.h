@@ -13,9 +13,6 @@ namespace corda {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky(const at::Tensor& covs, const at::Tensor& probes,
                                                               double start, double tol, int64_t max_iter);
 
-// W (n, d_out, d_in) any float dtype, C (n, d_in, d_in) float32/float64 -> W C in C's dtype.
-at::Tensor weight_cov_product(const at::Tensor& w, const at::Tensor& c);
-
 // One layer: W (d_out, d_in), C_f and its Cholesky factor L (d_in, d_in), all one dtype -> (A (r, d_in),
 // B (d_out, r), S_r (r,)) in that dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decompose_one(const at::Tensor& w, const at::Tensor& cf,

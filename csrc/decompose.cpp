@@ -155,31 +155,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky(const at::Tensor&
   return {cf, chol, lam_out};
 }
 
-at::Tensor weight_cov_product(const at::Tensor& w, const at::Tensor& c) {
-  TORCH_CHECK(w.dim() == 3, "corda_fast: weights must be (batch, d_out, d_in), got ", w.sizes());
-  check_square_batch(c, "covariances");
-  TORCH_CHECK(w.size(0) == c.size(0) && w.size(2) == c.size(1), "corda_fast: weights ", w.sizes(),
-              " do not fit covariances ", c.sizes());
-  TORCH_CHECK(at::isFloatingType(w.scalar_type()), "corda_fast: weights must be floating point");
-  const auto out_dtype = c.scalar_type();  // float32 accumulation at least, float64 when C is float64
-  const int64_t b = w.size(0), d_out = w.size(1), d_in = w.size(2);
-  if (w.scalar_type() == out_dtype) {
-    return at::matmul(w, c);
-  }
-  // 16-bit (or mixed) weights: converted one block of rows at a time into a small buffer, never as a whole
-  auto out = at::empty({b, d_out, d_in}, c.options());
-  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(d_out, (1 << 20) / std::max<int64_t>(d_in, 1)));
-  for (int64_t i = 0; i < b; ++i) {
-    for (int64_t r0 = 0; r0 < d_out; r0 += rows) {
-      const int64_t r1 = std::min(d_out, r0 + rows);
-      auto blk = w.select(0, i).slice(0, r0, r1).to(out_dtype);
-      auto dst = out.select(0, i).slice(0, r0, r1);
-      at::mm_out(dst, blk, c.select(0, i));
-    }
-  }
-  return out;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decompose_one(const at::Tensor& w, const at::Tensor& cf,
                                                              const at::Tensor& chol, int64_t rank, bool ipm,
                                                              double scaling, const std::string& method) {
@@ -272,15 +247,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_decompose_cpu(const at::T
 
 }  // namespace corda
 
-TORCH_LIBRARY(corda_fast, m) {
+// The kernels live in their own namespace: the public ops (corda_fast::damped_cholesky, corda_fast::batched_decompose)
+// are defined in Python with the pure-torch reference as their default kernel (corda_fast/ops/linalg.py); native.py
+// registers these as their CUDA kernels and calls the CPU ones when CORDA_FAST_BACKEND forces "native".
+TORCH_LIBRARY(corda_fast_native, m) {
   m.def("damped_cholesky(Tensor covs, Tensor probes, float start, float tol, int max_iter) -> (Tensor, Tensor, Tensor)");
-  m.def("weight_cov_product(Tensor w, Tensor c) -> Tensor");
   m.def("batched_decompose(Tensor w, Tensor cf, Tensor chol, Tensor scaling, int rank, bool ipm, str method) -> "
         "(Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(corda_fast, CPU, m) {
+TORCH_LIBRARY_IMPL(corda_fast_native, CPU, m) {
   m.impl("damped_cholesky", &corda::damped_cholesky);
-  m.impl("weight_cov_product", &corda::weight_cov_product);
   m.impl("batched_decompose", &corda::batched_decompose_cpu);
 }

@@ -1,4 +1,4 @@
-// Python module of the extension: the ops themselves are registered with TORCH_LIBRARY (torch.ops.corda_fast.*);
+// Python module of the extension: the kernels are registered with TORCH_LIBRARY (torch.ops.corda_fast_native.*);
 // this only reports how the extension was built.
 #include <torch/extension.h>
 
@@ -17,6 +17,6 @@ std::string build_info() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "corda_fast native ops (damped_cholesky, weight_cov_product, batched_decompose)";
+  m.doc() = "corda_fast native ops (damped_cholesky, batched_decompose)";
   m.def("build_info", &build_info, "'cpu' or 'cpu+cuda': the devices the ops were compiled for");
 }

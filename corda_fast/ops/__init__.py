@@ -1,54 +1,38 @@
-"""Numeric ops, one schema each, and the one place where a backend is chosen.
+"""Numeric ops: one schema each, a pure-torch reference as the default kernel, compiled kernels per device.
 
-Every op has a pure-torch reference (the CPU path and the test oracle). Compiled backends register here when
-they can run; ``CORDA_FAST_BACKEND`` forces one (``auto`` | ``torch`` | ``triton``), and forcing one that cannot
-run raises :class:`BackendError`. ``auto`` picks Triton for CUDA tensors and torch on CPU.
+=============================================  =====================  ==========================================
+op (``torch.ops.corda_fast.*``)                reference (oracle)     compiled kernels
+=============================================  =====================  ==========================================
+``xtx_accumulate(acc!, x, row_scale)``         ``covariance.py``      Triton (``triton_xtx.py``), CUDA
+``lowrank_gemm(p, q, s, r, bias?)``            ``lowrank.py``         Triton (``lowrank.py``), CUDA
+``damped_cholesky(covs, probes, …)``           ``linalg.py``          C++ / CUDA (``native.py``, ``csrc/``)
+``batched_decompose(w, cf, chol, …)``          ``linalg.py``          C++ / CUDA (``native.py``, ``csrc/``)
+=============================================  =====================  ==========================================
+
+The functions below are how the package calls them: each asks :func:`registry.choose` (the one place a kernel is
+chosen; ``CORDA_FAST_BACKEND`` overrides it) and runs that kernel. This package imports nothing of ``corda_fast``
+outside ``ops/``.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-from . import lowrank, native, triton_xtx  # native: registers torch.ops.corda_fast.* when the extension is built
+from . import linalg, lowrank, native, registry, triton_xtx
 from .covariance import sample_scales, symmetrize, triangle_blocks, xtx_accumulate_torch
+from .linalg import DampingError, damp, damping_probes, decompose_layer, find_damping
+from .lowrank import FusedLoRALinearFunction, fused_lora_linear
+from .registry import BACKEND_ENV, BackendError, available, choose
 
-BACKEND_ENV = "CORDA_FAST_BACKEND"
-_KNOWN = ("torch", "triton")
-
-
-class BackendError(RuntimeError):
-    """A forced backend that is unknown or cannot run here."""
-
-
-def available_backends() -> dict:
-    return {"torch": True, "triton": triton_xtx.available()}
+__all__ = ["xtx_accumulate", "lowrank_gemm", "damped_cholesky", "batched_decompose", "choose", "available",
+           "BackendError", "BACKEND_ENV", "symmetrize", "triangle_blocks", "sample_scales", "find_damping", "damp",
+           "damping_probes", "decompose_layer", "DampingError", "FusedLoRALinearFunction", "fused_lora_linear"]
 
 
-def active_backend(device=None, accumulate_dtype: torch.dtype = torch.float32) -> str:
-    """Name of the backend the ops use for tensors on ``device`` accumulating in ``accumulate_dtype``, honouring
-    ``CORDA_FAST_BACKEND`` (the Triton kernel accumulates in float32 only)."""
-    wanted = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if wanted == "auto":
-        is_cuda = device is not None and torch.device(device).type == "cuda"
-        use_triton = is_cuda and triton_xtx.HAVE_TRITON and accumulate_dtype == torch.float32
-        return "triton" if use_triton else "torch"
-    if wanted == "triton" and accumulate_dtype != torch.float32:
-        raise BackendError("the triton statistic kernel accumulates in float32; covariance_precision='float64' "
-                           "needs CORDA_FAST_BACKEND=torch (or auto).")
-    if wanted not in _KNOWN:
-        raise BackendError(f"{BACKEND_ENV}={wanted!r} is not a backend of this build; known: {_KNOWN} (or 'auto').")
-    if not available_backends()[wanted]:
-        raise BackendError(
-            f"{BACKEND_ENV}={wanted!r} cannot run here (Triton needs a CUDA device, or TRITON_INTERPRET=1 set "
-            "before triton is imported for the slow CPU interpreter)."
-        )
-    return wanted
-
-
-def xtx_accumulate(acc: torch.Tensor, x: torch.Tensor, row_scale: torch.Tensor, backend: Optional[str] = None):
+def xtx_accumulate(acc: torch.Tensor, x: torch.Tensor, row_scale: torch.Tensor,
+                   kernel: Optional[str] = None) -> torch.Tensor:
     """``acc += (diag(row_scale)·X)ᵀ (diag(row_scale)·X)`` in place, on an upper triangle of blocks only.
 
     Args:
@@ -56,24 +40,42 @@ def xtx_accumulate(acc: torch.Tensor, x: torch.Tensor, row_scale: torch.Tensor, 
         x: ``(tokens, d)`` activations in any float dtype and strides (read as is).
         row_scale: ``(tokens,)`` per-row scale (``1/m`` for per-sample normalisation, 0 drops a row);
             the row weight is its square.
-        backend: ``"torch"`` / ``"triton"``; default :func:`active_backend` for ``x.device``.
+        kernel: ``"torch"`` / ``"triton"``; default :func:`choose` for ``x.device`` and ``acc.dtype``.
+    Returns ``acc``.
     """
-    backend = backend or active_backend(x.device)
-    if backend == "triton":
-        if acc.dtype != torch.float32:
-            raise BackendError("the triton statistic kernel accumulates in float32; use covariance_precision="
-                               "'float32' or CORDA_FAST_BACKEND=torch.")
-        torch.ops.corda_fast.xtx_accumulate_triton(acc, x, row_scale)
-        return acc
-    return xtx_accumulate_torch(acc, x, row_scale)
+    kernel = kernel or choose("xtx_accumulate", x.device, acc.dtype)
+    if kernel == "torch":
+        return xtx_accumulate_torch(acc, x, row_scale)
+    if acc.dtype != torch.float32:
+        raise BackendError("the triton statistic kernel accumulates in float32; use precision='float32' or "
+                           f"{BACKEND_ENV}=torch.")
+    if x.is_cuda:
+        torch.ops.corda_fast.xtx_accumulate(acc, x, row_scale)
+    else:  # the CPU interpreter
+        triton_xtx.xtx_accumulate_triton(acc, x, row_scale)
+    return acc
 
 
-def lowrank_gemm(p, q, s, r, bias=None, backend: Optional[str] = None) -> torch.Tensor:
-    """``p @ q + s @ r (+ bias)`` in one pass (the fused low-rank layer's GEMM); backend as :func:`active_backend`."""
-    if (backend or active_backend(p.device)) == "triton":
-        return torch.ops.corda_fast.lowrank_gemm_triton(p, q, s, r, bias)
-    return lowrank.lowrank_gemm_torch(p, q, s, r, bias)
+def lowrank_gemm(p, q, s, r, bias=None, kernel: Optional[str] = None) -> torch.Tensor:
+    """``p (M, K) @ q (K, N) + s (M, R) @ r (R, N) (+ bias (N,))`` in one pass; kernel as :func:`choose`."""
+    return lowrank.run_lowrank_gemm(p, q, s, r, bias, kernel or choose("lowrank_gemm", p.device))
 
 
-__all__ = ["active_backend", "lowrank_gemm", "available_backends", "xtx_accumulate", "symmetrize", "triangle_blocks", "sample_scales",
-           "BackendError", "BACKEND_ENV"]
+def damped_cholesky(covs: torch.Tensor, probes: torch.Tensor, start: float, tol: float, max_iter: int,
+                    kernel: Optional[str] = None):
+    """``(C_f, L, λ)`` for a batch of statistics ``(n, d, d)`` (see ``linalg.py``); kernel as :func:`choose`."""
+    kernel = kernel or choose("damped_cholesky", covs.device)
+    if kernel == "torch":
+        return linalg.damped_cholesky_reference(covs, probes, start, tol, max_iter)
+    fn = torch.ops.corda_fast.damped_cholesky if covs.is_cuda else native.kernels().damped_cholesky
+    return fn(covs, probes, start, tol, max_iter)
+
+
+def batched_decompose(w: torch.Tensor, cf: torch.Tensor, chol: torch.Tensor, scaling: torch.Tensor, rank: int,
+                      ipm: bool, method: str, kernel: Optional[str] = None):
+    """``(A (n, r, d_in), B (n, d_out, r), S (n, r))`` for a batch of same-shaped layers; kernel as :func:`choose`."""
+    kernel = kernel or choose("batched_decompose", w.device)
+    if kernel == "torch":
+        return linalg.batched_decompose_reference(w, cf, chol, scaling, rank, ipm, method)
+    fn = torch.ops.corda_fast.batched_decompose if w.is_cuda else native.kernels().batched_decompose
+    return fn(w, cf, chol, scaling, rank, ipm, method)

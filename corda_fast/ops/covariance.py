@@ -1,4 +1,8 @@
-"""Pure-torch reference of the covariance ops (CPU path and test oracle)."""
+"""The statistic op: ``corda_fast::xtx_accumulate(Tensor(a!) acc, Tensor x, Tensor row_scale) -> ()``.
+
+Its pure-torch reference (below) is the op's default kernel, the CPU path and the test oracle; the Triton kernel
+(``triton_xtx.py``) registers itself for CUDA. Also the per-sample scales and the final symmetrisation.
+"""
 
 from __future__ import annotations
 
@@ -55,3 +59,17 @@ def sample_scales(
     m = torch.full((n_samples,), float("-inf"), dtype=torch.float32, device=x.device)
     m = m.scatter_reduce(0, row_sample, row_max, reduce="amax", include_self=True)
     return m.abs().reciprocal().index_select(0, row_sample)
+
+
+def _xtx_accumulate_default(acc: torch.Tensor, x: torch.Tensor, row_scale: torch.Tensor) -> None:
+    xtx_accumulate_torch(acc, x, row_scale)
+
+
+xtx_accumulate_op = torch.library.custom_op(
+    "corda_fast::xtx_accumulate", _xtx_accumulate_default, mutates_args=("acc",),
+    schema="(Tensor(a!) acc, Tensor x, Tensor row_scale) -> ()")
+
+
+@xtx_accumulate_op.register_fake
+def _xtx_accumulate_fake(acc, x, row_scale):  # in place on acc, no outputs
+    return None

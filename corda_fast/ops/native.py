@@ -1,25 +1,21 @@
-"""The native extension ``corda_fast._C`` (``csrc/``): batched damping search, ``W·C`` and decomposition.
+"""The native extension ``corda_fast.ops._C`` (``csrc/``): C++ (CPU) and CUDA kernels of the decomposition ops.
 
-The ops are registered with ``TORCH_LIBRARY`` as ``torch.ops.corda_fast.{damped_cholesky, weight_cov_product,
-batched_decompose}``; fake (shape-only) implementations are registered here so they trace under
-``torch.compile`` and pass ``torch.library.opcheck``. Whether :func:`corda_fast.decompose` uses them is decided
-by :func:`decompose_backend` (``CORDA_FAST_NATIVE=auto|1|0``); the pure-torch path in ``decompose.py`` is the
-reference they are tested against.
+The extension registers its kernels as ``torch.ops.corda_fast_native.{damped_cholesky, batched_decompose}``
+(CPU, and CUDA when built with it). Here they get fake (shape-only) implementations, so they trace under
+``torch.compile`` and pass ``torch.library.opcheck``, and, when built with CUDA, become the CUDA kernels of the
+public ops ``corda_fast::damped_cholesky`` / ``corda_fast::batched_decompose`` (defined in ``linalg.py`` with the
+pure-torch reference as default). On CPU the reference is the default (it measured 1.4x faster there:
+``benchmarks/bench_decompose.py``); ``CORDA_FAST_BACKEND=native`` forces the C++ kernels (``registry.py``).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 
-logger = logging.getLogger(__name__)
-
-NATIVE_ENV = "CORDA_FAST_NATIVE"
+from .linalg import batched_decompose_op, damped_cholesky_op
 
 try:
-    from .. import _C  # noqa: F401
+    from . import _C  # noqa: F401  (registers torch.ops.corda_fast_native.*)
 
     HAVE_NATIVE = True
     BUILD = _C.build_info()
@@ -32,19 +28,23 @@ except ImportError as exc:  # not built (no compiler, CORDA_FAST_SKIP_EXT=1, or 
 
 if HAVE_NATIVE:
 
-    @torch.library.register_fake("corda_fast::damped_cholesky")
+    @torch.library.register_fake("corda_fast_native::damped_cholesky")
     def _damped_cholesky_fake(covs, probes, start, tol, max_iter):
         lam = torch.empty(covs.shape[0], dtype=torch.float64, device="cpu")
         return torch.empty_like(covs), torch.empty_like(covs), lam
 
-    @torch.library.register_fake("corda_fast::weight_cov_product")
-    def _weight_cov_product_fake(w, c):
-        return w.new_empty(w.shape, dtype=c.dtype)
-
-    @torch.library.register_fake("corda_fast::batched_decompose")
+    @torch.library.register_fake("corda_fast_native::batched_decompose")
     def _batched_decompose_fake(w, cf, chol, scaling, rank, ipm, method):
         b, d_out, d_in = w.shape
         return w.new_empty(b, rank, d_in), w.new_empty(b, d_out, rank), w.new_empty(b, rank)
+
+    if "cuda" in BUILD:
+        damped_cholesky_op.register_kernel("cuda")(
+            lambda covs, probes, start, tol, max_iter: torch.ops.corda_fast_native.damped_cholesky(
+                covs, probes, start, tol, max_iter))
+        batched_decompose_op.register_kernel("cuda")(
+            lambda w, cf, chol, scaling, rank, ipm, method: torch.ops.corda_fast_native.batched_decompose(
+                w, cf, chol, scaling, rank, ipm, method))
 
 
 def status() -> str:
@@ -54,26 +54,6 @@ def status() -> str:
     return f"not built ({IMPORT_ERROR}); the pure-torch path is used"
 
 
-def decompose_backend(device=None) -> str:
-    """``"native"`` or ``"torch"`` for decompositions on ``device``, honouring ``CORDA_FAST_NATIVE``.
-
-    ``auto`` (default): the extension for CUDA tensors when it is built with CUDA; on CPU the pure-torch path,
-    which measured 1.4x faster than the native ops there (``benchmarks/bench_decompose.py``: its thread pool runs
-    independent statistic groups concurrently, the native batch does not gain from its layer parallelism).
-    ``1``: the extension on any device it was built for (raises otherwise); ``0``: never."""
-    from . import BackendError
-
-    wanted = os.environ.get(NATIVE_ENV, "auto").strip().lower() or "auto"
-    if wanted not in ("auto", "1", "0"):
-        raise BackendError(f"{NATIVE_ENV}={wanted!r}: expected auto, 1 or 0.")
-    if wanted == "0":
-        return "torch"
-    is_cuda = device is not None and torch.device(device).type == "cuda"
-    usable = HAVE_NATIVE and (not is_cuda or "cuda" in BUILD)
-    if wanted == "1" and not usable:
-        why = status() if not HAVE_NATIVE else f"it was built for {BUILD}, not CUDA"
-        raise BackendError(f"{NATIVE_ENV}=1 but the native extension cannot run here: {why}. Build it with "
-                           "`pip install --no-build-isolation -e .`.")
-    if wanted == "auto":
-        return "native" if usable and is_cuda else "torch"
-    return "native" if usable else "torch"
+def kernels():
+    """The raw native kernels (``torch.ops.corda_fast_native``); only when :data:`HAVE_NATIVE`."""
+    return torch.ops.corda_fast_native

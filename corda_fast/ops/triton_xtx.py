@@ -6,10 +6,10 @@ partial product in place (no atomics: tiles are disjoint). Tiles below the diago
 the FLOPs of a full ``XᵀX``; :func:`corda_fast.ops.symmetrize` mirrors the triangle once, when the statistic
 is finalised.
 
-On CUDA the tile shape is autotuned per ``d`` (a Hopper set and a generic set; ``CORDA_FAST_TRITON_AUTOTUNE=0``
-uses one fixed shape). Registered as the torch.library op ``corda_fast::xtx_accumulate_triton`` (``triton_op`` + ``wrap_triton``), so
-it traces under ``torch.compile``. Runs on CUDA, and on CPU through the Triton interpreter
-(``TRITON_INTERPRET=1`` set before triton is imported), which is how CI checks its logic.
+On CUDA the tile shape is autotuned per ``d`` (a Hopper set and a generic set). :func:`xtx_accumulate_triton` is
+registered as the CUDA kernel of the op ``corda_fast::xtx_accumulate`` (``covariance.py``); on CPU it runs through the
+Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported) when forced, which is how CI checks its
+logic.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import os
 
 import torch
 
+from .covariance import xtx_accumulate_op
+
 try:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-
     HAVE_TRITON = True
 except Exception:  # pragma: no cover - triton missing or broken
     HAVE_TRITON = False
@@ -76,7 +76,6 @@ if HAVE_TRITON:
     _tuned = {hopper: triton.autotune(configs=_configs(hopper), key=["d"], restore_value=["acc_ptr"])(_xtx_tile_kernel)
               for hopper in (False, True)}
 
-    @triton_op("corda_fast::xtx_accumulate_triton", mutates_args={"acc"})
     def xtx_accumulate_triton(acc: torch.Tensor, x: torch.Tensor, row_scale: torch.Tensor) -> None:
         """``acc (d, d) fp32 += (diag(row_scale)·x)ᵀ (diag(row_scale)·x)`` on the upper tile triangle;
         ``x`` is ``(tokens, d)`` fp32/fp16/bf16 with any strides, ``row_scale`` ``(tokens,)``."""
@@ -85,18 +84,15 @@ if HAVE_TRITON:
             return
         args = (x, row_scale, acc, n_tokens, d, x.stride(0), x.stride(1), row_scale.stride(0), acc.stride(0),
                 acc.stride(1))
-        if INTERPRETING or os.environ.get("CORDA_FAST_TRITON_AUTOTUNE", "1") == "0":
+        if INTERPRETING:
             block, block_t, warps = _config(d, n_tokens)
             tiles = triton.cdiv(d, block)
-            wrap_triton(_xtx_tile_kernel)[(tiles, tiles)](*args, BLOCK=block, BLOCK_T=block_t, num_warps=warps)
+            _xtx_tile_kernel[(tiles, tiles)](*args, BLOCK=block, BLOCK_T=block_t, num_warps=warps)
             return
         hopper = torch.cuda.get_device_capability(x.device)[0] >= 9
-        wrap_triton(_tuned[hopper])[lambda meta: (triton.cdiv(d, meta["BLOCK"]), triton.cdiv(d, meta["BLOCK"]))](*args)
+        _tuned[hopper][lambda meta: (triton.cdiv(d, meta["BLOCK"]), triton.cdiv(d, meta["BLOCK"]))](*args)
 
-
-    @xtx_accumulate_triton.register_fake
-    def _(acc, x, row_scale):  # in-place on acc, no outputs: nothing to describe under fake tensors / compile
-        return None
+    xtx_accumulate_op.register_kernel("cuda")(xtx_accumulate_triton)
 
 
 def available() -> bool:

@@ -1,7 +1,7 @@
 // CUDA implementations of the corda_fast ops (compiled only when torch has CUDA and CUDA_HOME is set, or with
 // CORDA_FAST_FORCE_CUDA=1).
 //
-// damped_cholesky and weight_cov_product run the device-generic ATen code of decompose.cpp (cuSOLVER potrf /
+// damped_cholesky runs the device-generic ATen code of decompose.cpp (cuSOLVER potrf /
 // getrf batched, cuBLAS with fp32 accumulation). batched_decompose spreads the independent layers of a batch over
 // a pool of streams and picks the SVD driver per shape, behind an accuracy gate:
 //   - "gram": float64 Gram matrix + syevd (shared code with the CPU path);
@@ -99,8 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_decompose_cuda(const at::
 
 }  // namespace corda
 
-TORCH_LIBRARY_IMPL(corda_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(corda_fast_native, CUDA, m) {
   m.impl("damped_cholesky", &corda::damped_cholesky);
-  m.impl("weight_cov_product", &corda::weight_cov_product);
   m.impl("batched_decompose", &corda::batched_decompose_cuda);
 }

@@ -1,0 +1,181 @@
+"""Covariance statistics: the data structure every stage reads, its safetensors cache, and the model fingerprint.
+
+Calibration (``calibrate`` / ``streaming``) produces :class:`CovarianceStats`; CorDA++ (``plus``) and decomposition
+(``decompose``) read them; a cache written by :meth:`CovarianceStats.save` serves any rank or mode later. This module
+imports nothing else of the package, so every stage can depend on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = "corda_fast.covariance.v1"
+
+
+class CacheError(ValueError):
+    """A covariance cache that does not belong to this model / configuration."""
+
+
+@dataclass
+class CovarianceStats:
+    """Uncentered second-moment statistics of the targeted layers' inputs.
+
+    ``sums[key]`` is ``Σ_samples (X_s/m_s)ᵀ (X_s/m_s)`` over real tokens (``(d, d)``, float32 or float64) and
+    ``n_samples[key]`` the number of samples that contributed; the covariance is their ratio (PEFT divides by
+    the number of hook calls, which is the number of samples at batch size 1). ``members[key]`` lists the layers
+    reading that input, the first being the one the statistic was computed on.
+    """
+
+    sums: dict[str, torch.Tensor]
+    n_samples: dict[str, int]
+    n_tokens: dict[str, int]
+    members: dict[str, list[str]]
+    normalization: str
+    model_fingerprint: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def layer_keys(self) -> dict[str, str]:
+        """``{layer name: statistic key}``."""
+        return {name: key for key, names in self.members.items() for name in names}
+
+    def key_of(self, name: str) -> str:
+        return self.layer_keys()[name]
+
+    def covariance(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``C = sum / n_samples`` for statistic ``key`` (``(d, d)``)."""
+        s = self.sums[key]
+        return s.to(dtype or s.dtype) / self.n_samples[key]
+
+    def layer_names(self) -> list[str]:
+        return list(self.layer_keys())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.sums.values())
+
+    def subset(self, keys) -> "CovarianceStats":
+        """The statistics of ``keys`` only (tensors shared, not copied)."""
+        keys = list(keys)
+        return dataclasses.replace(self, sums={k: self.sums[k] for k in keys},
+                                   n_samples={k: self.n_samples[k] for k in keys},
+                                   n_tokens={k: self.n_tokens[k] for k in keys},
+                                   members={k: self.members[k] for k in keys}, meta=dict(self.meta))
+
+    def merge(self, other: "CovarianceStats") -> "CovarianceStats":
+        """Add ``other``'s statistics (other inputs, e.g. another block of the same model) to these, in place."""
+        if other.normalization != self.normalization or other.model_fingerprint != self.model_fingerprint:
+            raise ValueError("cannot merge statistics of another model or normalization")
+        self.sums.update(other.sums)
+        self.n_samples.update(other.n_samples)
+        self.n_tokens.update(other.n_tokens)
+        self.members.update(other.members)
+        return self
+
+    # ------------------------------------------------------------------ cache
+    def save(self, path: str) -> None:
+        """Write the statistics (sums and counts, so caches can be merged) as safetensors with metadata."""
+        from safetensors.torch import save_file
+
+        keys = list(self.sums)
+        meta = {
+            "format": CACHE_FORMAT,
+            "model_fingerprint": self.model_fingerprint,
+            "normalization": self.normalization,
+            "keys": json.dumps(keys),
+            "members": json.dumps(self.members),
+            "n_samples": json.dumps(self.n_samples),
+            "n_tokens": json.dumps(self.n_tokens),
+            "meta": json.dumps(self.meta),
+        }
+        tensors = {f"stat{i}": self.sums[k].contiguous().cpu() for i, k in enumerate(keys)}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_file(tensors, path, metadata=meta)
+        logger.info("saved covariance statistics of %d inputs (%d layers) to %s", len(keys), len(self.layer_names()), path)
+
+    @classmethod
+    def load(cls, path: str, model: Optional[nn.Module] = None, targets: Optional[list] = None,
+             normalization: Optional[str] = None) -> "CovarianceStats":
+        """Load a cache written by :meth:`save`, validated against ``model`` / ``targets`` / ``normalization``.
+
+        Raises :class:`CacheError` naming the mismatched field (another model, a missing layer, a shape or
+        normalisation mismatch, non-finite values).
+        """
+        from safetensors import safe_open
+
+        if not os.path.isfile(path):
+            raise CacheError(f"covariance cache '{path}' does not exist.")
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != CACHE_FORMAT:
+                raise CacheError(f"'{path}' is not a corda_fast covariance cache (format={meta.get('format')!r}).")
+            keys = json.loads(meta["keys"])
+            sums = {k: f.get_tensor(f"stat{i}") for i, k in enumerate(keys)}
+        stats = cls(
+            sums=sums,
+            n_samples={k: int(v) for k, v in json.loads(meta["n_samples"]).items()},
+            n_tokens={k: int(v) for k, v in json.loads(meta["n_tokens"]).items()},
+            members=json.loads(meta["members"]),
+            normalization=meta["normalization"],
+            model_fingerprint=meta["model_fingerprint"],
+            meta=json.loads(meta.get("meta", "{}")),
+        )
+        if model is not None:
+            fp = model_fingerprint(model)
+            if fp != stats.model_fingerprint:
+                raise CacheError(
+                    f"covariance cache '{path}' was collected on another model (model_fingerprint "
+                    f"{stats.model_fingerprint[:12]}..., this model {fp[:12]}...: different architecture or weights, "
+                    f"cache made for {stats.meta.get('model_class', '?')}). Recalibrate, or load the model it was made on."
+                )
+        if normalization is not None and normalization != stats.normalization:
+            raise CacheError(
+                f"covariance cache '{path}' used normalization={stats.normalization!r} but the config asks for "
+                f"{normalization!r}."
+            )
+        if targets is not None:
+            keys = stats.layer_keys()
+            missing = [t.name for t in targets if t.name not in keys]
+            if missing:
+                raise CacheError(
+                    f"covariance cache '{path}' has no statistic for layer(s) {missing[:5]}"
+                    + (" ..." if len(missing) > 5 else "") + "; it was collected for other target_modules."
+                )
+            for t in targets:
+                key = keys[t.name]
+                if tuple(stats.sums[key].shape) != (t.d_in, t.d_in):
+                    raise CacheError(
+                        f"covariance cache '{path}': statistic of '{t.name}' is {tuple(stats.sums[key].shape)}, "
+                        f"the layer needs ({t.d_in}, {t.d_in})."
+                    )
+        bad = [k for k, s in stats.sums.items() if not torch.isfinite(s.diagonal()).all()]
+        if bad:
+            raise CacheError(f"covariance cache '{path}' holds non-finite statistics for {bad[:5]}.")
+        return stats
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A cheap identity of a model's architecture *and* weights (class, every parameter's name, shape, dtype and
+    a strided sample of its values). Statistics depend on every upstream weight, so all parameters count."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        data = p.data
+        if type(data) is not torch.Tensor:  # quantized tensor subclass (torchao): hash its values
+            data = data.dequantize() if callable(getattr(data, "dequantize", None)) else None
+            if data is None:
+                h.update(type(p.data).__name__.encode())
+                continue
+        flat = data.detach().reshape(-1)
+        step = max(1, flat.numel() // 64)
+        h.update(flat[::step][:64].to(torch.float64).cpu().numpy().tobytes())
+    return h.hexdigest()
