@@ -5,8 +5,8 @@ textbook algorithm (written out here, independently of the library: explicit inv
 on float64 statistics of the same batches, with the same damping rule, for
   - ``default``      : float32 statistics, float64 Gram route (``svd_method="auto"``)
   - ``svd32``        : float32 statistics, float32 SVD (PEFT's arithmetic)
-  - ``float64-dec``  : float32 statistics, ``decompose_precision="float64"``
-  - ``float64``      : ``covariance_precision="float64"`` and ``decompose_precision="float64"``
+  - ``float64-dec``  : float32 statistics, decomposed with ``precision="float64"``
+  - ``float64``      : statistics and decomposition with ``precision="float64"``
 Also times the decomposition of each. Writes ``benchmarks/results/accuracy_smollm2.json``.
 
     python benchmarks/accuracy_smollm2.py [--samples 32 --seq-len 256 --rank 16]
@@ -16,23 +16,23 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
 import corda_fast  # noqa: E402
-from bench_vs_peft import environment  # noqa: E402
-from corda_fast.cli import builtin_text, load_model, make_batches, materialize_smollm2  # noqa: E402
+from corda_fast.demo import builtin_text, load_model, make_batches, materialize_smollm2  # noqa: E402
+
+from common import environment  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def run(model, stats, targets, **kw):
-    cfg = corda_fast.CordaConfig(mode="kpm", rank=kw.pop("rank"), target_modules=TARGETS, show_progress=False, **kw)
+    kw.pop("rank")  # carried by the targets
+    cfg = corda_fast.CordaConfig(mode="kpm", show_progress=False, **kw)
     t = time.perf_counter()
     f = corda_fast.decompose(stats, targets, cfg)
     secs = time.perf_counter() - t
@@ -56,10 +56,10 @@ def main():
     args = p.parse_args()
     model, tok = load_model(materialize_smollm2())
     batches, _ = make_batches(tok, [builtin_text()], False, args.samples, args.seq_len, 8)
-    cfg = corda_fast.CordaConfig(mode="kpm", rank=args.rank, target_modules=TARGETS, show_progress=False)
-    targets = corda_fast.resolve_targets(model, cfg)
+    cfg = corda_fast.CordaConfig(mode="kpm", show_progress=False)
+    targets = corda_fast.resolve_targets(model, corda_fast.LoraSpec(r=args.rank, target_modules=TARGETS))
     s32 = corda_fast.collect_covariance(model, batches, cfg, targets)
-    s64 = corda_fast.collect_covariance(model, batches, cfg.replace(covariance_precision="float64"), targets)
+    s64 = corda_fast.collect_covariance(model, batches, cfg.replace(precision="float64"), targets)
     t = time.perf_counter()
     ref = {}
     for tg in targets:  # textbook float64 CorDA-KPM
@@ -77,8 +77,8 @@ def main():
     variants = {
         "default": (s32, dict()),
         "svd32": (s32, dict(svd_method="svd")),
-        "float64-dec": (s32, dict(decompose_precision="float64")),
-        "float64": (s64, dict(decompose_precision="float64")),
+        "float64-dec": (s32, dict(precision="float64")),
+        "float64": (s64, dict(precision="float64")),
     }
     result = {"model": "SmolLM2-135M-Instruct", "mode": "kpm", "rank": args.rank, "samples": args.samples,
               "seq_len": args.seq_len, "reference_seconds": t_ref, "variants": {},

@@ -4,7 +4,7 @@ Variants, interleaved over ``--repeats`` in one process on the same samples:
   - ``forward``        plain forward of the backbone, batched (what calibration rides on)
   - ``ours``           ``collect_covariance`` (batched, padded), all blocks at once
   - ``ours_streaming`` block-by-block statistics (each block's statistics freed after it)
-  - ``ours_f64``       (not in the default set) ``covariance_precision="float64"``
+  - ``ours_f64``       (not in the default set) ``precision="float64"``
   - ``forward_bs1``    plain forward of the full model at batch size 1 (what PEFT rides on)
   - ``peft``           PEFT's ``calib_cov_distribution`` hook at batch size 1 (its requirement)
 Reports median (min-max) seconds, overhead vs the plain forward, speed-up vs PEFT, and statistic memory: the
@@ -20,16 +20,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
 import corda_fast  # noqa: E402
-from bench_vs_peft import environment  # noqa: E402
+
+from common import environment  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -39,7 +38,7 @@ def build(args):
 
     dtype = getattr(torch, args.dtype)
     if args.model == "smollm2":
-        from corda_fast.cli import builtin_text, load_model, make_batches, materialize_smollm2
+        from corda_fast.demo import builtin_text, load_model, make_batches, materialize_smollm2
 
         model, tok = load_model(materialize_smollm2(), dtype=args.dtype)
         batches, _ = make_batches(tok, [builtin_text()], False, args.samples, args.seq_len, args.batch_size)
@@ -80,8 +79,8 @@ def main():
     args = p.parse_args()
     model, batches, name = build(args)
     dev = args.device
-    cfg = corda_fast.CordaConfig(target_modules=TARGETS, show_progress=False)
-    targets = corda_fast.resolve_targets(model, cfg, check_rank=False)
+    cfg = corda_fast.CordaConfig(show_progress=False)
+    targets = corda_fast.resolve_targets(model, corda_fast.LoraSpec(target_modules=TARGETS), check_rank=False)
     samples = [b["input_ids"][j][b["attention_mask"][j].bool()] for b in batches for j in range(len(b["input_ids"]))]
     body = getattr(model, model.base_model_prefix)
 
@@ -99,7 +98,7 @@ def main():
         return corda_fast.collect_covariance(model, batches, cfg, targets).nbytes()
 
     def v_ours_f64():
-        return corda_fast.collect_covariance(model, batches, cfg.replace(covariance_precision="float64"),
+        return corda_fast.collect_covariance(model, batches, cfg.replace(precision="float64"),
                                              targets).nbytes()
 
     def v_ours_streaming():

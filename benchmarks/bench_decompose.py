@@ -3,8 +3,8 @@
 Same statistics and weights for every variant, in one run:
   - ``peft-loop``  one layer at a time as PEFT's ``collect_eigens_for_layer``: damping trials with an explicit
                    LU inverse, ``torch.linalg.inv`` + full thin SVD of ``W·C_f`` + full ``V̂ = (Vᵀ C_f⁻¹)ᵀ``, crop r;
-  - ``native``     ``corda_fast.decompose`` through the extension (``CORDA_FAST_NATIVE=1``);
-  - ``torch``      ``corda_fast.decompose`` on the pure-torch path (``CORDA_FAST_NATIVE=0``).
+  - ``native``     ``corda_fast.decompose`` through the extension (``CORDA_FAST_BACKEND=native``);
+  - ``torch``      ``corda_fast.decompose`` on the pure-torch path (``CORDA_FAST_BACKEND=torch``).
 Each variant's ``s·B·A`` is compared with a float64 textbook run (reconstruction error, median and max over
 layers). Statistics come from random activations with a decaying spectrum (condition ~1e6), so KPM's smallest
 components are as hard as on real models.
@@ -19,17 +19,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
 import corda_fast  # noqa: E402
-from bench_vs_peft import environment  # noqa: E402
-from corda_fast.calibrate import CovarianceStats  # noqa: E402
+from corda_fast.stats import CovarianceStats  # noqa: E402
+
+from common import environment  # noqa: E402
 
 
 class _Layer(torch.nn.Module):
@@ -95,10 +94,10 @@ def errors(factors, ref):
 
 
 def run_ours(stats, targets, rank, mode, native, device):
-    os.environ["CORDA_FAST_NATIVE"] = "1" if native else "0"
+    os.environ["CORDA_FAST_BACKEND"] = "native" if native else "torch"
     for t in targets:
         t.rank = rank
-    cfg = corda_fast.CordaConfig(mode=mode, rank=rank, show_progress=False)
+    cfg = corda_fast.CordaConfig(mode=mode, show_progress=False)
     f = corda_fast.decompose(stats, targets, cfg)
     if device == "cuda":
         torch.cuda.synchronize()

@@ -20,8 +20,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
 
 
 def model_and_samples(args):
@@ -55,7 +53,7 @@ def worker(args):
         dist.barrier()
     t = time.perf_counter()
     _, report = corda_fast.init_adapters(model, batches, rank=args.rank, mode="kpm", return_report=True,
-                                         show_progress=False)
+                                         corda_config=corda_fast.CordaConfig(show_progress=False))
     total = time.perf_counter() - t
     out = {"calibrate_s": report.seconds["calibrate"], "decompose_s": report.seconds["decompose"], "total_s": total,
            "samples_here": len(mine), "statistics_mib": report.statistics_mib}
@@ -120,7 +118,7 @@ def main():
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    from bench_vs_peft import environment
+    from common import environment
 
     cores = os.cpu_count() or 1
     worlds = args.worlds or list(range(1, cores + 1))

@@ -24,18 +24,16 @@ import copy
 import json
 import os
 import statistics
-import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import corda_fast  # noqa: E402
-from bench_vs_peft import environment  # noqa: E402
+
+from common import environment  # noqa: E402
 
 
 def _sync(device):
@@ -118,7 +116,7 @@ def layer_rows(shapes, tokens_list, ranks, dtype, device, repeats):
                 x = torch.randn(tokens, k, device=device, dtype=dtype, requires_grad=True)
                 dy = torch.randn(tokens, n, device=device, dtype=dtype)
 
-                def step(model):
+                def step(model, x=x, dy=dy):
                     def run():
                         model(x).backward(dy)
                         x.grad = None
@@ -250,7 +248,7 @@ def main():
 
     env = environment()
     env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result = {"environment": env, "repeats": args.repeats, "backend": ops.active_backend(device), "args": vars(args)}
+    result = {"environment": env, "repeats": args.repeats, "backend": ops.choose("lowrank_gemm", device), "args": vars(args)}
     result["layer"] = layer_rows(args.shapes, args.tokens, args.ranks, dtype, device, args.repeats)
     result["train"] = train_rows(args.train_hidden, args.train_layers, args.train_batch, args.train_seq,
                                  args.train_rank, dtype, device, args.repeats)

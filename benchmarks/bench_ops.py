@@ -12,17 +12,16 @@ Median (min-max) over ``--repeats`` calls, side by side; results in ``benchmarks
 import json
 import os
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
-from bench_vs_peft import environment  # noqa: E402
 from corda_fast import ops  # noqa: E402
+
+from common import environment  # noqa: E402
 
 
 def timeit(fn, repeats):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -23,7 +22,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+
+from common import environment  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -54,7 +54,7 @@ def load(args):
         g = torch.Generator().manual_seed(233)
         samples = [torch.randint(0, 8192, (args.seq_len,), generator=g) for _ in range(args.samples)]
         return model, samples, f"random-llama h{args.hidden} L{args.layers}"
-    from corda_fast.cli import builtin_text, load_model, make_batches, materialize_smollm2
+    from corda_fast.demo import builtin_text, load_model, make_batches, materialize_smollm2
 
     model, tok = load_model(materialize_smollm2())
     batches, _ = make_batches(tok, [builtin_text()], False, args.samples, args.seq_len, 1, seed=233)
@@ -103,7 +103,8 @@ def worker(args) -> dict:
         loader = corda_fast.pad_batches(samples, bs)
         t0 = time.perf_counter()
         pm, rep = corda_fast.init_adapters(model, loader, mode=args.mode, rank=args.rank, target_modules=TARGETS,
-                                           return_report=True, show_progress=False)
+                                           return_report=True,
+                                           corda_config=corda_fast.CordaConfig(show_progress=False))
         seconds = dict(rep.seconds)
         seconds["total"] = time.perf_counter() - t0
     # a plain forward over the same tokens, for the calibration overhead
@@ -114,21 +115,6 @@ def worker(args) -> dict:
         seconds["plain_forward_bs1"] = time.perf_counter() - t
     return {"variant": args.worker, "model": name, "seconds": seconds,
             "peak_rss_above_model_mib": peak_rss_mib() - base_rss}
-
-
-def environment() -> dict:
-    import peft
-    import torch
-    import transformers
-
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        commit = "unknown"
-    return {"device": "cpu", "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "corda_fast_commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def main():

@@ -9,7 +9,6 @@ import os
 import statistics
 import sys
 
-import torch
 from safetensors.torch import load_file
 
 

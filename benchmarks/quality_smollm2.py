@@ -30,7 +30,6 @@ benchmarks/report.py`` turns the JSON into the README tables.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -40,14 +39,14 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
 import corda_fast  # noqa: E402
 import corda_fast.plus  # noqa: E402,F401  (imported up front: later edits of the tree cannot leak into a run)
-from bench_vs_peft import environment  # noqa: E402
-from corda_fast.cli import builtin_text, materialize_smollm2  # noqa: E402
+from corda_fast.demo import builtin_text, materialize_smollm2  # noqa: E402
+
+from common import environment  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ["lora", "pissa", "corda-kpm", "corda++-kpm", "corda-ipm", "corda++-ipm"]
@@ -128,9 +127,10 @@ def init_method(method, model_dir, data, args, seed):
     else:
         base, mode = method.rsplit("-", 1)
         calib = data["knowledge_calib"] if mode == "kpm" else data["task_calib"]
-        kw = dict(method="corda++", candidates=args.candidates) if base == "corda++" else {}
+        plus = corda_fast.PlusConfig(candidates=args.candidates) if base == "corda++" else None
         pm, report = corda_fast.init_adapters(model, calib, mode=mode, rank=args.rank, lora_alpha=args.rank,
-                                              target_modules=TARGETS, return_report=True, show_progress=False, **kw)
+                                              target_modules=TARGETS, return_report=True,
+                                              corda_config=corda_fast.CordaConfig(plus=plus, show_progress=False))
         info["seconds"] = {k: round(v, 2) for k, v in report.seconds.items()}
         if report.plus is not None:
             ranks = [l.rank for l in report.plus.layers]
@@ -281,7 +281,8 @@ def plot(result, out_dir, suffix=""):
         if curves.shape[0] > 1:
             axes[0].fill_between(x, curves.min(0).values, curves.max(0).values, alpha=0.15)
         axes[1].errorbar(r["task_nll"]["median"], r["knowledge_ppl"]["median"],
-                         xerr=[[r["task_nll"]["median"] - r["task_nll"]["min"]], [r["task_nll"]["max"] - r["task_nll"]["median"]]],
+                         xerr=[[r["task_nll"]["median"] - r["task_nll"]["min"]],
+                               [r["task_nll"]["max"] - r["task_nll"]["median"]]],
                          yerr=[[r["knowledge_ppl"]["median"] - r["knowledge_ppl"]["min"]],
                                [r["knowledge_ppl"]["max"] - r["knowledge_ppl"]["median"]]], fmt="o", label=m)
     orig = result["discard"]["original"]

@@ -19,7 +19,6 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
 
 TABLES = {  # name: (result file, module with markdown())
     "vs_peft": ("vs_peft_cpu.json", "bench_vs_peft"),

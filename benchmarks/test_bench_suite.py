@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 
 import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import corda_fast  # noqa: E402
 from corda_fast import ops  # noqa: E402
-from corda_fast.decompose import decompose_layer, find_damping  # noqa: E402
-from corda_fast.ops import native  # noqa: E402
+from corda_fast.ops import (  # noqa: E402
+    decompose_layer,
+    find_damping,
+    native,  # noqa: E402
+)
 
 FULL = os.environ.get("CORDA_FAST_BENCH") == "full"
 D = 1536 if FULL else 48
@@ -44,7 +44,7 @@ _ENV = {}
 @pytest.fixture
 def bench(benchmark):
     if not _ENV:
-        from bench_vs_peft import environment
+        from common import environment
 
         _ENV.update(environment())
     benchmark.extra_info.update({"mode": "full" if FULL else "smoke", "extension": native.status(), **_ENV})
@@ -82,7 +82,7 @@ def test_damping(bench, variant):
     bench.extra_info.update(shape=list(covs.shape), baseline="torch_loop")
     probes = torch.randn(d, 16, generator=torch.Generator().manual_seed(0))
     if variant == "native_batch":
-        lam = bench(lambda: torch.ops.corda_fast.damped_cholesky(covs, probes, 0.01, 0.05, 40)[2])
+        lam = bench(lambda: native.kernels().damped_cholesky(covs, probes, 0.01, 0.05, 40)[2])
         assert lam.tolist() == [find_damping(c) for c in covs]
     else:
         bench(lambda: [torch.linalg.cholesky(c + torch.eye(d, dtype=c.dtype) * c.diagonal().mean() * find_damping(c))
@@ -125,7 +125,7 @@ def test_decompose(bench, variant):
             groups.setdefault(tuple(w.shape), []).append((w, cf, chol))
         for items in groups.values():
             w, cf, chol = (torch.stack(t) for t in zip(*items))
-            torch.ops.corda_fast.batched_decompose(w, cf, chol, torch.ones(len(items), dtype=torch.float64), RANK,
+            native.kernels().batched_decompose(w, cf, chol, torch.ones(len(items), dtype=torch.float64), RANK,
                                                    False, "gram")
 
     bench({"peft_loop": peft_loop, "torch_loop": torch_loop, "native_batch": native_batch}[variant])
@@ -165,7 +165,7 @@ def _init(variant, model, batches):
 
     if variant == "corda_fast":
         return corda_fast.init_adapters(model, [torch.cat(batches)], mode="kpm", rank=RANK, target_modules=TARGETS,
-                                        show_progress=False)
+                                        corda_config=corda_fast.CordaConfig(show_progress=False))
     if variant == "peft_corda":
         from peft.tuners.lora.config import CordaConfig as PeftCordaConfig
         from peft.tuners.lora.corda import preprocess_corda

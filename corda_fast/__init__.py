@@ -5,8 +5,8 @@ Public API (re-exports only)::
     peft_model = corda_fast.init_adapters(model, loader, mode="kpm", rank=16)
 """
 
-from ._version import __version__
 from . import distributed
+from ._version import __version__
 from .api import InitReport, init_adapters
 from .calibrate import CalibrationError, collect_candidates, collect_covariance
 from .config import CalibrationConfig, CordaConfig, CordaConfigError, DampingConfig, LoraSpec, PlusConfig

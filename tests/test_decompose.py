@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from corda_fast import CordaConfig, DampingError, find_damping
+from corda_fast import DampingError, find_damping
 from corda_fast.decompose import decompose_layer
+
 from helpers import reference_damping, reference_factors, rel
 
 

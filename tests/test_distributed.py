@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import corda_fast
-from corda_fast.distributed import PaddingFilter, _owners
-from helpers import padded_batches, random_samples, tiny_llama, tiny_model_dir
+from corda_fast.decompose import _owners
+from corda_fast.distributed import PaddingFilter
+
+from helpers import Setup, init, padded_batches, random_samples, tiny_llama, tiny_model_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -39,9 +41,9 @@ def torchrun(out, case, timeout=240):
 
 def single_process(n, bs, seed, reverse=False, **kw):
     samples = random_samples(n, seed=seed)
-    pm = corda_fast.init_adapters(tiny_llama(hidden=64), padded_batches(samples[::-1] if reverse else samples, bs),
+    pm = init(tiny_llama(hidden=64), padded_batches(samples[::-1] if reverse else samples, bs),
                                   rank=4,
-                                  mode=kw.pop("mode", "kpm"), show_progress=False, **kw)
+                                  mode=kw.pop("mode", "kpm"), **kw)
     return {k: v.detach() for k, v in pm.state_dict().items() if "lora_" in k or k.endswith("base_layer.weight")}
 
 
@@ -72,7 +74,7 @@ def test_two_rank_statistics_equal_one_process_on_the_union(two_rank_results, na
     s1 = torch.load(two_rank_results / f"{name}_stats_rank1.pt")
     n, bs, seed, _ = _reference(name)
     ref = corda_fast.collect_covariance(tiny_llama(hidden=64), padded_batches(random_samples(n, seed=seed), bs),
-                                        corda_fast.CordaConfig(show_progress=False))
+                                        *Setup().stage)
     assert s0["members"] == ref.members and s0["n_samples"] == ref.n_samples == s1["n_samples"]
     assert s0["n_tokens"] == ref.n_tokens and sum(ref.n_samples.values()) == n * len(ref.sums)
     for k, total in ref.sums.items():
@@ -100,7 +102,7 @@ def test_two_rank_adapters_equal_one_process_on_the_union(two_rank_results, name
         return out
 
     err = errors(r0)
-    if kw.get("covariance_precision") == "float64":
+    if kw.get("precision") == "float64":
         # float64 statistics and decomposition: the summation order no longer matters; what is left is the
         # float32 storage of the factors and the residual (the model's dtype)
         assert max(err.values()) < 1e-6, max(err.items(), key=lambda kv: kv[1])
@@ -120,9 +122,9 @@ def test_two_rank_corda_plus_plus_equals_one_process(two_rank_results):
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     samples = random_samples(8, seed=13)
     ordered = samples[0::2] + samples[1::2]  # rank 0's shard, then rank 1's: the same candidate groups
-    pm = corda_fast.init_adapters(tiny_llama(hidden=64), padded_batches(ordered, 2), rank=4, mode="kpm",
-                                  method="corda++", candidates=2, show_progress=False,
-                                  covariance_precision="float64", decompose_precision="float64")
+    pm = init(tiny_llama(hidden=64), padded_batches(ordered, 2), rank=4, mode="kpm",
+                                  plus=True, candidates=2, show_progress=False,
+                                  precision="float64")
     ref = {k: v.detach() for k, v in pm.state_dict().items() if "lora_" in k or k.endswith("base_layer.weight")}
     assert r0.keys() == ref.keys()
     ranks = {k: v.shape[0] for k, v in ref.items() if "lora_A" in k}
@@ -163,7 +165,7 @@ def test_sampler_padding_counts_are_what_one_process_sees():
 
 
 def test_owner_assignment_balances_cost():
-    from corda_fast.calibrate import CovarianceStats
+    from corda_fast.stats import CovarianceStats
 
     sums = {f"k{i}": torch.zeros(d, d) for i, d in enumerate([64, 64, 32, 32, 16, 128])}
     stats = CovarianceStats(sums, {k: 1 for k in sums}, {k: 1 for k in sums}, {k: [k] for k in sums}, "peft", "x")
@@ -188,7 +190,7 @@ def test_a_failing_rank_fails_the_job_cleanly(tmp_path, case):
 def test_distributed_true_without_process_group_is_a_clear_error():
     model = tiny_llama(hidden=64)
     with pytest.raises(corda_fast.distributed.DistributedError, match="init_process_group"):
-        corda_fast.init_adapters(model, padded_batches(random_samples(2), 2), rank=4, distributed=True,
+        init(model, padded_batches(random_samples(2), 2), rank=4, distributed=True,
                                  show_progress=False)
 
 
@@ -206,11 +208,11 @@ def test_cli_distributed_mode_equals_one_process(tmp_path):
 
     from safetensors.torch import load_file
 
-    from corda_fast import cli
+    from corda_fast import cli, demo
 
     model = tiny_model_dir(tmp_path / "model")
     data = tmp_path / "calib.txt"
-    data.write_text(" ".join(cli.builtin_text().split()[:3000]))
+    data.write_text(" ".join(demo.builtin_text().split()[:3000]))
     common = ["init", "--model", str(model), "--data", str(data), "--mode", "kpm", "--rank", "4", "--samples", "7",
               "--seq-len", "32", "--batch-size", "2", "--precision", "float64", "--quiet"]
     proc, _ = launch(TORCHRUN, ["-m", "corda_fast"] + common + ["--distributed", "--out", str(tmp_path / "dist")])

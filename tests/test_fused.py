@@ -14,7 +14,8 @@ import corda_fast
 from corda_fast import ops
 from corda_fast.fused import FusedLoraLinear, fused_lora_linear
 from corda_fast.ops import triton_xtx
-from helpers import padded_batches, random_samples, tiny_gpt2, tiny_llama
+
+from helpers import init, padded_batches, random_samples, tiny_gpt2, tiny_llama
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not triton_xtx.available(), reason="triton cannot run here (no CUDA, no interpreter)"))]
@@ -88,8 +89,8 @@ def _reference_grads(x, w, bb, a, b, s, dy):
 
 
 def _peft_layer(w, bb, a, b, s_alpha, r, dtype, adapter_dtype=None):
-    from peft.tuners.lora.layer import Linear as LoraLinear
     from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as LoraLinear
 
     base = nn.Linear(w.shape[1], w.shape[0], bias=bb is not None)
     with torch.no_grad():
@@ -331,7 +332,7 @@ def _train(model, batches, steps):
 def test_training_curve_fused_equals_unfused(backend, steps):
     model = tiny_llama(hidden=64, seed=1)
     batches = padded_batches(random_samples(8, lo=6, hi=14, seed=4), batch_size=4)
-    peft_model = corda_fast.init_adapters(model, batches, rank=8, mode="ipm")
+    peft_model = init(model, batches, rank=8, mode="ipm")
     fused = copy.deepcopy(peft_model)
     assert len(corda_fast.fuse(fused, backend=backend).fused) == 14
     a = _train(peft_model, batches, steps)
@@ -345,7 +346,7 @@ def test_init_adapters_fused_flag():
     ids = torch.randint(0, 300, (2, 9))
     ref = _logits(model, ids)
     batches = padded_batches(random_samples(6, seed=5), batch_size=3)
-    pm, report = corda_fast.init_adapters(model, batches, rank=4, fused=True, return_report=True)
+    pm, report = init(model, batches, rank=4, fused=True, return_report=True)
     assert report.fused == 14
     assert sum(isinstance(m, FusedLoraLinear) for m in pm.modules()) == 14
     assert rel(_logits(pm, ids), ref) < 1e-5
@@ -357,7 +358,7 @@ def test_transformers_trainer_trains_and_saves_a_fused_model(tmp_path):
 
     model = tiny_llama(hidden=64, seed=3)
     batches = padded_batches(random_samples(6, lo=8, hi=8, seed=6), batch_size=3)
-    pm = corda_fast.init_adapters(model, batches, rank=4, mode="ipm", fused=True, show_progress=False)
+    pm = init(model, batches, rank=4, mode="ipm", fused=True)
     before = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
     data = [{"input_ids": s, "labels": s} for s in random_samples(8, lo=8, hi=8, seed=7)]
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=2,

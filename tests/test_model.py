@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import corda_fast
-from helpers import base_weight, lora_delta, padded_batches, random_samples, rel, tiny_bert, tiny_gpt2, tiny_llama
 
-QUIET = dict(show_progress=False)
+from helpers import base_weight, init, lora_delta, padded_batches, random_samples, rel, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def logits(model, ids):
@@ -25,7 +24,7 @@ def test_identity_at_init_fp32(mode, make):
     model = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}[make]()
     ids = torch.randint(0, 300, (3, 17))
     before = logits(model, ids)
-    pm = corda_fast.init_adapters(model, padded_batches(random_samples(6), 3), mode=mode, rank=6, **QUIET)
+    pm = init(model, padded_batches(random_samples(6), 3), mode=mode, rank=6)
     after = logits(pm, ids)
     assert float((after - before).abs().max()) <= 1e-5 * float(before.abs().max())
     # ...and the adapter is not a no-op: disabling it changes the output
@@ -36,7 +35,7 @@ def test_identity_at_init_fp32(mode, make):
 def test_gpt2_conv1d_targets_are_transposed_right():
     model = tiny_gpt2()
     w = model.transformer.h[0].attn.c_attn.weight.detach().clone()  # (in, out)
-    pm = corda_fast.init_adapters(model, padded_batches(random_samples(5), 5), rank=4, lora_alpha=8, **QUIET)
+    pm = init(model, padded_batches(random_samples(5), 5), rank=4, lora_alpha=8)
     name = "transformer.h.0.attn.c_attn"
     assert pm.peft_config["default"].fan_in_fan_out
     recon = base_weight(pm, name, conv1d=True) + lora_delta(pm, name)  # (out, in)
@@ -48,7 +47,7 @@ def test_bf16_identity_within_rounding_and_adapter_dtype():
     ids = torch.randint(0, 300, (2, 15))
     ref64 = logits(copy.deepcopy(model).double(), ids)
     before = logits(model, ids)
-    pm = corda_fast.init_adapters(model, padded_batches(random_samples(6), 3), mode="kpm", rank=8, **QUIET)
+    pm = init(model, padded_batches(random_samples(6), 3), mode="kpm", rank=8)
     after = logits(pm, ids)
     layer = pm.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's autocast_adapter_dtype
@@ -66,9 +65,9 @@ def test_bf16_identity_within_rounding_and_adapter_dtype():
 
 def test_rank_pattern_alpha_pattern_rslora():
     model = tiny_llama()
-    pm, report = corda_fast.init_adapters(
+    pm, report = init(
         model, padded_batches(random_samples(6), 3), rank=4, lora_alpha=8, use_rslora=True,
-        rank_pattern={"model.layers.1.mlp.down_proj": 12}, alpha_pattern={"o_proj": 3}, return_report=True, **QUIET)
+        rank_pattern={"model.layers.1.mlp.down_proj": 12}, alpha_pattern={"o_proj": 3}, return_report=True)
     down = pm.base_model.model.model.layers[1].mlp.down_proj
     assert down.lora_A["default"].weight.shape[0] == 12
     assert pm.base_model.model.model.layers[0].mlp.down_proj.lora_A["default"].weight.shape[0] == 4
@@ -85,7 +84,7 @@ def test_save_load_with_plain_peft_and_no_corda_in_config(tmp_path):
     from peft import PeftModel
 
     model = tiny_llama()
-    pm = corda_fast.init_adapters(model, padded_batches(random_samples(6), 3), mode="kpm", rank=4, **QUIET)
+    pm = init(model, padded_batches(random_samples(6), 3), mode="kpm", rank=4)
     # train a little so the adapter differs from its init
     opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 300, (4, 12))
@@ -111,8 +110,8 @@ def test_conversion_to_plain_lora_on_original_weights(tmp_path):
 
     model = tiny_llama()
     original = copy.deepcopy(model)
-    pm = corda_fast.init_adapters(model, padded_batches(random_samples(6), 3), mode="ipm", rank=4,
-                                  initial_adapter_dir=str(tmp_path / "init"), **QUIET)
+    pm = init(model, padded_batches(random_samples(6), 3), mode="ipm", rank=4,
+                                  initial_adapter_dir=str(tmp_path / "init"))
     opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.randint(0, 300, (4, 12))
     for _ in range(3):
@@ -135,7 +134,7 @@ def test_trains_with_transformers_trainer(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     model = tiny_llama()
-    pm = corda_fast.init_adapters(model, padded_batches(random_samples(6), 3), mode="ipm", rank=4, **QUIET)
+    pm = init(model, padded_batches(random_samples(6), 3), mode="ipm", rank=4)
     data = [{"input_ids": s[:10], "labels": s[:10]} for s in random_samples(8, lo=10, hi=12)]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[],
                              use_cpu=True, logging_steps=1, save_strategy="no", learning_rate=1e-3)
@@ -150,14 +149,14 @@ def test_trains_with_transformers_trainer(tmp_path):
 def test_cache_roundtrip_bit_identical_and_serves_other_rank(tmp_path):
     batches = padded_batches(random_samples(6), 3)
     path = str(tmp_path / "cov.safetensors")
-    a = corda_fast.init_adapters(tiny_llama(), batches, rank=4, covariance_cache=path, **QUIET)
+    a = init(tiny_llama(), batches, rank=4, covariance_cache=path)
     assert os.path.isfile(path)
-    b, rep = corda_fast.init_adapters(tiny_llama(), None, rank=4, covariance_cache=path, return_report=True, **QUIET)
+    b, rep = init(tiny_llama(), None, rank=4, covariance_cache=path, return_report=True)
     assert rep.cache_hit
     sa, sb = a.state_dict(), b.state_dict()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
-    c = corda_fast.init_adapters(tiny_llama(), None, rank=6, mode="kpm", covariance_cache=path, **QUIET)
+    c = init(tiny_llama(), None, rank=6, mode="kpm", covariance_cache=path)
     assert c.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.shape[0] == 6
 
 
@@ -166,6 +165,6 @@ def test_compiled_model_is_unwrapped():
     compiled = torch.compile(model)  # not run: wrapping only
     ids = torch.randint(0, 300, (2, 9))
     before = logits(model, ids)
-    pm = corda_fast.init_adapters(compiled, padded_batches(random_samples(4), 2), rank=4, **QUIET)
+    pm = init(compiled, padded_batches(random_samples(4), 2), rank=4)
     assert pm.base_model.model is model
     assert float((logits(pm, ids) - before).abs().max()) <= 1e-5 * float(before.abs().max())

@@ -1,4 +1,5 @@
-"""The native extension (csrc/): each op against the float64 torch reference, opcheck, and decompose() through it.
+"""The native kernels (csrc/, ``torch.ops.corda_fast_native``): each against the float64 torch reference, opcheck,
+and decompose() through them.
 
 Skipped only where the extension is not built; ``scripts/test.sh`` sets ``CORDA_FAST_REQUIRE_NATIVE=1`` when a
 C++ compiler is present, so in CI a silently missing build fails instead of skipping.
@@ -13,9 +14,10 @@ import pytest
 import torch
 
 import corda_fast
-from corda_fast import CordaConfig, DampingError, find_damping
+from corda_fast import DampingError, find_damping
 from corda_fast.ops import native
-from helpers import padded_batches, random_samples, reference_factors, rel, tiny_llama
+
+from helpers import Setup, padded_batches, random_samples, reference_factors, rel, tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +25,7 @@ if os.environ.get("CORDA_FAST_REQUIRE_NATIVE") == "1" and not native.HAVE_NATIVE
     raise RuntimeError(f"CORDA_FAST_REQUIRE_NATIVE=1 but the extension is not built: {native.status()}")
 pytestmark = pytest.mark.skipif(not native.HAVE_NATIVE, reason=f"native extension {native.status()}")
 
-ops = torch.ops.corda_fast if native.HAVE_NATIVE else None
+ops = native.kernels() if native.HAVE_NATIVE else None
 PROBES = {}
 
 
@@ -87,18 +89,6 @@ def test_damped_cholesky_flags_degenerate_and_non_converging_statistics():
         find_damping(hard, start=1e-12, tol=1e-9, max_iter=2)
 
 
-@pytest.mark.parametrize("wdtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-5), (torch.bfloat16, 1e-5),
-                                        (torch.float64, 1e-12)])
-def test_weight_cov_product(wdtype, tol):
-    c = torch.stack([cov(37, 80, seed=s, dtype=torch.float64 if wdtype == torch.float64 else torch.float32)
-                     for s in range(3)])
-    w = torch.randn(3, 19, 37).to(wdtype)
-    out = ops.weight_cov_product(w, c)
-    assert out.dtype == c.dtype and out.shape == (3, 19, 37)
-    ref = w.double() @ c.double()  # 16-bit weights are exact in float64: only the product's rounding counts
-    assert rel(out, ref) < tol
-
-
 @pytest.mark.parametrize("d_out,d_in", [(17, 29), (29, 17), (33, 33), (1, 3)])
 @pytest.mark.parametrize("mode", ["ipm", "kpm"])
 @pytest.mark.parametrize("method", ["gram", "svd"])
@@ -151,8 +141,6 @@ def test_bad_arguments_raise_clear_errors():
         ops.batched_decompose(w, cf, chol, torch.ones(1, dtype=torch.float64), 9, True, "gram")
     with pytest.raises(RuntimeError, match="method must be"):
         ops.batched_decompose(w, cf, chol, torch.ones(1, dtype=torch.float64), 2, True, "qr")
-    with pytest.raises(RuntimeError, match="do not fit"):
-        ops.weight_cov_product(torch.randn(1, 4, 6), c.float())
 
 
 def test_opcheck_every_op():
@@ -160,8 +148,6 @@ def test_opcheck_every_op():
     cf, chol, _ = ops.damped_cholesky(c, probes(9), 0.01, 0.05, 40)
     w = torch.randn(2, 7, 9, dtype=torch.float64)
     torch.library.opcheck(ops.damped_cholesky.default, (c, probes(9), 0.01, 0.05, 40))
-    torch.library.opcheck(ops.weight_cov_product.default, (w.float(), c.float()))
-    torch.library.opcheck(ops.weight_cov_product.default, (w.to(torch.bfloat16), c.float()))
     torch.library.opcheck(ops.batched_decompose.default,
                           (w, cf, chol, torch.tensor([1.0, 0.5], dtype=torch.float64), 3, False, "gram"))
 
@@ -170,13 +156,13 @@ def test_opcheck_every_op():
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 def test_decompose_native_equals_torch_path(mode, precision, monkeypatch):
     model = tiny_llama()
-    cfg = CordaConfig(mode=mode, rank=5, decompose_precision=precision, show_progress=False)
-    targets = corda_fast.resolve_targets(model, cfg)
-    stats = corda_fast.collect_covariance(model, padded_batches(random_samples(6), 3), cfg, targets)
-    monkeypatch.setenv("CORDA_FAST_NATIVE", "1")
-    got = corda_fast.decompose(stats, targets, cfg)
-    monkeypatch.setenv("CORDA_FAST_NATIVE", "0")
-    ref = corda_fast.decompose(stats, targets, cfg)
+    cfg = Setup(mode=mode, rank=5, precision=precision)
+    targets = corda_fast.resolve_targets(model, cfg.lora)
+    stats = corda_fast.collect_covariance(model, padded_batches(random_samples(6), 3), cfg.corda, targets)
+    monkeypatch.setenv("CORDA_FAST_BACKEND", "native")
+    got = corda_fast.decompose(stats, targets, cfg.corda)
+    monkeypatch.setenv("CORDA_FAST_BACKEND", "torch")
+    ref = corda_fast.decompose(stats, targets, cfg.corda)
     assert list(got) == list(ref) == [t.name for t in targets]
     tol = 1e-10 if precision == "float64" else 1e-5
     for name in ref:
@@ -188,26 +174,33 @@ def test_decompose_native_equals_torch_path(mode, precision, monkeypatch):
 
 def test_native_decompose_raises_like_the_torch_path(monkeypatch):
     model = tiny_llama()
-    cfg = CordaConfig(rank=2, show_progress=False)
-    targets = corda_fast.resolve_targets(model, cfg)
-    stats = corda_fast.collect_covariance(model, padded_batches(random_samples(4), 2), cfg, targets)
+    cfg = Setup(rank=2)
+    targets = corda_fast.resolve_targets(model, cfg.lora)
+    stats = corda_fast.collect_covariance(model, padded_batches(random_samples(4), 2), cfg.corda, targets)
     key = next(iter(stats.sums))
     stats.sums[key] = torch.zeros_like(stats.sums[key])
-    monkeypatch.setenv("CORDA_FAST_NATIVE", "1")
+    monkeypatch.setenv("CORDA_FAST_BACKEND", "native")
     with pytest.raises(DampingError, match=r"mean diagonal 0\.0"):
-        corda_fast.decompose(stats, targets, cfg)
+        corda_fast.decompose(stats, targets, cfg.corda)
 
 
-def test_forced_native_backend_that_cannot_run_raises(monkeypatch):
-    from corda_fast.ops import BackendError
+def test_forced_native_kernel_that_cannot_run_raises(monkeypatch):
+    from corda_fast.ops import BackendError, registry
 
-    monkeypatch.setenv("CORDA_FAST_NATIVE", "maybe")
-    with pytest.raises(BackendError, match="expected auto, 1 or 0"):
-        native.decompose_backend()
-    monkeypatch.setenv("CORDA_FAST_NATIVE", "1")
+    monkeypatch.setenv("CORDA_FAST_BACKEND", "maybe")
+    with pytest.raises(BackendError, match="'maybe' is not a kernel"):
+        registry.choose("batched_decompose", "cpu")
+    monkeypatch.setenv("CORDA_FAST_BACKEND", "native")
+    assert registry.choose("batched_decompose", "cpu") == "native"
     if "cuda" not in native.BUILD:
         with pytest.raises(BackendError, match="not CUDA"):
-            native.decompose_backend("cuda")
+            registry.choose("batched_decompose", "cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the public ops' native kernels are registered for CUDA")
+def test_public_ops_on_cuda_run_the_native_kernels():
+    c = torch.stack([cov(9, 40, seed=s) for s in range(2)]).cuda()
+    torch.library.opcheck(torch.ops.corda_fast.damped_cholesky.default, (c, probes(9).cuda(), 0.01, 0.05, 40))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

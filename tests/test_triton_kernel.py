@@ -1,12 +1,13 @@
 """The Triton statistic kernel on CPU through the interpreter (TRITON_INTERPRET=1, set in conftest.py),
-against a float64 reference; plus the backend switch."""
+against a float64 reference; plus the kernel switch."""
 
 import pytest
 import torch
 
 from corda_fast import ops
 from corda_fast.ops import triton_xtx
-from helpers import rel
+
+from helpers import Setup, rel
 
 pytestmark = pytest.mark.skipif(not triton_xtx.available(), reason="triton cannot run here (no CUDA, no interpreter)")
 # Under the interpreter the kernel runs on CPU tensors; compiled, it needs CUDA tensors.
@@ -31,7 +32,7 @@ def test_kernel_matches_float64(d, tokens, dtype):
     start = torch.randn(d, d, generator=g)
     start = start + start.T  # poisoned, non-zero accumulator: the kernel must add, not assign
     acc = start.clone().to(DEVICE)
-    torch.ops.corda_fast.xtx_accumulate_triton(acc, x.to(DEVICE), scale.to(DEVICE))
+    ops.xtx_accumulate(acc, x.to(DEVICE), scale.to(DEVICE), kernel="triton")
     got = ops.symmetrize(acc).cpu()
     ref = reference(start, x, scale)
     assert rel(got, ref) < TOL[dtype], rel(got, ref)
@@ -44,52 +45,55 @@ def test_strided_input_no_copy_needed():
     assert not x.is_contiguous()
     scale = torch.rand(x.shape[0], generator=g).to(DEVICE)
     acc = torch.zeros(70, 70, device=DEVICE)
-    torch.ops.corda_fast.xtx_accumulate_triton(acc, x, scale)
+    ops.xtx_accumulate(acc, x, scale, kernel="triton")
     assert rel(ops.symmetrize(acc).cpu(), reference(torch.zeros(70, 70), x.cpu(), scale.cpu())) < 1e-6
 
 
 def test_only_upper_tiles_written():
     x = torch.randn(50, 130, device=DEVICE)
     acc = torch.full((130, 130), 7.0, device=DEVICE)
-    torch.ops.corda_fast.xtx_accumulate_triton(acc, x, torch.ones(50, device=DEVICE))
+    ops.xtx_accumulate(acc, x, torch.ones(50, device=DEVICE), kernel="triton")
     block = triton_xtx._config(130, 50)[0]
     assert torch.equal(acc[block:, :block].cpu(), torch.full((130 - block, block), 7.0))  # below-diagonal tile untouched
 
 
-def test_opcheck():
-    x = torch.randn(40, 20, device=DEVICE)
-    acc = torch.zeros(20, 20, device=DEVICE)
-    torch.library.opcheck(torch.ops.corda_fast.xtx_accumulate_triton.default, (acc, x, torch.rand(40, device=DEVICE)),
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the op's Triton kernel is registered for CUDA")
+def test_opcheck_cuda_kernel():
+    x = torch.randn(40, 20, device="cuda")
+    acc = torch.zeros(20, 20, device="cuda")
+    torch.library.opcheck(torch.ops.corda_fast.xtx_accumulate.default, (acc, x, torch.rand(40, device="cuda")),
                           test_utils=("test_schema", "test_faketensor"))
 
 
 def test_forced_triton_backend_through_calibration(monkeypatch, llama):
     import corda_fast
+
     from helpers import padded_batches, random_samples
 
     llama = llama.to(DEVICE)
     batches = padded_batches(random_samples(3, lo=4, hi=9), 3, side="left")
-    cfg = corda_fast.CordaConfig(target_modules=["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"],
-                                 show_progress=False)
-    ref = corda_fast.collect_covariance(llama, batches, cfg)
+    cfg = Setup(target_modules=["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"],
+)
+    ref = corda_fast.collect_covariance(llama, batches, *cfg.stage)
     monkeypatch.setenv(ops.BACKEND_ENV, "triton")
-    got = corda_fast.collect_covariance(llama, batches, cfg)
+    got = corda_fast.collect_covariance(llama, batches, *cfg.stage)
     assert got.meta["backend"] == "triton" and ref.meta["backend"] == "torch"
     for k in ref.sums:
         assert rel(got.covariance(k), ref.covariance(k)) < 1e-6
     with pytest.raises(ops.BackendError, match="float32"):
-        corda_fast.collect_covariance(llama, batches, cfg.replace(covariance_precision="float64"))
+        corda_fast.collect_covariance(llama, batches, cfg.corda.replace(precision="float64"), cfg.lora)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_auto_backend_on_cuda_is_triton(llama):
     import corda_fast
+
     from helpers import padded_batches, random_samples
 
     batches = padded_batches(random_samples(4), 2)
-    cfg = corda_fast.CordaConfig(show_progress=False)
-    cpu = corda_fast.collect_covariance(llama, batches, cfg)
-    gpu = corda_fast.collect_covariance(llama.cuda(), batches, cfg)
+    cfg = Setup()
+    cpu = corda_fast.collect_covariance(llama, batches, *cfg.stage)
+    gpu = corda_fast.collect_covariance(llama.cuda(), batches, *cfg.stage)
     assert gpu.meta["backend"] == "triton"
     for k in cpu.sums:
         assert rel(gpu.covariance(k).cpu(), cpu.covariance(k)) < 1e-5  # different GPU/CPU forward rounding

@@ -26,7 +26,8 @@ from .linalg import DampingError, damp, damping_probes, decompose_layer, find_da
 from .lowrank import FusedLoRALinearFunction, fused_lora_linear
 from .registry import BACKEND_ENV, BackendError, available, choose
 
-__all__ = ["xtx_accumulate", "lowrank_gemm", "damped_cholesky", "batched_decompose", "choose", "available",
+__all__ = ["linalg", "lowrank", "native", "registry", "triton_xtx",
+           "xtx_accumulate", "lowrank_gemm", "damped_cholesky", "batched_decompose", "choose", "available",
            "BackendError", "BACKEND_ENV", "symmetrize", "triangle_blocks", "sample_scales", "find_damping", "damp",
            "damping_probes", "decompose_layer", "DampingError", "FusedLoRALinearFunction", "fused_lora_linear"]
 

@@ -104,7 +104,8 @@ def decompose_layer(weight: torch.Tensor, chol: torch.Tensor, c_f: torch.Tensor,
         method: ``"svd"`` — thin SVD of ``M = W·C_f`` in the working dtype (PEFT's arithmetic); ``"gram"`` —
             eigendecomposition of the Gram matrix of ``M`` on its smaller side, then only the ``r`` kept singular
             vectors of the other side (``M v / σ``), computed in float64: 1.3-1.4x faster than a float32 SVD on CPU
-            for rectangular layers, on par for square ones (``benchmarks/bench_ops.py``), and more accurate (σ error ≈ ε64·σ_max²/σ against ε32·σ_max); when a kept σ is below 1e-8·σ_max, where
+            for rectangular layers, on par for square ones (``benchmarks/bench_ops.py``), and more accurate
+            (σ error ≈ ε64·σ_max²/σ against ε32·σ_max); when a kept σ is below 1e-8·σ_max, where
             squaring stops paying, it falls back to the SVD in the input dtype.
     Returns:
         ``(A (r, d_in), B (d_out, r), S_r (r,))`` with ``A = diag(√(S_r/s)) V̂_rᵀ``, ``B = U_r diag(√(S_r/s))``,

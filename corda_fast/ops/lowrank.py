@@ -127,8 +127,8 @@ if HAVE_TRITON:
         tf32 = p.dtype == torch.float32 and p.is_cuda and torch.backends.cuda.matmul.allow_tf32
         precision = "tf32" if tf32 else "ieee"
         bias_arg = bias if bias is not None else out
-        args = (p, q, s, r, bias_arg, out, m, n, k, rank, triton.next_power_of_2(m), p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-                s.stride(0), s.stride(1), r.stride(0), r.stride(1), out.stride(0), out.stride(1))
+        args = (p, q, s, r, bias_arg, out, m, n, k, rank, triton.next_power_of_2(m), p.stride(0), p.stride(1),
+                q.stride(0), q.stride(1), s.stride(0), s.stride(1), r.stride(0), r.stride(1), out.stride(0), out.stride(1))
         consts = dict(HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision, BLOCK_R=_block_r(rank))
         if INTERPRETING:
             bm, bn, bk = 64, 64, 64

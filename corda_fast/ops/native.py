@@ -15,10 +15,10 @@ import torch
 from .linalg import batched_decompose_op, damped_cholesky_op
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.corda_fast_native.*)
+    from ._C import build_info  # loading the extension registers torch.ops.corda_fast_native.*
 
     HAVE_NATIVE = True
-    BUILD = _C.build_info()
+    BUILD = build_info()
     IMPORT_ERROR = None
 except ImportError as exc:  # not built (no compiler, CORDA_FAST_SKIP_EXT=1, or an isolated build without torch)
     HAVE_NATIVE = False
