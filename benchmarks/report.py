@@ -1,11 +1,11 @@
-"""Regenerate the README's result tables (and PNG plots) from ``benchmarks/results/*.json``.
+"""Regenerate the result tables of README.md and docs/*.md (and PNG plots) from ``benchmarks/results/*.json``.
 
-Each table in README.md sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``; NAME picks the result
-file and the benchmark script whose ``markdown()`` renders it (below). Tables whose result file is missing are
-left as they are. ``--check`` exits non-zero if README.md is out of date (nothing is written).
+Each table sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``; NAME picks the result file and the
+benchmark script whose ``markdown()`` renders it (below). Tables whose result file is missing are left as they are.
+``--check`` exits non-zero if a page is out of date (nothing is written).
 
-    python benchmarks/report.py            # rewrite README.md in place, write benchmarks/results/*.png
-    python benchmarks/report.py --check    # README up to date? (no plots, nothing written)
+    python benchmarks/report.py            # rewrite the pages in place, write benchmarks/results/*.png
+    python benchmarks/report.py --check    # pages up to date? (no plots, nothing written)
 """
 
 from __future__ import annotations
@@ -140,22 +140,35 @@ def render(readme: str) -> tuple[str, list[str]]:
     return readme, done
 
 
+def pages() -> list[str]:
+    """README.md and every docs/*.md page."""
+    docs = os.path.join(ROOT, "docs")
+    return [os.path.join(ROOT, "README.md")] + sorted(
+        os.path.join(docs, f) for f in os.listdir(docs) if f.endswith(".md")) if os.path.isdir(docs) else []
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--check", action="store_true")
     args = p.parse_args()
-    path = os.path.join(ROOT, "README.md")
-    with open(path, encoding="utf-8") as f:
-        old = f.read()
-    new, done = render(old)
+    stale = []
+    for path in pages():
+        with open(path, encoding="utf-8") as f:
+            old = f.read()
+        new, done = render(old)
+        rel = os.path.relpath(path, ROOT)
+        if new == old:
+            print(f"{rel}: up to date ({', '.join(done) or 'no tables'})")
+        elif args.check:
+            stale.append(rel)
+        else:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(new)
+            print(f"{rel}: regenerated {', '.join(done)}")
+    if stale:
+        sys.exit(f"tables out of date in {', '.join(stale)}: run python benchmarks/report.py")
     if args.check:
-        if new != old:
-            sys.exit(f"README.md tables are out of date ({', '.join(done)}): run python benchmarks/report.py")
-        print(f"README.md tables up to date: {', '.join(done)}")
         return
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(new)
-    print(f"README.md: regenerated {', '.join(done) or 'nothing'}")
     for out in plots(os.path.join(HERE, "results")):
         print(f"wrote {out}")
 

@@ -69,7 +69,7 @@ def test_xtx(bench, variant):
         bench(ops.xtx_accumulate, acc, x, scale, "torch")
     else:
         bench(lambda: acc.addmm_((x * scale[:, None]).T, x * scale[:, None]))
-    assert torch.isfinite(acc).all()
+    assert torch.isfinite(acc).all() and bool((acc.diagonal() > 0).all())  # the timed code accumulated
 
 
 @pytest.mark.parametrize("variant", ["torch_loop", "native_batch"])
@@ -109,26 +109,31 @@ def test_decompose(bench, variant):
                             baseline="peft_loop")
 
     def peft_loop():  # PEFT's arithmetic: float32, explicit inverse, full SVD, full V̂
+        out = []
         for w, cf, _ in layers:
             cf32 = cf.float()
             inv = torch.linalg.inv(cf32)
             u, s, vh = torch.linalg.svd(w.float() @ cf32, full_matrices=False)
-            (vh @ inv).T[:, -RANK:]
+            out.append((vh @ inv).T[:, -RANK:])
+        return out
 
     def torch_loop():
-        for w, cf, chol in layers:
-            decompose_layer(w, chol, cf, RANK, "kpm", 1.0, "gram")
+        return [decompose_layer(w, chol, cf, RANK, "kpm", 1.0, "gram")[0] for w, cf, chol in layers]
 
     def native_batch():
-        groups = {}
+        groups, out = {}, []
         for w, cf, chol in layers:
             groups.setdefault(tuple(w.shape), []).append((w, cf, chol))
         for items in groups.values():
             w, cf, chol = (torch.stack(t) for t in zip(*items))
-            native.kernels().batched_decompose(w, cf, chol, torch.ones(len(items), dtype=torch.float64), RANK,
-                                                   False, "gram")
+            a = native.kernels().batched_decompose(w, cf, chol, torch.ones(len(items), dtype=torch.float64), RANK,
+                                                   False, "gram")[0]
+            out.extend(a.unbind(0))
+        return out
 
-    bench({"peft_loop": peft_loop, "torch_loop": torch_loop, "native_batch": native_batch}[variant])
+    factors = bench({"peft_loop": peft_loop, "torch_loop": torch_loop, "native_batch": native_batch}[variant])
+    # one (r-column) factor per layer, finite: the timed code did the work
+    assert len(factors) == len(layers) and all(RANK in f.shape and torch.isfinite(f).all() for f in factors)
 
 
 def test_allocate(bench):

@@ -62,7 +62,7 @@ def test_shared_input_detected_at_run_time():
 
 
 def test_llama_sharing_groups(llama):
-    stats = corda_fast.collect_covariance(llama, [torch.randint(0, 300, (2, 9))], Setup())
+    stats = corda_fast.collect_covariance(llama, [torch.randint(0, 300, (2, 9))], *Setup().stage)
     groups = sorted(sorted(n.split(".")[-1] for n in v) for v in stats.members.values())
     assert groups.count(["k_proj", "q_proj", "v_proj"]) == 2
     assert groups.count(["gate_proj", "up_proj"]) == 2
@@ -135,7 +135,7 @@ def test_max_batches(llama):
 
 def test_float64_accumulation_option(llama):
     stats = corda_fast.collect_covariance(llama, padded_batches(random_samples(3), 3),
-                                          Setup(precision="float64"))
+                                          *Setup(precision="float64").stage)
     assert all(s.dtype == torch.float64 for s in stats.sums.values())
 
 

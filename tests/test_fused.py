@@ -46,7 +46,7 @@ def test_lowrank_gemm_matches_float64(backend, dtype, r):
     s64 = x @ a.t()
     ref = x @ w.t() + s64 @ b.t() + bb
     # q as the transposed view of W (the forward's layout): strides, no copy
-    got = ops.lowrank_gemm(xc, wc.t(), s64.to(DEVICE, dtype), bcc.t(), bc, backend=backend)
+    got = ops.lowrank_gemm(xc, wc.t(), s64.to(DEVICE, dtype), bcc.t(), bc, kernel=backend)
     assert got.dtype == dtype and got.shape == (37, 29)
     assert rel(got, ref) < TOL[dtype]
 
@@ -59,21 +59,25 @@ def test_lowrank_gemm_strided_and_no_bias(backend):
     s = torch.randn(16, 35, generator=g).t()  # column-major
     rr = torch.randn(16, 26, generator=g)
     ref = p.double() @ q.double() + s.double() @ rr.double()
-    got = ops.lowrank_gemm(p.to(DEVICE), q.to(DEVICE), s.to(DEVICE), rr.to(DEVICE), None, backend=backend)
+    got = ops.lowrank_gemm(p.to(DEVICE), q.to(DEVICE), s.to(DEVICE), rr.to(DEVICE), None, kernel=backend)
     assert rel(got, ref) < TOL[torch.float32]
 
 
 @pytest.mark.skipif(not triton_xtx.available(), reason="triton cannot run here")
-def test_lowrank_gemm_triton_tiles_and_opcheck():
+def test_lowrank_gemm_triton_tiles():
     # more than one tile in each output dim (interpreter tiles are 64) and a rank spanning two r-steps (64 + 6)
     (x, w, bb, a, b), (xc, wc, bc, ac, bcc) = _operands(130, 70, 140, 70, torch.float32, seed=5)
     s = (x @ a.t())
-    got = torch.ops.corda_fast.lowrank_gemm_triton(xc, wc.t(), s.to(DEVICE, torch.float32), bcc.t(), bc)
+    got = ops.lowrank_gemm(xc, wc.t(), s.to(DEVICE, torch.float32), bcc.t(), bc, kernel="triton")
     assert rel(got, x @ w.t() + s @ b.t() + bb) < TOL[torch.float32]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the op's Triton kernel is registered for CUDA")
+def test_lowrank_gemm_cuda_kernel_opcheck():
     small = _operands(9, 11, 7, 3, torch.float32, seed=6)[1]
     p, q, bias = small[0], small[1].t(), small[2]
-    torch.library.opcheck(torch.ops.corda_fast.lowrank_gemm_triton.default,
-                          (p, q, torch.randn(9, 3, device=DEVICE), torch.randn(3, 7, device=DEVICE), bias),
+    torch.library.opcheck(torch.ops.corda_fast.lowrank_gemm.default,
+                          (p, q, torch.randn(9, 3, device="cuda"), torch.randn(3, 7, device="cuda"), bias),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -227,8 +231,8 @@ def test_dropout_during_training_takes_peft_path_and_eval_is_fused(monkeypatch):
     fused = copy.deepcopy(pm)
     corda_fast.fuse(fused)
     calls = []
-    orig = corda_fast.fused.FusedLoRALinearFunction.apply
-    monkeypatch.setattr(corda_fast.fused.FusedLoRALinearFunction, "apply",
+    orig = corda_fast.ops.lowrank.FusedLoRALinearFunction.apply
+    monkeypatch.setattr(corda_fast.ops.lowrank.FusedLoRALinearFunction, "apply",
                         lambda *a: calls.append(1) or orig(*a))
     ids = torch.randint(0, 300, (2, 9))
     pm.train(), fused.train()

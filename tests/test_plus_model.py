@@ -68,7 +68,7 @@ def test_plan_scores_match_float64_reference_and_pick_the_argmin():
     model = tiny_llama(hidden=64)
     cfg = Setup(rank=4, mode="kpm")
     targets = resolve_targets(model, cfg.lora)
-    cands = collect_candidates(model, padded_batches(random_samples(8, seed=5), 2), 4, cfg, targets)
+    cands = collect_candidates(model, padded_batches(random_samples(8, seed=5), 2), 4, cfg.corda, targets)
     p = plan(cands, targets, cfg.corda)
     chosen = {l.candidate for l in p.layers}
     assert len(chosen) > 1  # the data differ enough that different layers pick different candidates
@@ -103,7 +103,7 @@ def test_plan_is_invariant_to_the_global_scale_of_candidates():
     model = tiny_llama(hidden=64)
     cfg = Setup(rank=4, mode="ipm")
     targets = resolve_targets(model, cfg.lora)
-    cands = collect_candidates(model, padded_batches(random_samples(8, seed=3), 2), 2, cfg, targets)
+    cands = collect_candidates(model, padded_batches(random_samples(8, seed=3), 2), 2, cfg.corda, targets)
     p1 = plan(cands, targets, cfg.corda)
     for c, k in zip(cands, (7.0, 0.01)):  # each candidate by its own factor: normalisation removes it
         c.sums = {key: s * k for key, s in c.sums.items()}
@@ -159,7 +159,7 @@ def test_model_unchanged_at_init_and_non_uniform_ranks_saved_with_plain_peft(mod
     assert len(set(ranks.values())) > 1
     n_params = sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)
     assert n_params == report.plus.realised <= report.plus.budget
-    assert report.plus.budget == sum((t.d_in + t.d_out) * 6 for t in resolve_targets(tiny_llama(), Setup()))
+    assert report.plus.budget == sum((t.d_in + t.d_out) * 6 for t in resolve_targets(tiny_llama(), Setup().lora))
     for name, r in ranks.items():
         layer = pm.base_model.model.get_submodule(name)
         assert layer.r["default"] == r and layer.lora_A["default"].weight.shape[0] == r

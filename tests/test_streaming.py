@@ -29,7 +29,7 @@ def test_streaming_statistics_equal_all_at_once(make):
     cfg = Setup()
     targets = corda_fast.resolve_targets(model, cfg.lora, check_rank=False)
     full = corda_fast.collect_covariance(model, batches, cfg.corda, targets)
-    streamed = collect_covariance_streaming(model, batches, cfg, targets)
+    streamed = collect_covariance_streaming(model, batches, cfg.corda, targets)
     assert streamed.members == full.members
     for k in full.sums:
         assert streamed.n_samples[k] == full.n_samples[k] and streamed.n_tokens[k] == full.n_tokens[k]
@@ -42,7 +42,7 @@ def test_streaming_adapters_equal_and_peak_memory_is_one_block():
     model = tiny_llama(layers=4)
     targets = corda_fast.resolve_targets(model, cfg.lora, check_rank=False)
     full = corda_fast.collect_covariance(model, batches, cfg.corda, targets)
-    peak = max(s.nbytes() for s in iter_block_statistics(model, batches, cfg, targets))
+    peak = max(s.nbytes() for s in iter_block_statistics(model, batches, cfg.corda, targets))
     assert peak * 4 == full.nbytes()  # 4 identical blocks: one block's worth at a time
 
     a, ra = init(tiny_llama(layers=4), batches, mode="kpm", rank=6, return_report=True)
@@ -60,7 +60,7 @@ def test_streaming_cpu_cache_device():
     cfg = Setup()
     model = tiny_llama()
     targets = corda_fast.resolve_targets(model, cfg.lora, check_rank=False)
-    a = collect_covariance_streaming(model, batches, cfg, targets, cache_device="cpu")
+    a = collect_covariance_streaming(model, batches, cfg.corda, targets, cache_device="cpu")
     b = corda_fast.collect_covariance(model, batches, cfg.corda, targets)
     for k in b.sums:
         assert rel(a.covariance(k), b.covariance(k)) <= 1e-6
