@@ -10,7 +10,6 @@ import torch
 
 from helpers import tiny_llama
 
-
 # Markers by file (and a few slow tests by name), in one place: the fast lane is
 #   pytest -m "not slow and not distributed and not real_model and not interpreter"
 _BY_FILE = {"test_distributed.py": "distributed", "test_smollm2.py": "real_model",

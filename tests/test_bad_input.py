@@ -159,7 +159,7 @@ def test_shortcut_validation_names_field():
 def test_failure_while_building_restores_model():
     model = tiny_llama()
     cfg = Setup(rank=4)
-    targets = corda_fast.resolve_targets(model, cfg.lora.lora)
+    targets = corda_fast.resolve_targets(model, cfg.lora)
     stats = corda_fast.collect_covariance(model, padded_batches(random_samples(4), 2), cfg.corda, targets)
     factors = corda_fast.decompose(stats, targets, cfg.corda)
     last = targets[-1].name
