@@ -136,9 +136,10 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def max_abs(a, b):
-    """``max |a − b|`` in float64 (for outputs, where an absolute bound is the natural one)."""
-    return float((a.double() - b.double()).abs().max())
+def rel_max(a, b):
+    """Relative max-abs error ``max|a − b| / max|b|`` in float64: for outputs and gradients, where the largest entry
+    sets the scale."""
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
 _LORA = {f.name for f in dataclasses.fields(LoraSpec)} | {"rank"}
