@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -21,13 +22,14 @@ import torch
 from torch import nn
 
 from . import distributed
-from .calibrate import collect_candidates, collect_covariance
+from .calibrate import collect_candidates, collect_covariance, data_fingerprint
 from .config import CordaConfig, LoraSpec
 from .decompose import LayerFactors, decompose, decompose_sharded
 from .fused import fuse
-from .peft_bridge import build_peft_model, save_initial_adapter
+from .peft_bridge import build_with_undo, save_initial_adapter
 from .plus import plan
-from .stats import CovarianceStats
+from .preflight import check_no_adapters, check_shared_weights, check_task_type, check_writable
+from .stats import CacheError, CovarianceStats, read_cache_metadata
 from .streaming import iter_block_statistics
 from .targets import Target, TargetError, resolve_targets
 
@@ -166,7 +168,7 @@ def plan_source(model: nn.Module, loader: Any, targets: list[Target], config: Co
     ``"cache"`` (an existing ``covariance_cache``), ``"streaming"`` (block by block) or ``"one_pass"``."""
     calib = config.calibration
     cache = calib.covariance_cache
-    cache_hit = cache is not None and os.path.isfile(cache)
+    cache_hit = cache is not None and os.path.isfile(cache) and not calib.overwrite_cache
     streaming = calib.streaming
     if streaming == "auto":
         streaming = config.plus is None and not cache_hit and _statistics_may_not_fit(model, targets)
@@ -187,10 +189,28 @@ def plan_source(model: nn.Module, loader: Any, targets: list[Target], config: Co
             raise ValueError("streaming=True does not write or read a covariance_cache; use one or the other.")
         return "streaming"
     if cache_hit:
+        _check_cache(cache, loader, config)
         return "cache"
     if loader is None:
         raise ValueError("init_adapters needs a calibration `loader` (or an existing `covariance_cache`).")
+    check_writable(cache, "covariance_cache file")
     return "one_pass"
+
+
+def _check_cache(cache: str, loader: Any, config: CordaConfig) -> None:
+    """An existing cache is readable, and made from the data ``loader`` yields (when a loader is given)."""
+    recorded = json.loads(read_cache_metadata(cache).get("meta", "{}")).get("data_fingerprint")
+    if loader is None:
+        return
+    way_out = ("pass loader=None to use the cache as it is, another covariance_cache path, or "
+               "CalibrationConfig(overwrite_cache=True) to recalibrate and overwrite it")
+    found = data_fingerprint(loader, config)
+    if found is None:
+        raise CacheError(f"covariance cache '{cache}' exists, and a run_model() callable's data cannot be checked "
+                         f"against it: {way_out}.")
+    if found != recorded:
+        raise CacheError(f"covariance cache '{cache}' was computed from other calibration data than the loader "
+                         f"passed: {way_out}.")
 
 
 def _decompose(stats: CovarianceStats, targets: list[Target], config: CordaConfig) -> dict[str, LayerFactors]:
@@ -253,13 +273,18 @@ def run_source(source: str, model: nn.Module, loader: Any, targets: list[Target]
 # ---------------------------------------------------------------------------------------------------- build, report
 def build(model: nn.Module, outcome: _Outcome, config: CordaConfig, initial_adapter_dir: Optional[str],
           fused: bool) -> tuple[Any, dict, int]:
-    """``(peft model, quantization report, number of fused layers)``."""
+    """``(peft model, quantization report, number of fused layers)``. A failure after the model was wrapped
+    (saving the initial adapter, fusing) puts the model back exactly as it was before raising."""
     quant_report: dict = {}
-    peft_model = build_peft_model(model, outcome.factors, outcome.targets, config, outcome.lora,
-                                  quant_report=quant_report)
-    if initial_adapter_dir is not None:
-        save_initial_adapter(peft_model, initial_adapter_dir)
-    n_fused = len(fuse(peft_model).fused) if fused else 0
+    peft_model, undo = build_with_undo(model, outcome.factors, outcome.targets, config, outcome.lora,
+                                       quant_report=quant_report)
+    try:
+        if initial_adapter_dir is not None:
+            save_initial_adapter(peft_model, initial_adapter_dir)
+        n_fused = len(fuse(peft_model).fused) if fused else 0
+    except BaseException:
+        undo()
+        raise
     return peft_model, quant_report, n_fused
 
 
@@ -352,8 +377,12 @@ def init_adapters(
                              target_modules=target_modules, task_type=task_type, streaming=streaming,
                              covariance_cache=covariance_cache)
     t0 = time.perf_counter()
+    check_no_adapters(model)
+    check_task_type(lora.task_type)
     targets = resolve_targets(model, lora)
+    check_shared_weights(model, targets)
     _check_quantized(targets, config)
+    check_writable(initial_adapter_dir, "initial_adapter_dir folder")
     source = plan_source(model, loader, targets, config)
     report = InitReport(mode=config.mode, source=source, covariance_cache=config.calibration.covariance_cache)
     outcome = run_source(source, model, loader, targets, lora, config)

@@ -14,6 +14,7 @@ here: :class:`Collector`, :func:`forward_runner`, :func:`iter_batches`, :func:`f
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -118,16 +119,22 @@ class Collector:
         self.first_batch = True
         self._layout_cache: dict = {}
         self.mask: Optional[torch.Tensor] = None
+        self.batch_lead: Optional[tuple] = None
         self.pending: list = []  # (batch index, keys, device flags) not yet checked
+        self.data_digest = hashlib.sha256()  # of the calibration tokens and masks (the cache records it)
+        self.opaque_data = False  # a run_model() callable: the data cannot be fingerprinted
 
     # -- per batch -------------------------------------------------------------------------------------------
     def use_group(self, group: int):
         self.sums, self.n_samples, self.n_tokens = self.groups[group]
 
-    def start_batch(self, index: int, mask: Optional[torch.Tensor]):
+    def start_batch(self, index: int, mask: Optional[torch.Tensor], lead: Optional[tuple] = None):
+        """Begin batch ``index``: its host mask (or None) and its ``(batch, sequence)`` shape (or None when unknown,
+        as for a ``run_model()`` callable)."""
         self.batch_index = index
         self.use_group(index % len(self.groups))
         self.mask = mask
+        self.batch_lead = tuple(lead) if lead is not None else (tuple(mask.shape) if mask is not None else None)
         self._layout_cache = {}
         self.recent.clear()
 
@@ -145,12 +152,8 @@ class Collector:
         if key in self._layout_cache:
             return self._layout_cache[key]
         mask = self.mask
-        if len(lead_shape) == 1:  # (tokens, d): one sample per call, as PEFT, unless it is a flattened batch
-            if mask is not None and mask.numel() == lead_shape[0]:
-                lead_shape = tuple(mask.shape)
-            else:
-                mask = None
-                lead_shape = (1, lead_shape[0])
+        if len(lead_shape) == 1:
+            lead_shape, mask = self._flat_layout(lead_shape[0], mask)
         n_seq, seq_len = lead_shape[0], int(torch.Size(lead_shape[1:]).numel())
         if mask is not None and bool(mask.all()):  # nothing to drop: no index copies
             mask = None
@@ -173,6 +176,18 @@ class Collector:
                    int(rows.numel()))
         self._layout_cache[key] = out
         return out
+
+    def _flat_layout(self, n: int, mask: Optional[torch.Tensor]) -> tuple[tuple, Optional[torch.Tensor]]:
+        """(leading shape, mask) for a layer input of shape ``(n, d)``: the batch's tokens flattened (``n = batch ·
+        sequence``), one row per sample (``n = batch``: no sequence axis, e.g. a BERT pooler — each row is normalised
+        alone and rows of all-padding samples are dropped), or, when the batch's shape is unknown (a ``run_model()``
+        callable), one sample per call, as PEFT counts it."""
+        lead = self.batch_lead
+        if lead is not None and n == lead[0] * lead[1]:
+            return tuple(lead), mask
+        if lead is not None and n == lead[0]:
+            return (n, 1), None if mask is None else mask.reshape(n, -1).any(1, keepdim=True)
+        return (1, n), None
 
     def _accumulate(self, key: str, x: torch.Tensor):
         d = x.shape[-1]
@@ -308,10 +323,28 @@ def _merge_layouts(everyone: list[dict]) -> tuple[list, dict, dict, dict]:
     return order, members, assigned, all_dims
 
 
-def iter_batches(loader, config: CordaConfig, device: torch.device, what: str):
+def batch_lead(kwargs: dict) -> tuple:
+    """``(batch, sequence)`` of a batch's model inputs."""
+    x = kwargs["input_ids"] if "input_ids" in kwargs else kwargs["inputs_embeds"]
+    return tuple(x.shape[:2])
+
+
+def _digest_batch(digest, kwargs: dict, mask: Optional[torch.Tensor]) -> None:
+    """Add a batch's tokens (or embeddings) and mask to a running hash of the calibration data."""
+    x = kwargs["input_ids"] if "input_ids" in kwargs else kwargs["inputs_embeds"]
+    x = x.detach().cpu().contiguous()
+    digest.update(f"{tuple(x.shape)}:{x.dtype}".encode())
+    digest.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+    if mask is not None:
+        digest.update(mask.to(torch.int8).contiguous().numpy().tobytes())
+
+
+def iter_batches(loader, config: CordaConfig, device: torch.device, what: str, digest=None):
     """``(index, model kwargs on device, host copy of the mask or None)`` for each loader batch, with progress
-    and ``config.max_batches``. Rows that a ``DistributedSampler`` repeated to pad its last round are masked out
-    of the returned mask (they still run through the model, but enter no statistic)."""
+    and ``config.calibration.max_batches``. Rows that a ``DistributedSampler`` repeated to pad its last round are
+    masked out of the returned mask (they still run through the model, but enter no statistic). With ``digest`` (a
+    hashlib object), every batch's tokens and mask are added to it. Raises :class:`CalibrationError` naming the batch
+    for a batch without a (batch, sequence) shape or with no element."""
     total = None
     try:
         total = len(loader)
@@ -326,6 +359,7 @@ def iter_batches(loader, config: CordaConfig, device: torch.device, what: str):
         if max_batches is not None and i >= max_batches:
             break
         kwargs, mask = _split_batch(batch)
+        _check_batch_shape(i, kwargs, mask)
         mask = None if mask is None else mask.cpu()
         if padding is not None:
             lead = (kwargs["input_ids"] if "input_ids" in kwargs else kwargs["inputs_embeds"]).shape[:2]
@@ -333,8 +367,48 @@ def iter_batches(loader, config: CordaConfig, device: torch.device, what: str):
             if bool(repeated.any()):
                 mask = torch.ones(lead, dtype=torch.long) if mask is None else mask.clone()
                 mask[repeated] = 0
+        if digest is not None:
+            _digest_batch(digest, kwargs, mask)
         kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
         yield i, kwargs, mask
+
+
+def _check_batch_shape(i: int, kwargs: dict, mask: Optional[torch.Tensor]) -> None:
+    """A clear error for a batch without a batch axis (1-D token ids), an empty batch, or a mask that does not fit.
+    (Any model input of ≥ 2 dimensions passes: custom models may take other tensors than token ids.)"""
+    name = "input_ids" if "input_ids" in kwargs else "inputs_embeds"
+    x = kwargs[name]
+    if not torch.is_tensor(x) or x.dim() < 2:
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise CalibrationError(f"calibration batch {i}: {name} has shape {shape}, expected (batch, sequence"
+                               + (", hidden)" if name == "inputs_embeds" else ")")
+                               + ("; one sample needs a batch axis, e.g. ids.unsqueeze(0)." if torch.is_tensor(x)
+                                  else "."))
+    if x.numel() == 0:
+        raise CalibrationError(f"calibration batch {i} is empty ({name} of shape {tuple(x.shape)}); drop empty "
+                               "batches from the loader.")
+    if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
+        raise CalibrationError(f"calibration batch {i}: attention_mask of shape {tuple(mask.shape)} does not fit "
+                               f"{name} of shape {tuple(x.shape)}.")
+
+
+def data_fingerprint(loader: Any, config: CordaConfig) -> Optional[str]:
+    """The fingerprint of the calibration data ``loader`` yields (the batches :func:`collect_covariance` would use:
+    tokens and masks, in order; summed over ranks when calibration is distributed), as recorded in a cache's
+    metadata. ``None`` for a ``run_model()`` callable, whose data cannot be seen."""
+    if callable(loader) and not hasattr(loader, "__iter__"):
+        return None
+    digest = hashlib.sha256()
+    for _ in iter_batches(loader, config, torch.device("cpu"), "checking data against the cache", digest=digest):
+        pass
+    return _combine_digest(digest, distributed.is_active(config.calibration.distributed))
+
+
+def _combine_digest(digest, multi: bool) -> str:
+    """This rank's data hash, or (distributed) the hash of every rank's, in rank order."""
+    if not multi:
+        return digest.hexdigest()
+    return hashlib.sha256("|".join(distributed.gather_objects(digest.hexdigest())).encode()).hexdigest()
 
 
 def finish_statistics(collector: Collector, targets: list[Target], config: CordaConfig, fingerprint: str,
@@ -445,6 +519,7 @@ def _run_batches(collector: Collector, model: nn.Module, loader: Any, config: Co
                 f"{groups} candidate groups need an iterable loader of batches (batch i feeds group "
                 f"i mod {groups}); a run_model() callable is one opaque batch."
             )
+        collector.opaque_data = True
         collector.start_batch(0, None)
         loader()
         collector.record_finite()
@@ -453,8 +528,8 @@ def _run_batches(collector: Collector, model: nn.Module, loader: Any, config: Co
         return 1
     run = forward_runner(model, targets)
     n_batches = 0
-    for i, kwargs, mask in iter_batches(loader, config, device, "calibrating"):
-        collector.start_batch(i, mask)
+    for i, kwargs, mask in iter_batches(loader, config, device, "calibrating", digest=collector.data_digest):
+        collector.start_batch(i, mask, batch_lead(kwargs))
         run(kwargs)
         collector.record_finite()
         collector.end_batch()
@@ -495,10 +570,12 @@ def _collect(model: nn.Module, loader: Any, config: CordaConfig, targets: list[T
             "`candidates`."
         )
     fingerprint = model_fingerprint(model)
+    data = None if collector.opaque_data else _combine_digest(collector.data_digest, multi)
     out = []
     for g in range(groups):
         stats = finish_statistics(collector, targets, config, fingerprint, n_batches, t0, group=g)
         stats.meta["model_class"] = type(model).__name__
+        stats.meta["data_fingerprint"] = data
         if multi:
             stats.meta["ranks"] = distributed.rank_and_world()[1]
         out.append(stats)

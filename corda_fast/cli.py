@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 
@@ -51,18 +52,15 @@ def _corda_config(args, distributed: bool):
         plus = corda_fast.PlusConfig(candidates=args.candidates, budget=args.budget, min_rank=args.min_rank,
                                      max_rank=args.max_rank)
     calibration = corda_fast.CalibrationConfig(
-        covariance_cache=args.covariance_cache, streaming={"off": False, "on": True, "auto": "auto"}[args.streaming],
+        covariance_cache=args.covariance_cache, overwrite_cache=args.overwrite_cache,
+        streaming={"off": False, "on": True, "auto": "auto"}[args.streaming],
         distributed=distributed)
     return corda_fast.CordaConfig(mode=args.mode, precision=args.precision, calibration=calibration, plus=plus,
                                   show_progress=not args.quiet)
 
 
-def _calibration_data(args, tok, rank: int, world: int, device):
+def _calibration_data(args, tok, texts: list, per_sample: bool, rank: int, world: int, device):
     """``(calibration batches of this rank, held-out batch on device)``."""
-    if args.data == "builtin":
-        texts, per_sample = [demo.builtin_text()], False
-    else:
-        texts, per_sample = demo.read_texts(args.data, args.text_field)
     batches, held = demo.make_batches(tok, texts, per_sample, args.samples, args.seq_len, args.batch_size, args.seed,
                                       shard=(rank, world))
     return batches, {k: v.to(device) for k, v in held.items()}
@@ -80,12 +78,19 @@ def run_init(args) -> dict:
     elif device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(args.seed)
+    work = _work_dir(args.out)  # moved to --out once everything is written
+    if rank == 0 and os.path.exists(work):
+        shutil.rmtree(work)
+    if args.data == "builtin":  # the data is read (and checked) before the model is loaded
+        texts, per_sample = [demo.builtin_text()], False
+    else:
+        texts, per_sample = demo.read_texts(args.data, args.text_field)
     t0 = time.perf_counter()
     model_dir = demo.materialize_smollm2(args.cache_dir) if args.model == "smollm2" else args.model
     model, tok = demo.load_model(model_dir, args.gguf_file, args.dtype)
     model.to(device)
     t_load = time.perf_counter() - t0
-    batches, held = _calibration_data(args, tok, rank, world, device)
+    batches, held = _calibration_data(args, tok, texts, per_sample, rank, world, device)
     before, scale = demo.output_logits(model, held)
     targets = args.target_modules
     if targets is None:
@@ -94,26 +99,36 @@ def run_init(args) -> dict:
     lora = corda_fast.LoraSpec(r=args.rank, lora_alpha=args.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
     peft_model, report = corda_fast.init_adapters(
         model, batches, lora_config=lora, corda_config=_corda_config(args, dist),
-        initial_adapter_dir=os.path.join(args.out, "initial_adapter"), return_report=True)
+        initial_adapter_dir=os.path.join(work, "initial_adapter") if rank == 0 else None, return_report=True)
     after, _ = demo.output_logits(peft_model, held)
     m = held["attention_mask"].bool()
     drift = float((after - before)[m].abs().max())
     if rank != 0:  # every rank holds the same model; one writes it
         return {"quiet_rank": rank}
+    return _write_outputs(args, peft_model, tok, report, model_dir, world, t_load, drift, scale, work)
+
+
+def _write_outputs(args, peft_model, tok, report, model_dir, world, t_load, drift, scale, work) -> dict:
+    """Adapter, residual base, tokenizer and report into ``work``, then ``work`` becomes ``--out``."""
+    import corda_fast
+
     t1 = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
-    peft_model.save_pretrained(os.path.join(args.out, "adapter"))
-    corda_fast.save_residual_base(peft_model, os.path.join(args.out, "residual_base"))
-    tok.save_pretrained(os.path.join(args.out, "residual_base"))
+    os.makedirs(work, exist_ok=True)
+    peft_model.save_pretrained(os.path.join(work, "adapter"))
+    corda_fast.save_residual_base(peft_model, os.path.join(work, "residual_base"))
+    tok.save_pretrained(os.path.join(work, "residual_base"))
     report.seconds["save"] = time.perf_counter() - t1
-    result = _result(args, model_dir, report, world, t_load, drift, scale)
-    with open(os.path.join(args.out, "corda_report.json"), "w") as f:
+    result = _result(args, model_dir, report, world, t_load, drift, scale, work)
+    with open(os.path.join(work, "corda_report.json"), "w") as f:
         json.dump(result, f, indent=1)
+    if os.path.isdir(args.out):  # empty, or --overwrite (checked before any work)
+        shutil.rmtree(args.out)
+    os.replace(work, args.out)  # the folder appears complete, or not at all
     return result
 
 
-def _result(args, model_dir: str, report, world: int, t_load: float, drift: float, scale: float) -> dict:
-    """The JSON report of ``init`` / ``demo``."""
+def _result(args, model_dir: str, report, world: int, t_load: float, drift: float, scale: float, work: str) -> dict:
+    """The JSON report of ``init`` / ``demo`` (paths as they will be once ``work`` becomes ``--out``)."""
     result = {
         "model": model_dir,
         "mode": args.mode,
@@ -135,7 +150,7 @@ def _result(args, model_dir: str, report, world: int, t_load: float, drift: floa
     if report.plus is not None:
         p = report.plus
         table = os.path.join(args.out, "corda_plus.md")
-        with open(table, "w", encoding="utf-8") as f:
+        with open(os.path.join(work, "corda_plus.md"), "w", encoding="utf-8") as f:
             f.write(p.table() + "\n")
         result["plus"] = {
             "candidates": args.candidates, "budget": p.budget, "realised": p.realised, "table": table,
@@ -143,7 +158,8 @@ def _result(args, model_dir: str, report, world: int, t_load: float, drift: floa
                         "rank": l.rank, "alpha": l.alpha} for l in p.layers],
         }
         try:
-            result["plus"]["plot"] = p.plot(os.path.join(args.out, "corda_plus.png"))
+            p.plot(os.path.join(work, "corda_plus.png"))
+            result["plus"]["plot"] = os.path.join(args.out, "corda_plus.png")
         except ImportError as exc:
             logger.warning("no CorDA++ plot: %s", exc)
     return result
@@ -211,33 +227,46 @@ def run_env() -> dict:
     return info
 
 
+def _positive(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m corda_fast", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     def add_init_args(q, demo=False):
         q.add_argument("--mode", choices=["kpm", "ipm"], default="kpm" if demo else "ipm")
-        q.add_argument("--rank", type=int, default=16 if demo else 8)
+        q.add_argument("--rank", type=_positive, default=16 if demo else 8)
         q.add_argument("--lora-alpha", type=float, default=None, help="default: = rank (scaling 1)")
         q.add_argument("--target-modules", nargs="+", default=None,
                        help="layer names / suffixes (default: the 7 Llama projections if present, else all-linear)")
-        q.add_argument("--samples", type=int, default=64 if demo else 256, help="calibration samples")
-        q.add_argument("--seq-len", type=int, default=256 if demo else 2048, help="tokens per sample")
-        q.add_argument("--batch-size", type=int, default=8)
+        q.add_argument("--samples", type=_positive, default=64 if demo else 256, help="calibration samples")
+        q.add_argument("--seq-len", type=_positive, default=256 if demo else 2048, help="tokens per sample")
+        q.add_argument("--batch-size", type=_positive, default=8)
         q.add_argument("--precision", choices=["float32", "float64"], default="float32",
                        help="statistics and decomposition precision (float64: KPM exact to ~1e-6 on ill-conditioned "
                             "layers, ~1.5x the decomposition time)")
         q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
         q.add_argument("--covariance-cache", default=None, help="safetensors statistics cache (read or written)")
+        q.add_argument("--overwrite-cache", action="store_true",
+                       help="recalibrate and overwrite an existing --covariance-cache (made from other data)")
         q.add_argument("--streaming", choices=["off", "on", "auto"], default="off",
                        help="calibrate and decompose one block at a time (bounded statistic memory)")
         q.add_argument("--method", choices=["corda", "corda++"], default="corda",
                        help="corda++: per-layer covariance selection and rank allocation under --budget")
-        q.add_argument("--candidates", type=int, default=4, help="CorDA++ candidate statistics per layer")
-        q.add_argument("--budget", type=int, default=None,
+        q.add_argument("--candidates", type=_positive, default=4, help="CorDA++ candidate statistics per layer")
+        q.add_argument("--budget", type=_positive, default=None,
                        help="CorDA++ adapter parameter budget (default: that of the uniform --rank)")
-        q.add_argument("--min-rank", type=int, default=1, help="CorDA++ per-layer minimum rank")
-        q.add_argument("--max-rank", type=int, default=None, help="CorDA++ per-layer maximum rank")
+        q.add_argument("--min-rank", type=_positive, default=1, help="CorDA++ per-layer minimum rank")
+        q.add_argument("--max-rank", type=_positive, default=None, help="CorDA++ per-layer maximum rank")
         q.add_argument("--device", default="cpu", help="cpu | cuda | auto (with --distributed: this rank's GPU)")
         q.add_argument("--distributed", action="store_true",
                        help="data-parallel calibration under torchrun: each rank calibrates on its share of the "
@@ -245,8 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--dist-timeout", type=float, default=600.0,
                        help="seconds a rank waits on the others before the job fails (process group timeout)")
         q.add_argument("--seed", type=int, default=233)
-        q.add_argument("--out", default="corda_out")
+        q.add_argument("--out", default="corda_out",
+                       help="output folder; written beside it first and moved into place once complete")
+        q.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
         q.add_argument("--quiet", action="store_true")
+        q.add_argument("--debug", action="store_true", help="show the full traceback of an error")
         q.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
 
     q = sub.add_parser("init", help="initialise CorDA adapters for a local model")
@@ -262,16 +294,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run a command; an error prints ``corda_fast: error: ...`` (the traceback only with ``--debug``) and returns 1."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        return _run(args)
+    except Exception as exc:
+        if getattr(args, "debug", False):
+            raise
+        sys.stderr.write(f"corda_fast: error: {exc}\n" + ("" if isinstance(exc, (ValueError, OSError)) else
+                                                          f"({type(exc).__name__}; --debug shows the traceback)\n"))
+        return 1
+
+
+def _run(args) -> int:
     if args.command == "env":
         sys.stdout.write(json.dumps(run_env(), indent=1) + "\n")
         return 0
     if args.command == "demo":
         args.model, args.gguf_file, args.data, args.text_field = "smollm2", None, "builtin", "text"
+    _check_out(args.out, args.overwrite)
     try:
         result = run_init(args)
+    except BaseException:
+        if os.environ.get("RANK", "0") == "0":  # never leave a half-written output behind
+            shutil.rmtree(_work_dir(args.out), ignore_errors=True)
+        raise
     finally:
         if getattr(args, "distributed", False):
             import torch.distributed as dist
@@ -282,6 +335,22 @@ def main(argv=None) -> int:
         return 0
     sys.stdout.write(format_result(result) + "\n")
     return 0
+
+
+def _work_dir(out: str) -> str:
+    """Where ``init`` writes before the folder is moved to ``out`` in one rename."""
+    return os.path.abspath(out).rstrip(os.sep) + ".partial"
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    """Refuse an existing non-empty output folder unless ``--overwrite`` (checked before any work)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out '{out}' exists and is not a folder.")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ValueError(f"--out '{out}' exists and is not empty; pass --overwrite to replace it, or another --out.")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.access(parent if os.path.isdir(parent) else os.path.dirname(parent), os.W_OK):
+        raise ValueError(f"--out '{out}' cannot be written (folder '{parent}' is not writable).")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -238,8 +238,11 @@ class CalibrationConfig(_Replace):
     """Where the statistics come from and how they are collected.
 
     Args:
-        covariance_cache: path of a safetensors statistics cache: loaded (validated against the model, targets and
-            normalisation) if it exists, written after calibration otherwise. One calibration serves any rank/mode.
+        covariance_cache: path of a safetensors statistics cache: loaded (validated against the model — weights and
+            configuration —, the targets and the normalisation) if it exists, written after calibration otherwise. One
+            calibration serves any rank/mode. A loader passed with an existing cache must yield the data the cache
+            was made from (checked by fingerprint); pass ``loader=None`` to use the cache as it is.
+        overwrite_cache: recalibrate on the loader and overwrite an existing ``covariance_cache``.
         streaming: ``True`` calibrates and decomposes one transformer block at a time (peak statistic memory = one
             block; same result); ``"auto"`` does so when the statistics could exceed a quarter of the free memory of
             the model's device; ``False`` calibrates the whole model in one pass.
@@ -254,6 +257,7 @@ class CalibrationConfig(_Replace):
     """
 
     covariance_cache: Optional[str] = None
+    overwrite_cache: bool = False
     streaming: Union[bool, str] = False
     cache_device: Any = None
     distributed: Union[bool, str] = "auto"
@@ -268,6 +272,7 @@ class CalibrationConfig(_Replace):
             _fail(f"{own}.covariance_cache", self.covariance_cache, "None or a file path")
         if self.covariance_cache is not None:
             self.covariance_cache = str(self.covariance_cache)
+        _check_bool(own, "overwrite_cache", self.overwrite_cache)
         if self.streaming not in (True, False, "auto"):
             _fail(f"{own}.streaming", self.streaming, "True, False or 'auto'")
         if self.cache_device is not None:

@@ -38,11 +38,16 @@ def load_model(path: str, gguf_file: Optional[str] = None, dtype: str = "float32
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype)
+    if not os.path.isdir(path):
+        raise ValueError(f"model '{path}' is not a folder (a transformers model directory, or one holding a .gguf "
+                         "file; models are not downloaded).")
     if gguf_file is None:
         ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")] if os.path.isdir(path) else []
         has_hf = os.path.isfile(os.path.join(path, "config.json"))
         if ggufs and not has_hf:
             gguf_file = ggufs[0]
+        if not ggufs and not has_hf:
+            raise ValueError(f"model folder '{path}' holds neither config.json nor a .gguf file.")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tok = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
@@ -86,18 +91,35 @@ def builtin_text() -> str:
 
 
 def read_texts(path: str, text_field: str = "text") -> tuple[list[str], bool]:
-    """``(texts, is_jsonl)``: one text per JSONL line (field ``text_field``), or the whole file as one text."""
-    with open(path, encoding="utf-8") as f:
-        if path.endswith((".jsonl", ".json")):
-            texts = []
-            for i, line in enumerate(f):
-                if line.strip():
-                    item = json.loads(line)
-                    if text_field not in item:
-                        raise ValueError(f"{path}:{i + 1}: no field '{text_field}' (use --text-field)")
-                    texts.append(str(item[text_field]))
-            return texts, True
-        return [f.read()], False
+    """``(texts, is_jsonl)``: one text per JSONL line (field ``text_field``), or the whole file as one text.
+    Raises ``ValueError`` naming the file (and line) for a missing, unreadable, non-UTF-8 or empty file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"calibration data '{path}' does not exist (or is not a file).")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"calibration data '{path}' is not UTF-8 text (byte {exc.start}: {exc.reason}).") from None
+    except OSError as exc:
+        raise ValueError(f"calibration data '{path}' cannot be read ({exc.strerror}).") from None
+    if not path.endswith((".jsonl", ".json")):
+        if not lines.strip():
+            raise ValueError(f"calibration data '{path}' is empty.")
+        return [lines], False
+    texts = []
+    for i, line in enumerate(lines.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{i + 1}: not a JSON object ({exc.msg}).") from None
+        if not isinstance(item, dict) or text_field not in item:
+            raise ValueError(f"{path}:{i + 1}: no field '{text_field}' (use --text-field)")
+        texts.append(str(item[text_field]))
+    if not texts:
+        raise ValueError(f"calibration data '{path}' holds no samples (an empty JSONL file).")
+    return texts, True
 
 
 def make_batches(tok, texts: list[str], per_sample: bool, n_samples: int, seq_len: int, batch_size: int,

@@ -20,6 +20,7 @@ from torch import nn
 from . import quant
 from .config import CordaConfig, LoraSpec
 from .decompose import LayerFactors
+from .preflight import ModelSnapshot
 from .targets import Target
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,10 @@ class _Undo:
             elif t.name in self.quant_params:
                 t.module.weight = self.quant_params[t.name]
         if self.peft_model is not None:
+            from .fused import unfuse
+
             try:
+                unfuse(self.peft_model)
                 self.peft_model.unload()
             except Exception:  # pragma: no cover - best effort; weights are already restored
                 logger.exception("could not unload the partially built PEFT model")
@@ -102,6 +106,7 @@ def _write_layer(layer, t: Target, f: LayerFactors, adapter_name: str, config: C
             f"factors are {tuple(f.A.shape)}/{tuple(f.B.shape)} (rank_pattern mismatch)."
         )
     base = layer.get_base_layer()
+    layer.train(base.training)  # the LoRA wrapper (and its dropout) takes the mode of the module it wraps
     device = f.A.device
     a = f.A.to(device=device, dtype=lora_a.dtype)
     b = f.B.to(device=device, dtype=lora_b.dtype)
@@ -147,8 +152,18 @@ def build_peft_model(model: nn.Module, factors: dict[str, LayerFactors], targets
         quant_report: if given, filled with ``{layer name: {...}}`` for quantized base layers: the format, and
             :func:`corda_fast.quant.residual_error` of the stored residual.
     Returns:
-        ``peft.PeftModel``. On any error the model is restored (adapters unloaded, weights and modules untouched).
+        ``peft.PeftModel``. On any error the model is restored (adapters unloaded, weights, modules, modes and
+        ``requires_grad`` as they were).
     """
+    return build_with_undo(model, factors, targets, config, lora, adapter_name, quant_report)[0]
+
+
+@torch.no_grad()
+def build_with_undo(model: nn.Module, factors: dict[str, LayerFactors], targets: list[Target],
+                    config: Optional[CordaConfig] = None, lora: Optional[LoraSpec] = None,
+                    adapter_name: str = "default", quant_report: Optional[dict] = None):
+    """:func:`build_peft_model`, also returning a zero-argument ``undo`` that puts the model back exactly as it was
+    (for a failure after the build: saving, fusing)."""
     from peft import get_peft_model
 
     config = config or CordaConfig()
@@ -156,6 +171,12 @@ def build_peft_model(model: nn.Module, factors: dict[str, LayerFactors], targets
     adapted = [t for t in targets if t.name in factors]
     lora_config = peft_lora_config(adapted, lora)
     undo = _Undo()
+    snapshot = ModelSnapshot(model)
+
+    def restore():
+        undo.restore(model, adapted)
+        snapshot.restore()
+
     try:
         _float_stand_ins(model, adapted, config.quantized_residual == "keep", undo)
         undo.originals = {t.name: t.module.weight.data for t in adapted if t.quant is None}
@@ -171,9 +192,9 @@ def build_peft_model(model: nn.Module, factors: dict[str, LayerFactors], targets
         if leftover:
             raise RuntimeError(f"LoRA weights without CorDA factors: {leftover[:5]}")
     except BaseException:
-        undo.restore(model, adapted)
+        restore()
         raise
-    return undo.peft_model
+    return undo.peft_model, restore
 
 
 def save_initial_adapter(peft_model, path: str) -> None:

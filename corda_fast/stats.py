@@ -20,7 +20,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = "corda_fast.covariance.v1"
+CACHE_FORMAT = "corda_fast.covariance.v2"  # v2: the model fingerprint covers the config; the data fingerprint
 
 
 class CacheError(ValueError):
@@ -112,30 +112,31 @@ class CovarianceStats:
         """
         from safetensors import safe_open
 
-        if not os.path.isfile(path):
-            raise CacheError(f"covariance cache '{path}' does not exist.")
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != CACHE_FORMAT:
-                raise CacheError(f"'{path}' is not a corda_fast covariance cache (format={meta.get('format')!r}).")
-            keys = json.loads(meta["keys"])
-            sums = {k: f.get_tensor(f"stat{i}") for i, k in enumerate(keys)}
-        stats = cls(
-            sums=sums,
-            n_samples={k: int(v) for k, v in json.loads(meta["n_samples"]).items()},
-            n_tokens={k: int(v) for k, v in json.loads(meta["n_tokens"]).items()},
-            members=json.loads(meta["members"]),
-            normalization=meta["normalization"],
-            model_fingerprint=meta["model_fingerprint"],
-            meta=json.loads(meta.get("meta", "{}")),
-        )
+        meta = read_cache_metadata(path)
+        try:
+            with safe_open(path, framework="pt") as f:
+                keys = json.loads(meta["keys"])
+                sums = {k: f.get_tensor(f"stat{i}") for i, k in enumerate(keys)}
+            stats = cls(
+                sums=sums,
+                n_samples={k: int(v) for k, v in json.loads(meta["n_samples"]).items()},
+                n_tokens={k: int(v) for k, v in json.loads(meta["n_tokens"]).items()},
+                members=json.loads(meta["members"]),
+                normalization=meta["normalization"],
+                model_fingerprint=meta["model_fingerprint"],
+                meta=json.loads(meta.get("meta", "{}")),
+            )
+        except Exception as exc:  # a truncated / hand-edited file: name it
+            raise CacheError(f"covariance cache '{path}' cannot be read ({type(exc).__name__}: {exc}); delete it or "
+                             "pass another path.") from exc
         if model is not None:
             fp = model_fingerprint(model)
             if fp != stats.model_fingerprint:
                 raise CacheError(
                     f"covariance cache '{path}' was collected on another model (model_fingerprint "
-                    f"{stats.model_fingerprint[:12]}..., this model {fp[:12]}...: different architecture or weights, "
-                    f"cache made for {stats.meta.get('model_class', '?')}). Recalibrate, or load the model it was made on."
+                    f"{stats.model_fingerprint[:12]}..., this model {fp[:12]}...: different architecture, configuration or "
+                    f"weights; cache made for {stats.meta.get('model_class', '?')}). Recalibrate (overwrite_cache=True or "
+                    "another path), or load the model it was made on."
                 )
         if normalization is not None and normalization != stats.normalization:
             raise CacheError(
@@ -163,10 +164,56 @@ class CovarianceStats:
         return stats
 
 
+def read_cache_metadata(path: str) -> dict:
+    """The metadata of a cache written by :meth:`CovarianceStats.save`, without its tensors. Raises
+    :class:`CacheError` naming the file if it is missing, unreadable, or not a cache of this version."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise CacheError(f"covariance cache '{path}' does not exist.")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # empty, truncated or not safetensors at all
+        raise CacheError(f"covariance cache '{path}' is not a readable safetensors file ({type(exc).__name__}: "
+                         f"{exc}); delete it or pass another path.") from exc
+    fmt = meta.get("format")
+    if fmt != CACHE_FORMAT:
+        older = isinstance(fmt, str) and fmt.startswith("corda_fast.covariance.")
+        raise CacheError(f"'{path}' is " + (f"a covariance cache of another corda_fast version ({fmt}); recalibrate "
+                                            "(overwrite_cache=True) or pass another path." if older else
+                                            f"not a corda_fast covariance cache (format={fmt!r})."))
+    missing = [k for k in ("keys", "n_samples", "n_tokens", "members", "normalization", "model_fingerprint")
+               if k not in meta]
+    if missing:
+        raise CacheError(f"covariance cache '{path}' lacks {missing}; delete it or pass another path.")
+    return meta
+
+
+_VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset",
+                    "_attn_implementation_internal", "name_or_path")
+
+
+def _config_text(model: nn.Module) -> str:
+    """The model's configuration as text: a transformers config (without fields that name the checkpoint's location
+    or the library version), else the module tree (types and their ``extra_repr``)."""
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict):
+        try:
+            d = {k: v for k, v in to_dict().items() if k not in _VOLATILE_CONFIG}
+            return json.dumps(d, sort_keys=True, default=str)
+        except Exception:  # an exotic config: fall back to the module tree
+            pass
+    return "\n".join(f"{n}:{type(m).__name__}({m.extra_repr()})" for n, m in model.named_modules())
+
+
 def model_fingerprint(model: nn.Module) -> str:
-    """A cheap identity of a model's architecture *and* weights (class, every parameter's name, shape, dtype and
-    a strided sample of its values). Statistics depend on every upstream weight, so all parameters count."""
+    """A cheap identity of a model's configuration *and* weights (class, config — e.g. the activation function —,
+    every parameter's name, shape, dtype and a strided sample of its values). Statistics depend on every upstream
+    weight and on how the model computes, so all of them count."""
     h = hashlib.sha256(type(model).__name__.encode())
+    h.update(_config_text(model).encode())
     for name, p in model.named_parameters():
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         data = p.data

@@ -23,6 +23,7 @@ from . import distributed
 from .calibrate import (
     CalibrationError,
     Collector,
+    batch_lead,
     eval_mode,
     finish_statistics,
     forward_runner,
@@ -76,8 +77,8 @@ def _to(obj: Any, device) -> Any:
 def _cache_first_block_inputs(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target], prefix: str,
                               blocks: nn.ModuleList, device, cache_device, multi: bool) -> tuple[list, int]:
     """Run the model up to its first block on every batch; returns ``([(index, mask, args, kwargs)], total batches
-    over ranks)`` with the block inputs on ``cache_device``."""
-    cached: list[tuple[int, Optional[torch.Tensor], tuple, dict]] = []
+    over ranks)`` with the block inputs on ``cache_device`` (``[(index, mask, (batch, seq), args, kwargs)]``)."""
+    cached: list[tuple[int, Optional[torch.Tensor], tuple, tuple, dict]] = []
     current: dict = {}
 
     def capture(module, args, kwargs):
@@ -96,7 +97,7 @@ def _cache_first_block_inputs(model: nn.Module, loader: Any, config: CordaConfig
                     pass
                 if "args" not in current:
                     raise CalibrationError(f"the first block '{prefix}.0' did not run on calibration batch {i}.")
-                cached.append((i, mask, current["args"], current["kwargs"]))
+                cached.append((i, mask, batch_lead(kwargs), current["args"], current["kwargs"]))
     finally:
         handle.remove()
     total = len(cached)
@@ -113,8 +114,8 @@ def _run_block(block: nn.Module, name: str, cached: list, collector: Collector, 
                feed_next: bool) -> None:
     """Run ``block`` on every cached input (statistics into ``collector``); with ``feed_next`` its outputs replace
     the cached hidden states, as the next block's inputs."""
-    for n, (i, mask, args, kwargs) in enumerate(cached):
-        collector.start_batch(i, mask)
+    for n, (i, mask, lead, args, kwargs) in enumerate(cached):
+        collector.start_batch(i, mask, lead)
         out = block(*_to(args, device), **_to(kwargs, device))
         collector.record_finite()
         collector.end_batch()
@@ -126,7 +127,7 @@ def _run_block(block: nn.Module, name: str, cached: list, collector: Collector, 
                 kwargs = {**kwargs, "hidden_states": hidden}
             else:
                 raise CalibrationError(f"cannot tell which input of block '{name}' is its hidden state.")
-            cached[n] = (i, mask, args, kwargs)
+            cached[n] = (i, mask, lead, args, kwargs)
     collector.check_finite()
 
 

@@ -197,12 +197,15 @@ def smollm2_dir():
 
 
 def model_state(model):
-    """Everything init_adapters must leave untouched on failure."""
+    """Everything init_adapters must leave untouched on failure: parameters and buffers (bits), the module tree, each
+    module's own train/eval mode, every parameter's requires_grad, hooks, and the instance attributes PEFT sets."""
     return {
         "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "training": {n: m.training for n, m in model.named_modules()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)},
         "hooks": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()),
         "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
+        "attributes": {n: sorted(k for k in vars(m) if not k.startswith("_")) for n, m in model.named_modules()},
     }
 
 
@@ -210,7 +213,9 @@ def assert_model_unchanged(model, before):
     after = model_state(model)
     assert after["modules"] == before["modules"], "module tree changed"
     assert after["hooks"] == before["hooks"], "hooks left behind"
-    assert after["training"] == before["training"], "train/eval mode not restored"
+    assert after["training"] == before["training"], "a module's train/eval mode not restored"
+    assert after["requires_grad"] == before["requires_grad"], "requires_grad not restored"
+    assert after["attributes"] == before["attributes"], "attributes left on a module (e.g. peft_config)"
     for k, v in before["weights"].items():
         a = after["weights"][k]
         assert a.dtype == v.dtype and a.shape == v.shape and torch.equal(

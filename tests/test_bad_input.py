@@ -7,14 +7,25 @@ from torch import nn
 import corda_fast
 from corda_fast import CacheError, CalibrationError, CordaConfigError, TargetError
 
-from helpers import Setup, assert_model_unchanged, model_state, padded_batches, quiet, random_samples, tiny_llama
+from helpers import Setup, assert_model_unchanged, model_state, padded_batches, quiet, random_samples, rel_max, tiny_llama
 
 
-def run_and_check(model, exc, match, *args, **kwargs):
+def run_and_check(model, exc, match, *args, recover=True, **kwargs):
+    """The call fails with a clear error, the model is exactly as it was, and (for a causal LM) the same object then
+    accepts a valid call whose outputs at init equal the original ones."""
+    lm = recover and hasattr(model, "lm_head")
+    ids = torch.randint(1, 300, (2, 9), generator=torch.Generator().manual_seed(3))
     before = model_state(model)
+    if lm:
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits
     with pytest.raises(exc, match=match):
         corda_fast.init_adapters(model, *args, **quiet(**kwargs))
     assert_model_unchanged(model, before)
+    if lm and all(torch.isfinite(p).all() for p in model.parameters()):
+        pm = corda_fast.init_adapters(model, padded_batches(random_samples(4), 2), **quiet(rank=2))
+        with torch.no_grad():
+            assert rel_max(pm(input_ids=ids).logits, ref) < 1e-5
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -65,7 +76,7 @@ def test_quantized_weight_refused():
     lin = model.model.layers[0].self_attn.q_proj
     lin.weight = nn.Parameter(lin.weight.detach().to(torch.int8), requires_grad=False)
     run_and_check(model, TargetError, r"'model\.layers\.0\.self_attn\.q_proj' has quantized weights",
-                  padded_batches(random_samples(2), 2))
+                  padded_batches(random_samples(2), 2), recover=False)  # the model itself stays unsupported
 
 
 def test_cache_from_another_model(tmp_path):
@@ -103,7 +114,8 @@ def test_exception_inside_model_forward():
         raise ValueError("forward exploded")
 
     model.model.layers[1].mlp.register_forward_pre_hook(boom)
-    run_and_check(model, ValueError, "forward exploded", padded_batches(random_samples(2), 2))
+    run_and_check(model, ValueError, "forward exploded", padded_batches(random_samples(2), 2),
+                  recover=False)  # the hook stays
 
 
 def test_bad_batch_type():

@@ -36,7 +36,7 @@ def test_init_on_text_file(model_dir, tmp_path):
         assert torch.allclose(loaded(ids).logits, tiny_llama()(ids).logits, atol=1e-5, rtol=0)
 
 
-def test_init_on_jsonl_with_cache(model_dir, tmp_path):
+def test_init_on_jsonl_with_cache(model_dir, tmp_path, capsys):
     words = demo.builtin_text().split()
     data = tmp_path / "calib.jsonl"
     data.write_text("\n".join(json.dumps({"body": " ".join(words[i * 40:(i + 1) * 40 - i])}) for i in range(10)))
@@ -52,8 +52,8 @@ def test_init_on_jsonl_with_cache(model_dir, tmp_path):
     s = json.loads((tmp_path / "s" / "corda_report.json").read_text())
     assert s["statistics_mib"] == pytest.approx(a["statistics_mib"] / 2, rel=0.02)  # 2 blocks: one block's worth at a time
     assert cli.main(stream + ["--out", str(tmp_path / "f"), "--precision", "float64"]) == 0
-    with pytest.raises(ValueError, match="no field 'text'"):
-        cli.main(["init", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "c"), "--quiet"])
+    assert cli.main(["init", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "c"), "--quiet"]) == 1
+    assert "no field 'text'" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
 def test_env_command_runs_as_module():
@@ -80,3 +80,66 @@ def test_init_corda_plus_writes_table_and_plot(model_dir, tmp_path, capsys):
     assert (out / "corda_plus.md").read_text().count("| model.layers.") == 14
     assert (out / "corda_plus.png").stat().st_size > 1000
     assert report["drift_at_init"]["relative"] < 1e-5
+
+
+# ---------------------------------------------------------------- errors: short, naming the input, nothing half-written
+def _init(model_dir, data, out, *extra):
+    return ["init", "--model", str(model_dir), "--data", str(data), "--rank", "2", "--samples", "4", "--seq-len",
+            "16", "--batch-size", "2", "--out", str(out), "--quiet", *extra]
+
+
+def _error(capsys) -> str:
+    """The error the command printed: from its ``corda_fast: error:`` line on, at most two lines."""
+    err = capsys.readouterr().err
+    assert "corda_fast: error: " in err, err
+    err = err[err.index("corda_fast: error: "):].strip()
+    assert len(err.splitlines()) <= 2, err
+    return err
+
+
+def test_cli_errors_are_short_and_name_the_input(model_dir, tmp_path, capsys):
+    good = tmp_path / "calib.txt"
+    good.write_text(" ".join(demo.builtin_text().split()[:600]))
+    assert cli.main(_init(tmp_path / "nowhere", good, tmp_path / "o1")) == 1
+    err = _error(capsys)
+    assert "model '" in err and "nowhere' is not a folder" in err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    assert cli.main(_init(model_dir, empty, tmp_path / "o2")) == 1
+    assert str(empty) in _error(capsys)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    assert cli.main(_init(model_dir, latin, tmp_path / "o3")) == 1
+    err = _error(capsys)
+    assert str(latin) in err and "UTF-8" in err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(_init(model_dir, good, tmp_path / "o4", "--batch-size", "0"))
+    assert exit_.value.code == 2 and "--batch-size" in capsys.readouterr().err
+    for out in ("o1", "o2", "o3", "o4"):
+        assert not (tmp_path / out).exists() and not (tmp_path / f"{out}.partial").exists()
+    with pytest.raises(ValueError, match="is not a folder"):  # --debug: the exception itself
+        cli.main(_init(tmp_path / "nowhere", good, tmp_path / "o5", "--debug"))
+
+
+def test_cli_output_folder_is_complete_or_absent(model_dir, tmp_path, capsys, monkeypatch):
+    import corda_fast
+
+    data = tmp_path / "calib.txt"
+    data.write_text(" ".join(demo.builtin_text().split()[:600]))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("earlier results")
+    assert cli.main(_init(model_dir, data, out)) == 1  # not empty, no --overwrite: refused before any work
+    assert "--overwrite" in _error(capsys) and (out / "old.txt").exists()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(corda_fast, "save_residual_base", boom)
+    assert cli.main(_init(model_dir, data, out, "--overwrite")) == 1  # fails while writing
+    assert "disk full" in _error(capsys)
+    assert (out / "old.txt").exists() and not (tmp_path / "out.partial").exists()  # old results untouched
+    monkeypatch.undo()
+    assert cli.main(_init(model_dir, data, out, "--overwrite")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "corda_report.json", "initial_adapter",
+                                                     "residual_base"]
