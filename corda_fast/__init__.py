@@ -10,7 +10,7 @@ from ._version import __version__
 from .api import InitReport, init_adapters
 from .calibrate import CalibrationError, collect_candidates, collect_covariance
 from .config import CalibrationConfig, CordaConfig, CordaConfigError, DampingConfig, LoraSpec, PlusConfig
-from .data import pad_batches
+from .data import calibration_batches, pad_batches
 from .decompose import DampingError, LayerFactors, decompose, find_damping
 from .fused import FusedLoraLinear, FuseReport, fuse, fused_lora_linear, unfuse
 from .peft_bridge import build_peft_model, residual_state_dict, save_as_lora, save_initial_adapter, save_residual_base
@@ -30,6 +30,7 @@ __all__ = [
     "collect_covariance",
     "collect_candidates",
     "pad_batches",
+    "calibration_batches",
     "CovarianceStats",
     "model_fingerprint",
     "decompose",

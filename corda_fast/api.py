@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class InitReport:
     cache_hit: bool = False
     streaming: bool = False
     fused: int = 0  # LoRA layers switched to the fused training path (init_adapters(fused=True))
+    low_data: list = field(default_factory=list)  # statistics built from fewer real tokens than their width
     plus: Any = None  # CorDA++: the plus.PlusPlan (per-layer compactness, candidate, rank; .table(), .plot(path))
 
     def summary(self) -> str:
@@ -68,6 +70,8 @@ class InitReport:
             f"damping λ used: {damp}",
             "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()),
         ]
+        if self.low_data:
+            lines.append(low_data_message(self.low_data))
         quantized = [l["quantized"] for l in self.layers if "quantized" in l]
         if quantized:
             lines.append(f"quantized base layers: {len(quantized)} ({quantized[0]['quantization']}), residual "
@@ -95,6 +99,11 @@ class _Outcome:
     n_tokens: int = 0
     seconds: dict = field(default_factory=dict)
     plan: Any = None
+    tokens: dict = field(default_factory=dict)  # statistic key -> (real tokens, samples, width)
+
+    def record_tokens(self, stats: CovarianceStats) -> None:
+        for key, s in stats.sums.items():
+            self.tokens[key] = (stats.n_tokens[key], stats.n_samples[key], int(s.shape[0]))
 
     def tally(self, stats: CovarianceStats, disjoint: bool = False, peak: bool = False) -> None:
         """Count ``stats``: ``disjoint`` data (CorDA++ candidate groups) adds samples, else the largest count is
@@ -110,14 +119,16 @@ class _Outcome:
             self.n_samples = max(self.n_samples, samples)
             self.n_tokens = max(self.n_tokens, tokens)
         self.key_of.update(stats.layer_keys())
+        if not disjoint:  # CorDA++ records the statistics it selects instead
+            self.record_tokens(stats)
 
 
 # ---------------------------------------------------------------------------------------------------- configure
 def configure(lora_config=None, corda_config: Optional[CordaConfig] = None, **shortcuts) -> tuple[LoraSpec, CordaConfig]:
     """``(LoraSpec, CordaConfig)`` of a call: ``lora_config`` (a ``peft.LoraConfig``, a :class:`LoraSpec` or None)
     and ``corda_config``, with the non-None ``shortcuts`` applied on top: ``rank`` / ``lora_alpha`` /
-    ``target_modules`` / ``task_type`` (LoRA), ``mode`` (CorDA), ``streaming`` / ``covariance_cache``
-    (calibration). Invalid values raise :class:`~corda_fast.CordaConfigError` naming the field."""
+    ``target_modules`` / ``task_type`` (LoRA), ``mode`` (CorDA), ``streaming`` / ``covariance_cache`` /
+    ``use_label_mask`` (calibration). Invalid values raise :class:`~corda_fast.CordaConfigError` naming the field."""
     if lora_config is None:
         lora = LoraSpec()
     elif isinstance(lora_config, LoraSpec):
@@ -131,7 +142,7 @@ def configure(lora_config=None, corda_config: Optional[CordaConfig] = None, **sh
     given = {k: v for k, v in shortcuts.items() if v is not None}
     lora_changes = {{"rank": "r"}.get(k, k): given.pop(k) for k in ("rank", "lora_alpha", "target_modules", "task_type")
                     if k in given}
-    calib_changes = {k: given.pop(k) for k in ("streaming", "covariance_cache") if k in given}
+    calib_changes = {k: given.pop(k) for k in ("streaming", "covariance_cache", "use_label_mask") if k in given}
     mode = given.pop("mode", None)
     if given:
         raise TypeError(f"unknown shortcut(s) {sorted(given)}")
@@ -243,6 +254,7 @@ def run_source(source: str, model: nn.Module, loader: Any, targets: list[Target]
         out.lora = lora.replace(rank_pattern=out.plan.rank_pattern, alpha_pattern=out.plan.alpha_pattern)
         out.targets = resolve_targets(model, out.lora)
         out.key_of = out.plan.stats.layer_keys()
+        out.record_tokens(out.plan.stats)
         out.factors = _decompose(out.plan.stats, out.targets, config)
         out.plan.stats = None  # released
         _timed(out, "decompose", t0)
@@ -306,15 +318,44 @@ def fill_report(report: InitReport, outcome: _Outcome, quant_report: dict, n_fus
         t = by_name[name]
         report.layers.append({
             "name": name, "shape": [t.d_out, t.d_in], "rank": t.rank, "scaling": t.scaling, "damping": f.damping,
-            "shares_input_with": outcome.key_of[name],
+            "shares_input_with": outcome.key_of[name], "tokens": outcome.tokens.get(outcome.key_of[name], (0,))[0],
             "sigma_adapted_max": float(f.singular_values.max()), "sigma_adapted_min": float(f.singular_values.min()),
             **({"quantized": quant_report[name]} if name in quant_report else {}),
         })
+    report.low_data = low_data(outcome)
+    if report.low_data:
+        logger.warning("%s", low_data_message(report.low_data))
     if quant_report:
         worst = max(quant_report.items(), key=lambda kv: kv[1]["model_vs_quantized"])
         logger.info("quantized base: %d layers, residual %s; largest ‖W_res_stored + sBA − W_q‖/‖W_q‖ = %.3g (%s)",
                     len(quant_report), worst[1]["residual"], worst[1]["model_vs_quantized"], worst[0])
     return report
+
+
+def low_data(outcome: _Outcome) -> list[dict]:
+    """The statistics built from fewer real tokens than their width (rank-deficient: the damping, not the data,
+    decides their adapters), with how many more samples of the same average length would be needed."""
+    members: dict[str, list] = {}
+    for name, key in outcome.key_of.items():
+        if name in outcome.factors:
+            members.setdefault(key, []).append(name)
+    out = []
+    for key, names in members.items():
+        tokens, samples, width = outcome.tokens.get(key, (None, 0, 0))
+        if tokens is not None and tokens < width:
+            per_sample = tokens / max(samples, 1)
+            more = math.ceil((width - tokens) / per_sample) if per_sample > 0 else None
+            out.append({"layers": names, "width": width, "tokens": tokens, "more_samples": more})
+    return out
+
+
+def low_data_message(rows: list[dict]) -> str:
+    first = rows[0]
+    return (f"too little calibration data for {len(rows)} statistic(s): e.g. {first['layers'][:3]} read inputs "
+            f"{first['width']} wide from {first['tokens']} real tokens (rank-deficient; the damping decides the "
+            f"adapter); about {first['more_samples']} more samples of the same length would cover it"
+            + (f" (the widest needs {max(r['width'] - r['tokens'] for r in rows)} more tokens)" if len(rows) > 1 else "")
+            + ".")
 
 
 def _check_quantized(targets: list[Target], config: CordaConfig) -> None:
@@ -340,6 +381,7 @@ def init_adapters(
     task_type: Optional[str] = None,
     streaming: Union[None, bool, str] = None,
     covariance_cache: Optional[str] = None,
+    use_label_mask: Optional[bool] = None,
     initial_adapter_dir: Optional[str] = None,
     fused: bool = False,
     return_report: bool = False,
@@ -360,9 +402,10 @@ def init_adapters(
             are rejected by name. Default: rank 8, ``alpha = r``, every linear layer but the output head.
         corda_config: :class:`~corda_fast.CordaConfig` — mode, normalisation, precision, damping, calibration
             (cache, streaming, distributed), ``plus=PlusConfig(...)`` for CorDA++, quantized bases.
-        mode, rank, lora_alpha, target_modules, task_type, streaming, covariance_cache: shortcuts applied on top of
-            the two configs (``rank`` is ``LoraConfig.r``; ``streaming`` / ``covariance_cache`` are
-            ``CordaConfig.calibration``'s).
+        mode, rank, lora_alpha, target_modules, task_type, streaming, covariance_cache, use_label_mask: shortcuts
+            applied on top of the two configs (``rank`` is ``LoraConfig.r``; ``streaming``, ``covariance_cache`` and
+            ``use_label_mask`` are ``CordaConfig.calibration``'s). With ``use_label_mask`` (default), tokens whose
+            ``labels`` are -100 enter no statistic.
         initial_adapter_dir: if given, the freshly initialised adapter is saved there (needed later by
             :func:`corda_fast.save_as_lora` to convert the trained adapter to a plain LoRA).
         fused: switch the returned model's LoRA layers to the fused training path (:func:`corda_fast.fuse`).
@@ -375,7 +418,7 @@ def init_adapters(
     model = getattr(model, "_orig_mod", model)
     lora, config = configure(lora_config, corda_config, mode=mode, rank=rank, lora_alpha=lora_alpha,
                              target_modules=target_modules, task_type=task_type, streaming=streaming,
-                             covariance_cache=covariance_cache)
+                             covariance_cache=covariance_cache, use_label_mask=use_label_mask)
     t0 = time.perf_counter()
     check_no_adapters(model)
     check_task_type(lora.task_type)

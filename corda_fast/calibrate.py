@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Optional, Union
@@ -42,21 +43,21 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _split_batch(batch) -> tuple[dict, Optional[torch.Tensor]]:
-    """``(model kwargs, attention_mask or None)`` of a loader batch: a dict (``labels`` dropped: no loss is
-    needed), a tensor of input ids, or a tuple ``(input_ids[, attention_mask])``."""
+def _split_batch(batch) -> tuple[dict, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(model kwargs, attention_mask or None, labels or None)`` of a loader batch: a dict (``labels`` taken out:
+    no loss is computed), a tensor of input ids, or a tuple ``(input_ids[, attention_mask])``."""
     if isinstance(batch, Mapping):
         kwargs = {k: v for k, v in batch.items() if k != "labels"}
         if "input_ids" not in kwargs and "inputs_embeds" not in kwargs:
             raise CalibrationError(f"a calibration batch dict needs 'input_ids' (got keys {sorted(batch)}).")
-        return kwargs, kwargs.get("attention_mask")
+        return kwargs, kwargs.get("attention_mask"), batch.get("labels")
     if torch.is_tensor(batch):
-        return {"input_ids": batch}, None
+        return {"input_ids": batch}, None, None
     if isinstance(batch, (tuple, list)) and batch and torch.is_tensor(batch[0]):
         kwargs = {"input_ids": batch[0]}
         if len(batch) > 1 and torch.is_tensor(batch[1]):
             kwargs["attention_mask"] = batch[1]
-        return kwargs, kwargs.get("attention_mask")
+        return kwargs, kwargs.get("attention_mask"), None
     raise CalibrationError(
         f"cannot use a calibration batch of type {type(batch).__name__}: give dicts with 'input_ids' (and "
         "optionally 'attention_mask'), tensors of input ids, or (input_ids, attention_mask) tuples."
@@ -355,12 +356,15 @@ def iter_batches(loader, config: CordaConfig, device: torch.device, what: str, d
         total = min(total, max_batches)
     padding = distributed.PaddingFilter.from_loader(loader)
     bar = tqdm(loader, total=total, desc=f"corda_fast: {what}", disable=not config.show_progress, unit="batch")
+    tokens, t0 = 0, time.perf_counter()
     for i, batch in enumerate(bar):
         if max_batches is not None and i >= max_batches:
             break
-        kwargs, mask = _split_batch(batch)
+        kwargs, mask, labels = _split_batch(batch)
         _check_batch_shape(i, kwargs, mask)
         mask = None if mask is None else mask.cpu()
+        if labels is not None and config.calibration.use_label_mask:
+            mask = _label_mask(i, kwargs, mask, labels)
         if padding is not None:
             lead = (kwargs["input_ids"] if "input_ids" in kwargs else kwargs["inputs_embeds"]).shape[:2]
             repeated = padding.repeated(lead[0])
@@ -369,8 +373,24 @@ def iter_batches(loader, config: CordaConfig, device: torch.device, what: str, d
                 mask[repeated] = 0
         if digest is not None:
             _digest_batch(digest, kwargs, mask)
+        if config.show_progress:  # statistics tokens per second, from the host mask (no device sync)
+            tokens += int(mask.sum()) if mask is not None else math.prod(batch_lead(kwargs))
+            bar.set_postfix(tokens=tokens, tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
         kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
         yield i, kwargs, mask
+
+
+def _label_mask(i: int, kwargs: dict, mask: Optional[torch.Tensor], labels) -> torch.Tensor:
+    """The statistics' mask of a batch with ``labels``: real tokens whose label is not -100 (the model still sees
+    every token through its own attention mask)."""
+    x = kwargs["input_ids"] if "input_ids" in kwargs else kwargs["inputs_embeds"]
+    if not torch.is_tensor(labels) or tuple(labels.shape) != tuple(x.shape[:2]):
+        shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
+        raise CalibrationError(f"calibration batch {i}: labels of shape {shape} do not fit the inputs "
+                               f"{tuple(x.shape[:2])}; give per-token labels (-100 = left out of the statistics) or "
+                               "CalibrationConfig(use_label_mask=False).")
+    keep = labels.cpu() != -100
+    return (keep if mask is None else (mask != 0) & keep).to(torch.long)
 
 
 def _check_batch_shape(i: int, kwargs: dict, mask: Optional[torch.Tensor]) -> None:

@@ -59,11 +59,24 @@ def _corda_config(args, distributed: bool):
                                   show_progress=not args.quiet)
 
 
-def _calibration_data(args, tok, texts: list, per_sample: bool, rank: int, world: int, device):
-    """``(calibration batches of this rank, held-out batch on device)``."""
-    batches, held = demo.make_batches(tok, texts, per_sample, args.samples, args.seq_len, args.batch_size, args.seed,
-                                      shard=(rank, world))
-    return batches, {k: v.to(device) for k, v in held.items()}
+def _calibration_data(args, tok, source, rank: int, world: int, device):
+    """``(calibration batches of this rank, batch the drift at init is measured on, on device)``. The built-in text
+    gives random windows and a held-out batch (the demo); any other source goes through
+    :func:`corda_fast.calibration_batches`, and the drift is measured on its first two samples."""
+    import corda_fast
+
+    if args.data == "builtin":
+        batches, held = demo.make_batches(tok, [demo.builtin_text()], False, args.samples, args.seq_len,
+                                          args.batch_size, args.seed, shard=(rank, world))
+        return batches, {k: v.to(device) for k, v in held.items()}
+    batches = corda_fast.calibration_batches(
+        source, tok, split=args.split, text_column=args.text_column, messages_column=args.messages_column,
+        prompt_column=args.prompt_column, response_column=args.response_column, num_samples=args.samples,
+        max_seq_length=args.seq_len, batch_size=args.batch_size, concatenate=args.concatenate, seed=args.seed,
+        mask=None if args.mask == "none" else args.mask)
+    first = batches[0]
+    held = {k: first[k][:2].to(device) for k in ("input_ids", "attention_mask")}
+    return batches[rank::world], held
 
 
 def run_init(args) -> dict:
@@ -81,16 +94,17 @@ def run_init(args) -> dict:
     work = _work_dir(args.out)  # moved to --out once everything is written
     if rank == 0 and os.path.exists(work):
         shutil.rmtree(work)
-    if args.data == "builtin":  # the data is read (and checked) before the model is loaded
-        texts, per_sample = [demo.builtin_text()], False
-    else:
-        texts, per_sample = demo.read_texts(args.data, args.text_field)
+    source = None
+    if args.data != "builtin":  # the data is found and opened before the model is loaded
+        from corda_fast.data import load_source
+
+        source = load_source(args.data, args.split)
     t0 = time.perf_counter()
     model_dir = demo.materialize_smollm2(args.cache_dir) if args.model == "smollm2" else args.model
     model, tok = demo.load_model(model_dir, args.gguf_file, args.dtype)
     model.to(device)
     t_load = time.perf_counter() - t0
-    batches, held = _calibration_data(args, tok, texts, per_sample, rank, world, device)
+    batches, held = _calibration_data(args, tok, source, rank, world, device)
     before, scale = demo.output_logits(model, held)
     targets = args.target_modules
     if targets is None:
@@ -140,6 +154,7 @@ def _result(args, model_dir: str, report, world: int, t_load: float, drift: floa
         "distinct_statistics": report.n_statistics,
         "statistics_mib": round(report.statistics_mib, 2),
         "damping_values": sorted({round(l["damping"], 6) for l in report.layers}),
+        "low_data": report.low_data,
         "seconds": {"load_model": round(t_load, 2), **{k: round(v, 2) for k, v in report.seconds.items()}},
         "drift_at_init": {"max_abs_logit_diff": drift, "max_abs_logit": scale, "relative": drift / scale},
         "adapter_dir": os.path.join(args.out, "adapter"),
@@ -183,6 +198,10 @@ def format_result(r: dict) -> str:
     lines += [
         f"  damping λ   : {r['damping_values']}",
     ]
+    if r.get("low_data"):
+        from corda_fast.api import low_data_message
+
+        lines.append(f"  WARNING     : {low_data_message(r['low_data'])}")
     if r.get("plus"):
         p = r["plus"]
         ranks = [l["rank"] for l in p["layers"]]
@@ -284,8 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("init", help="initialise CorDA adapters for a local model")
     q.add_argument("--model", required=True, help="transformers model directory (or one holding a .gguf file)")
     q.add_argument("--gguf-file", default=None)
-    q.add_argument("--data", required=True, help="calibration text (.txt) or JSONL (one sample per line)")
-    q.add_argument("--text-field", default="text")
+    q.add_argument("--data", required=True,
+                   help="calibration data: a .txt / .json / .jsonl / .parquet / .csv / .arrow file, a folder written "
+                        "by save_to_disk, or a Hub dataset name ('name' or 'name:config')")
+    q.add_argument("--split", default=None, help="dataset split (when the source has several)")
+    cols = q.add_argument_group("columns (default: the obvious one: messages, text, prompt/response, ...)")
+    cols.add_argument("--text-column", "--text-field", dest="text_column", default=None)
+    cols.add_argument("--messages-column", default=None, help="chat conversations, rendered with the chat template")
+    cols.add_argument("--prompt-column", default=None)
+    cols.add_argument("--response-column", default=None)
+    q.add_argument("--mask", choices=["none", "prompt", "response"], default="none",
+                   help="which tokens enter the statistics (the model always sees the whole sample)")
+    q.add_argument("--concatenate", action="store_true",
+                   help="pack the token stream into --seq-len windows (the knowledge-mode recipe for plain text)")
     add_init_args(q)
     d = sub.add_parser("demo", help="CorDA-KPM on SmolLM2-135M with offline Python documentation text")
     add_init_args(d, demo=True)
@@ -317,7 +347,7 @@ def _run(args) -> int:
         sys.stdout.write(json.dumps(run_env(), indent=1) + "\n")
         return 0
     if args.command == "demo":
-        args.model, args.gguf_file, args.data, args.text_field = "smollm2", None, "builtin", "text"
+        args.model, args.gguf_file, args.data = "smollm2", None, "builtin"
     _check_out(args.out, args.overwrite)
     try:
         result = run_init(args)

@@ -250,6 +250,9 @@ class CalibrationConfig(_Replace):
         distributed: data-parallel calibration over a ``torch.distributed`` process group: ``"auto"`` when a
             default group with more than one rank is initialised, ``True`` to require one, ``False`` to ignore it.
         max_batches: stop calibration after this many loader batches (``None``: the whole loader).
+        use_label_mask: when a batch carries ``labels``, tokens whose label is -100 (e.g. the prompt of an
+            instruction sample) are left out of the statistics but still run through the model, which sees the whole
+            context (PEFT's EVA uses the same name and default). ``False`` ignores labels.
         share_inputs: layers that read the same input tensor (q/k/v, gate/up) share one statistic (detected at run
             time).
         unused_targets: ``"error"`` if a targeted layer never ran during calibration, or ``"skip"`` to leave such
@@ -262,6 +265,7 @@ class CalibrationConfig(_Replace):
     cache_device: Any = None
     distributed: Union[bool, str] = "auto"
     max_batches: Optional[int] = None
+    use_label_mask: bool = True
     share_inputs: bool = True
     unused_targets: str = "error"
 
@@ -283,6 +287,7 @@ class CalibrationConfig(_Replace):
         if self.distributed not in (True, False, "auto"):
             _fail(f"{own}.distributed", self.distributed, "True, False or 'auto'")
         _check_int(own, "max_batches", self.max_batches, optional=True)
+        _check_bool(own, "use_label_mask", self.use_label_mask)
         _check_bool(own, "share_inputs", self.share_inputs)
         _check_choice(own, "unused_targets", self.unused_targets, UNUSED_TARGET_POLICIES)
 

@@ -6,7 +6,6 @@ nothing else of the package depends on it.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import random
@@ -88,38 +87,6 @@ def builtin_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def read_texts(path: str, text_field: str = "text") -> tuple[list[str], bool]:
-    """``(texts, is_jsonl)``: one text per JSONL line (field ``text_field``), or the whole file as one text.
-    Raises ``ValueError`` naming the file (and line) for a missing, unreadable, non-UTF-8 or empty file."""
-    if not os.path.isfile(path):
-        raise ValueError(f"calibration data '{path}' does not exist (or is not a file).")
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read()
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"calibration data '{path}' is not UTF-8 text (byte {exc.start}: {exc.reason}).") from None
-    except OSError as exc:
-        raise ValueError(f"calibration data '{path}' cannot be read ({exc.strerror}).") from None
-    if not path.endswith((".jsonl", ".json")):
-        if not lines.strip():
-            raise ValueError(f"calibration data '{path}' is empty.")
-        return [lines], False
-    texts = []
-    for i, line in enumerate(lines.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{i + 1}: not a JSON object ({exc.msg}).") from None
-        if not isinstance(item, dict) or text_field not in item:
-            raise ValueError(f"{path}:{i + 1}: no field '{text_field}' (use --text-field)")
-        texts.append(str(item[text_field]))
-    if not texts:
-        raise ValueError(f"calibration data '{path}' holds no samples (an empty JSONL file).")
-    return texts, True
 
 
 def make_batches(tok, texts: list[str], per_sample: bool, n_samples: int, seq_len: int, batch_size: int,

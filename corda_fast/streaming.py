@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import distributed
 from .calibrate import (
@@ -153,7 +154,8 @@ def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, ta
     with eval_mode(model):
         cached, total = _cache_first_block_inputs(model, loader, config, targets, prefix, blocks, device,
                                                   cache_device, multi)
-        for b, block in enumerate(blocks):
+        for b, block in enumerate(tqdm(blocks, desc="corda_fast: calibrating block by block", unit="block",
+                                       disable=not config.show_progress)):
             block_targets = [t for t in targets if t.name.startswith(f"{prefix}.{b}.")]
             collector = Collector(block_targets, config, device)
             handles = [t.module.register_forward_pre_hook(collector.hook, with_kwargs=True) for t in block_targets]

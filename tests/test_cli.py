@@ -22,7 +22,8 @@ def test_init_on_text_file(model_dir, tmp_path):
     data.write_text(" ".join(demo.builtin_text().split()[:3000]))
     out = tmp_path / "out"
     assert cli.main(["init", "--model", str(model_dir), "--data", str(data), "--mode", "kpm", "--rank", "4",
-                     "--samples", "6", "--seq-len", "32", "--batch-size", "4", "--out", str(out), "--quiet"]) == 0
+                     "--samples", "6", "--seq-len", "32", "--batch-size", "4", "--concatenate", "--out", str(out),
+                     "--quiet"]) == 0
     report = json.loads((out / "corda_report.json").read_text())
     assert report["n_layers"] == 14 and report["calibration"]["samples"] == 6
     assert report["drift_at_init"]["relative"] < 1e-5
@@ -53,7 +54,7 @@ def test_init_on_jsonl_with_cache(model_dir, tmp_path, capsys):
     assert s["statistics_mib"] == pytest.approx(a["statistics_mib"] / 2, rel=0.02)  # 2 blocks: one block's worth at a time
     assert cli.main(stream + ["--out", str(tmp_path / "f"), "--precision", "float64"]) == 0
     assert cli.main(["init", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "c"), "--quiet"]) == 1
-    assert "no field 'text'" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    assert "no calibration column among ['body']" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
 def test_env_command_runs_as_module():
@@ -69,7 +70,7 @@ def test_init_corda_plus_writes_table_and_plot(model_dir, tmp_path, capsys):
     data.write_text(" ".join(demo.builtin_text().split()[:3000]))
     out = tmp_path / "plus"
     assert cli.main(["init", "--model", str(model_dir), "--data", str(data), "--mode", "kpm", "--rank", "4",
-                     "--samples", "8", "--seq-len", "32", "--batch-size", "2", "--method", "corda++",
+                     "--samples", "8", "--seq-len", "32", "--batch-size", "2", "--concatenate", "--method", "corda++",
                      "--candidates", "2", "--min-rank", "2", "--max-rank", "20", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "CorDA++-KPM" in printed and "realised" in printed
@@ -85,7 +86,7 @@ def test_init_corda_plus_writes_table_and_plot(model_dir, tmp_path, capsys):
 # ---------------------------------------------------------------- errors: short, naming the input, nothing half-written
 def _init(model_dir, data, out, *extra):
     return ["init", "--model", str(model_dir), "--data", str(data), "--rank", "2", "--samples", "4", "--seq-len",
-            "16", "--batch-size", "2", "--out", str(out), "--quiet", *extra]
+            "16", "--batch-size", "2", "--concatenate", "--out", str(out), "--quiet", *extra]
 
 
 def _error(capsys) -> str:
@@ -111,7 +112,7 @@ def test_cli_errors_are_short_and_name_the_input(model_dir, tmp_path, capsys):
     latin.write_bytes("caf\xe9 ".encode("latin-1") * 50)
     assert cli.main(_init(model_dir, latin, tmp_path / "o3")) == 1
     err = _error(capsys)
-    assert str(latin) in err and "UTF-8" in err
+    assert str(latin) in err and "not UTF-8" in err
     with pytest.raises(SystemExit) as exit_:
         cli.main(_init(model_dir, good, tmp_path / "o4", "--batch-size", "0"))
     assert exit_.value.code == 2 and "--batch-size" in capsys.readouterr().err
@@ -143,3 +144,25 @@ def test_cli_output_folder_is_complete_or_absent(model_dir, tmp_path, capsys, mo
     assert cli.main(_init(model_dir, data, out, "--overwrite")) == 0
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "corda_report.json", "initial_adapter",
                                                      "residual_base"]
+
+
+def test_init_on_chat_data_with_response_mask(model_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    convs = [[{"role": "user", "content": " ".join(demo.builtin_text().split()[i * 9:i * 9 + 9])},
+              {"role": "assistant", "content": " ".join(demo.builtin_text().split()[500 + i * 30:530 + i * 30])}]
+             for i in range(12)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"id": i, "messages": c}) for i, c in enumerate(convs)))
+    args = _init(model_dir, data, tmp_path / "o", "--mask", "response", "--seq-len", "64", "--samples", "12")
+    args.remove("--concatenate")
+    assert cli.main(args) == 1  # the tokenizer has no chat template yet: one clear line
+    assert "no chat template" in _error(capsys)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}<assistant> {% endif %}")
+    tok.save_pretrained(model_dir)
+    assert cli.main(args) == 0
+    report = json.loads((tmp_path / "o" / "corda_report.json").read_text())
+    # statistics count response tokens only: 30 words per answer, at most, over 12 samples
+    assert report["calibration"]["samples"] == 12 and 12 * 20 <= report["calibration"]["tokens"] <= 12 * 31

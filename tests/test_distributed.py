@@ -210,7 +210,7 @@ def test_cli_distributed_mode_equals_one_process(tmp_path):
     data = tmp_path / "calib.txt"
     data.write_text(" ".join(demo.builtin_text().split()[:3000]))
     common = ["init", "--model", str(model), "--data", str(data), "--mode", "kpm", "--rank", "4", "--samples", "7",
-              "--seq-len", "32", "--batch-size", "2", "--precision", "float64", "--quiet"]
+              "--seq-len", "32", "--batch-size", "2", "--concatenate", "--precision", "float64", "--quiet"]
     proc, _ = launch(TORCHRUN, ["-m", "corda_fast"] + common + ["--distributed", "--out", str(tmp_path / "dist")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert cli.main(common + ["--out", str(tmp_path / "one")]) == 0
