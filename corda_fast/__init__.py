@@ -9,6 +9,7 @@ from . import distributed
 from ._version import __version__
 from .api import InitReport, init_adapters
 from .calibrate import CalibrationError, collect_candidates, collect_covariance
+from .compat import patch_peft, patched_peft, preprocess_corda
 from .config import CalibrationConfig, CordaConfig, CordaConfigError, DampingConfig, LoraSpec, PlusConfig
 from .data import calibration_batches, pad_batches
 from .decompose import DampingError, LayerFactors, decompose, find_damping
@@ -21,6 +22,9 @@ __all__ = [
     "__version__",
     "init_adapters",
     "InitReport",
+    "preprocess_corda",
+    "patch_peft",
+    "patched_peft",
     "CordaConfig",
     "DampingConfig",
     "CalibrationConfig",

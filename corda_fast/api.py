@@ -24,7 +24,7 @@ from torch import nn
 
 from . import distributed
 from .calibrate import collect_candidates, collect_covariance, data_fingerprint
-from .config import CordaConfig, LoraSpec
+from .config import CordaConfig, CordaConfigError, LoraSpec
 from .decompose import LayerFactors, decompose, decompose_sharded
 from .fused import fuse
 from .peft_bridge import build_with_undo, save_initial_adapter
@@ -136,6 +136,12 @@ def configure(lora_config=None, corda_config: Optional[CordaConfig] = None, **sh
     else:
         lora = LoraSpec.from_peft(lora_config)
     config = corda_config if corda_config is not None else CordaConfig()
+    peft_mode = getattr(getattr(lora_config, "corda_config", None), "corda_method", None)
+    if peft_mode is not None and shortcuts.get("mode") is None:  # PEFT's CordaConfig names the mode
+        if corda_config is not None and corda_config.mode != peft_mode:
+            raise CordaConfigError(f"lora_config.corda_config.corda_method={peft_mode!r} and CordaConfig.mode="
+                                   f"{corda_config.mode!r} disagree: give one of them (or mode=).")
+        config = config.replace(mode=peft_mode)
     if not isinstance(config, CordaConfig):
         raise TypeError(f"corda_config must be a corda_fast.CordaConfig, got {type(config).__name__} (PEFT's own "
                         "CordaConfig belongs in LoraConfig.corda_config).")

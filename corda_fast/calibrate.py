@@ -539,13 +539,7 @@ def _run_batches(collector: Collector, model: nn.Module, loader: Any, config: Co
                 f"{groups} candidate groups need an iterable loader of batches (batch i feeds group "
                 f"i mod {groups}); a run_model() callable is one opaque batch."
             )
-        collector.opaque_data = True
-        collector.start_batch(0, None)
-        loader()
-        collector.record_finite()
-        collector.end_batch()
-        collector.check_finite()
-        return 1
+        return _run_callable(collector, model, loader)
     run = forward_runner(model, targets)
     n_batches = 0
     for i, kwargs, mask in iter_batches(loader, config, device, "calibrating", digest=collector.data_digest):
@@ -558,6 +552,41 @@ def _run_batches(collector: Collector, model: nn.Module, loader: Any, config: Co
             collector.check_finite()
     collector.check_finite()
     return n_batches
+
+
+def _run_callable(collector: Collector, model: nn.Module, run_model) -> int:
+    """Calibrate through a ``run_model()`` callable. Each forward of ``model`` inside it is one batch whose
+    ``attention_mask`` (and ``(batch, seq)`` shape) is honoured, so it may run padded batches of any size; layer
+    calls outside a forward of ``model`` count as one sample per call, as PEFT counts them."""
+    collector.opaque_data = True
+    state = {"forwards": 0}
+
+    def before(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        mask = kwargs.get("attention_mask")
+        lead = tuple(ids.shape[:2]) if torch.is_tensor(ids) and ids.dim() >= 2 else None
+        if mask is not None and lead is not None and tuple(mask.shape) != lead:
+            mask = None  # not a token mask of this input (e.g. a 4-D attention bias): every token counts
+        collector.start_batch(state["forwards"], None if mask is None else mask.detach().cpu(), lead)
+
+    def after(module, args, kwargs, output):
+        collector.record_finite()
+        collector.end_batch()
+        state["forwards"] += 1
+        collector.start_batch(state["forwards"], None)
+
+    handles = [model.register_forward_pre_hook(before, with_kwargs=True),
+               model.register_forward_hook(after, with_kwargs=True)]
+    try:
+        collector.start_batch(0, None)
+        run_model()
+        collector.record_finite()
+        collector.end_batch()
+    finally:
+        for h in handles:
+            h.remove()
+    collector.check_finite()
+    return 1
 
 
 def _collect(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target],
