@@ -186,6 +186,13 @@ def plan_source(model: nn.Module, loader: Any, targets: list[Target], config: Co
     calib = config.calibration
     cache = calib.covariance_cache
     cache_hit = cache is not None and os.path.isfile(cache) and not calib.overwrite_cache
+    if cache is not None and distributed.is_active(calib.distributed):
+        # every rank must take the same path (their collectives must match); no rank writes the cache before all
+        # have passed this gather, so a shared filesystem gives every rank the same answer
+        hits = distributed.gather_objects(cache_hit)
+        if any(hits) != all(hits):
+            raise CacheError(f"covariance_cache '{cache}' exists on ranks {[r for r, h in enumerate(hits) if h]} "
+                             "only: give every rank the same file (a shared filesystem) or another path.")
     streaming = calib.streaming
     if streaming == "auto":
         streaming = config.plus is None and not cache_hit and _statistics_may_not_fit(model, targets)

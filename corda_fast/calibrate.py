@@ -122,7 +122,7 @@ class Collector:
         self.mask: Optional[torch.Tensor] = None
         self.batch_lead: Optional[tuple] = None
         self.pending: list = []  # (batch index, keys, device flags) not yet checked
-        self.data_digest = hashlib.sha256()  # of the calibration tokens and masks (the cache records it)
+        self.data_digest: list = []  # one digest per calibration sample (the cache records their fingerprint)
         self.opaque_data = False  # a run_model() callable: the data cannot be fingerprinted
 
     # -- per batch -------------------------------------------------------------------------------------------
@@ -330,21 +330,30 @@ def batch_lead(kwargs: dict) -> tuple:
     return tuple(x.shape[:2])
 
 
-def _digest_batch(digest, kwargs: dict, mask: Optional[torch.Tensor]) -> None:
-    """Add a batch's tokens (or embeddings) and mask to a running hash of the calibration data."""
-    x = kwargs["input_ids"] if "input_ids" in kwargs else kwargs["inputs_embeds"]
-    x = x.detach().cpu().contiguous()
-    digest.update(f"{tuple(x.shape)}:{x.dtype}".encode())
-    digest.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
-    if mask is not None:
-        digest.update(mask.to(torch.int8).contiguous().numpy().tobytes())
+def _digest_batch(digests: list, kwargs: dict, mask: Optional[torch.Tensor]) -> None:
+    """Append one digest per sample of a batch: its real tokens (or embeddings) and which of them enter the
+    statistics. Sorted and combined (:func:`_combine_digest`), they fingerprint the data whatever its order,
+    batching, padding side or split over ranks — as the statistics themselves."""
+    x = (kwargs["input_ids"] if "input_ids" in kwargs else kwargs["inputs_embeds"]).detach().cpu()
+    attn = kwargs.get("attention_mask")
+    real = (attn.detach().cpu() != 0) if torch.is_tensor(attn) and tuple(attn.shape) == tuple(x.shape[:2]) \
+        else torch.ones(x.shape[:2], dtype=torch.bool)
+    for r in range(x.shape[0]):
+        keep = None if mask is None else (mask[r][real[r]] != 0)
+        if keep is not None and not bool(keep.any()):
+            continue  # enters no statistic (a sampler's padding repeat, a fully masked sample)
+        h = hashlib.sha256(f"{x.dtype}:{tuple(x.shape[2:])}".encode())
+        h.update(x[r][real[r]].contiguous().view(torch.uint8).numpy().tobytes())
+        if keep is not None:
+            h.update(keep.numpy().tobytes())
+        digests.append(h.digest())
 
 
 def iter_batches(loader, config: CordaConfig, device: torch.device, what: str, digest=None):
     """``(index, model kwargs on device, host copy of the mask or None)`` for each loader batch, with progress
     and ``config.calibration.max_batches``. Rows that a ``DistributedSampler`` repeated to pad its last round are
     masked out of the returned mask (they still run through the model, but enter no statistic). With ``digest`` (a
-    hashlib object), every batch's tokens and mask are added to it. Raises :class:`CalibrationError` naming the batch
+    list), one digest per sample is appended to it (:func:`_digest_batch`). Raises :class:`CalibrationError` naming the batch
     for a batch without a (batch, sequence) shape or with no element."""
     total = None
     try:
@@ -418,17 +427,17 @@ def data_fingerprint(loader: Any, config: CordaConfig) -> Optional[str]:
     metadata. ``None`` for a ``run_model()`` callable, whose data cannot be seen."""
     if callable(loader) and not hasattr(loader, "__iter__"):
         return None
-    digest = hashlib.sha256()
-    for _ in iter_batches(loader, config, torch.device("cpu"), "checking data against the cache", digest=digest):
+    digests: list = []
+    for _ in iter_batches(loader, config, torch.device("cpu"), "checking data against the cache", digest=digests):
         pass
-    return _combine_digest(digest, distributed.is_active(config.calibration.distributed))
+    return _combine_digest(digests, distributed.is_active(config.calibration.distributed))
 
 
-def _combine_digest(digest, multi: bool) -> str:
-    """This rank's data hash, or (distributed) the hash of every rank's, in rank order."""
-    if not multi:
-        return digest.hexdigest()
-    return hashlib.sha256("|".join(distributed.gather_objects(digest.hexdigest())).encode()).hexdigest()
+def _combine_digest(digests: list, multi: bool) -> str:
+    """The fingerprint of the samples' digests (every rank's, when distributed): order-independent."""
+    if multi:
+        digests = [d for rank in distributed.gather_objects(digests) for d in rank]
+    return hashlib.sha256(b"".join(sorted(digests))).hexdigest()
 
 
 def finish_statistics(collector: Collector, targets: list[Target], config: CordaConfig, fingerprint: str,

@@ -83,6 +83,9 @@ def main():
         pm = init(tiny_llama(hidden=64), batches, rank=4, mode="kpm", plus=True,
                                       candidates=2, precision="float64")
         torch.save(adapted_tensors(pm), os.path.join(out, f"plus_rank{rank}.pt"))
+        # a cache written by two ranks: rank 0 writes; one process with the same data must accept it
+        init(tiny_llama(hidden=64), padded_batches(corda_fast.distributed.shard(random_samples(9, seed=14)), 2),
+             rank=4, mode="kpm", covariance_cache=os.path.join(out, "cov.safetensors"))
         loader = sampler_loader(random_samples(7, seed=12), rank, world)
         pm = init(tiny_llama(hidden=64), loader, rank=4, mode="kpm")
         torch.save(adapted_tensors(pm), os.path.join(out, f"sampler_rank{rank}.pt"))

@@ -190,6 +190,16 @@ def test_distributed_true_without_process_group_is_a_clear_error():
         init(model, padded_batches(random_samples(2), 2), rank=4, distributed=True)
 
 
+def test_a_cache_written_by_two_ranks_is_accepted_by_one_process_on_the_same_data(two_rank_results):
+    """The data fingerprint is independent of how samples were split over ranks, batched and ordered."""
+    _, report = init(tiny_llama(hidden=64), padded_batches(random_samples(9, seed=14), 3), rank=4, mode="kpm",
+                     covariance_cache=str(two_rank_results / "cov.safetensors"), return_report=True)
+    assert report.cache_hit
+    with pytest.raises(corda_fast.CacheError, match="other calibration data"):
+        init(tiny_llama(hidden=64), padded_batches(random_samples(8, seed=14), 3), rank=4, mode="kpm",
+             covariance_cache=str(two_rank_results / "cov.safetensors"))
+
+
 def test_shard_is_strided_and_uneven():
     items = list(range(7))
     assert corda_fast.distributed.shard(items, 0, 3) == [0, 3, 6]

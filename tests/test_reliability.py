@@ -125,6 +125,8 @@ def test_cache_refuses_a_loader_with_other_data_and_names_the_way_out(tmp_path):
                                 data_b, rank=4, covariance_cache=path)
     same, report = init(tiny_llama(), data_a, rank=4, covariance_cache=path, return_report=True)  # same data: hit
     assert report.cache_hit
+    reordered = padded_batches(list(reversed(random_samples(6, seed=1))), 4, side="left")  # order, batching, side
+    assert init(tiny_llama(), reordered, rank=4, covariance_cache=path, return_report=True)[1].cache_hit
     none, report = init(tiny_llama(), None, rank=4, covariance_cache=path, return_report=True)
     assert report.cache_hit
     name = "base_model.model.model.layers.0.mlp.down_proj.lora_A.default.weight"
