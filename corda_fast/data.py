@@ -205,7 +205,11 @@ def _render(row: dict, kind: str, cols: tuple, tokenizer) -> tuple[str, Optional
 
 def _tokenize(tokenizer, text: str, spans: Optional[list], templated: bool) -> tuple[list, list]:
     """``(token ids, per-token "is response" flags)``."""
-    enc = tokenizer(text, add_special_tokens=not templated, return_offsets_mapping=spans is not None)
+    try:
+        enc = tokenizer(text, add_special_tokens=not templated, return_offsets_mapping=spans is not None)
+    except NotImplementedError:  # slow (Python) tokenizers have no character offsets
+        raise ValueError("finding the prompt and response tokens needs a fast tokenizer (character offsets); load "
+                         "it with AutoTokenizer.from_pretrained(..., use_fast=True).") from None
     ids = list(enc["input_ids"])
     if spans is None:
         return ids, [True] * len(ids)
@@ -249,7 +253,8 @@ def calibration_batches(source: Any, tokenizer, *, split: Optional[str] = None, 
                                 response_column)
     if mask is not None and kind == "text":
         raise ValueError(f"mask={mask!r} needs prompt/response or messages data; column '{cols[0]}' is plain text.")
-    samples = _samples(_rows(ds, shuffle, seed), kind, cols, tokenizer, num_samples, max_seq_length, concatenate)
+    samples = _samples(_rows(ds, shuffle, seed), kind, cols, tokenizer, num_samples, max_seq_length, concatenate,
+                       flags=mask is not None)
     if not samples:
         raise ValueError("the calibration data yielded no tokens (an empty dataset, or empty rows).")
     if len(samples) < num_samples:
@@ -275,24 +280,26 @@ def _rows(ds, shuffle: bool, seed: int):
     return iter(ds.shuffle(seed=seed) if shuffle else ds)
 
 
-def _samples(rows, kind: str, cols: tuple, tokenizer, num_samples: int, max_len: int,
-             concatenate: bool) -> list[tuple[list, list]]:
-    """``[(token ids, response flags)]``: one per row (truncated), or packed windows."""
+def _samples(rows, kind: str, cols: tuple, tokenizer, num_samples: int, max_len: int, concatenate: bool,
+             flags: bool = True) -> list[tuple[list, list]]:
+    """``[(token ids, response flags)]``: one per row (truncated), or packed windows. Without ``flags`` (no mask)
+    no character offsets are asked of the tokenizer."""
     out: list[tuple[list, list]] = []
     stream_ids: list = []
     stream_flags: list = []
     eos = tokenizer.eos_token_id
     for row in rows:
-        ids, flags = _tokenize(tokenizer, *_render(row, kind, cols, tokenizer))
+        text, spans, templated = _render(row, kind, cols, tokenizer)
+        ids, is_response = _tokenize(tokenizer, text, spans if flags else None, templated)
         if not ids:
             continue
         if not concatenate:
-            out.append((ids[:max_len], flags[:max_len]))
+            out.append((ids[:max_len], is_response[:max_len]))
             if len(out) == num_samples:
                 break
             continue
         stream_ids += ids + ([eos] if eos is not None else [])
-        stream_flags += flags + ([flags[-1]] if eos is not None else [])
+        stream_flags += is_response + ([is_response[-1]] if eos is not None else [])
         while len(stream_ids) >= max_len and len(out) < num_samples:
             out.append((stream_ids[:max_len], stream_flags[:max_len]))
             del stream_ids[:max_len], stream_flags[:max_len]
