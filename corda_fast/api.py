@@ -136,15 +136,15 @@ def configure(lora_config=None, corda_config: Optional[CordaConfig] = None, **sh
     else:
         lora = LoraSpec.from_peft(lora_config)
     config = corda_config if corda_config is not None else CordaConfig()
+    if not isinstance(config, CordaConfig):
+        raise TypeError(f"corda_config must be a corda_fast.CordaConfig, got {type(config).__name__} (PEFT's own "
+                        "CordaConfig belongs in LoraConfig.corda_config).")
     peft_mode = getattr(getattr(lora_config, "corda_config", None), "corda_method", None)
     if peft_mode is not None and shortcuts.get("mode") is None:  # PEFT's CordaConfig names the mode
         if corda_config is not None and corda_config.mode != peft_mode:
             raise CordaConfigError(f"lora_config.corda_config.corda_method={peft_mode!r} and CordaConfig.mode="
                                    f"{corda_config.mode!r} disagree: give one of them (or mode=).")
         config = config.replace(mode=peft_mode)
-    if not isinstance(config, CordaConfig):
-        raise TypeError(f"corda_config must be a corda_fast.CordaConfig, got {type(config).__name__} (PEFT's own "
-                        "CordaConfig belongs in LoraConfig.corda_config).")
     given = {k: v for k, v in shortcuts.items() if v is not None}
     lora_changes = {{"rank": "r"}.get(k, k): given.pop(k) for k in ("rank", "lora_alpha", "target_modules", "task_type")
                     if k in given}
@@ -196,6 +196,8 @@ def plan_source(model: nn.Module, loader: Any, targets: list[Target], config: Co
     streaming = calib.streaming
     if streaming == "auto":
         streaming = config.plus is None and not cache_hit and _statistics_may_not_fit(model, targets)
+        if distributed.is_active(calib.distributed):  # free memory differs by rank; all must take the same path
+            streaming = any(distributed.gather_objects(streaming))
     if config.plus is not None:
         if streaming:
             raise ValueError("CorDA++ (corda_config.plus) needs every layer's spectrum before any rank is known: it "

@@ -153,3 +153,5 @@ def test_init_adapters_takes_the_mode_from_peft_corda_config():
     assert report.mode == "ipm"  # mode= wins
     with pytest.raises(corda_fast.CordaConfigError, match="corda_method='kpm' and CordaConfig.mode='ipm' disagree"):
         corda_fast.init_adapters(tiny_llama(), batches, lora_config=lc, corda_config=corda_fast.CordaConfig())
+    with pytest.raises(TypeError, match="PEFT's own CordaConfig belongs in LoraConfig.corda_config"):
+        corda_fast.init_adapters(tiny_llama(), batches, lora_config=lc, corda_config=CordaConfig(corda_method="kpm"))
