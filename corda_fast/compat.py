@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .calibrate import collect_covariance
-from .config import CalibrationConfig, CordaConfig, CordaConfigError, LoraSpec
+from .config import CordaConfig, CordaConfigError, LoraSpec
 from .decompose import decompose
 from .preflight import check_no_adapters
 from .stats import CacheError
@@ -88,8 +88,7 @@ def preprocess_corda(model: nn.Module, lora_config, run_model: Optional[Callable
                        "(float16 sums of squares overflow and lose the small components KPM adapts).")
     verbose = bool(getattr(peft_cc, "verbose", False))
     cov_file = getattr(peft_cc, "covariance_file", None)
-    config = CordaConfig(mode=method, show_progress=verbose,
-                         calibration=CalibrationConfig(covariance_cache=cov_file))
+    config = CordaConfig(mode=method, show_progress=verbose)
     stats = _statistics(model, hooked_model, run_model, targets, lora, config, cov_file)
     factors = decompose(stats, targets, config, release=True)
     from peft.tuners.lora.corda import CordaEigens
