@@ -68,10 +68,14 @@ def worker(args) -> dict:
     model, samples, name = load(args)
     base_rss = rss_mib()
     seconds = {}
-    if args.worker == "peft":
+    if args.worker in ("peft", "peft_patched"):
+        import contextlib
+
         import peft.tuners.lora.corda as pc
         from peft import LoraConfig, get_peft_model
         from peft.tuners.lora.config import CordaConfig
+
+        import corda_fast
 
         cfg = LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS, init_lora_weights="corda",
                          corda_config=CordaConfig(corda_method=args.mode))
@@ -89,10 +93,15 @@ def worker(args) -> dict:
             for s in samples:
                 model(s.unsqueeze(0))
 
+        # peft_patched: PEFT's example flow, unchanged, with corda_fast.patch_peft() in effect (no stage split)
+        patch = corda_fast.patched_peft() if args.worker == "peft_patched" else contextlib.nullcontext()
         t0 = time.perf_counter()
-        pc.preprocess_corda(model, cfg, run_model=run)
+        with patch:
+            pc.preprocess_corda(model, cfg, run_model=run)
         t1 = time.perf_counter()
-        seconds["calibrate"] = (t1 - t0) - seconds["decompose"]
+        if "decompose" in seconds:
+            seconds["calibrate"] = (t1 - t0) - seconds["decompose"]
+        seconds["preprocess"] = t1 - t0
         pm = get_peft_model(model, cfg)
         seconds["build_peft"] = time.perf_counter() - t1
         seconds["total"] = time.perf_counter() - t0
@@ -128,7 +137,9 @@ def main():
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--mode", choices=["kpm", "ipm"], default="kpm")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variants", nargs="+", default=["peft", "ours_bs1", "ours"])
+    p.add_argument("--variants", nargs="+", default=["peft", "peft_patched", "ours_bs1", "ours"],
+                   help="peft: PEFT's own; peft_patched: PEFT's example flow under corda_fast.patch_peft(); "
+                        "ours_bs1 / ours: init_adapters at batch size 1 / --batch-size")
     p.add_argument("--out", default=os.path.join(HERE, "results", "vs_peft_cpu.json"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -171,12 +182,16 @@ def markdown(result: dict) -> str:
         def cell(k):
             return f"{st[k]['median']:.2f} ({st[k]['min']:.2f}-{st[k]['max']:.2f})" if k in st else "-"
         speed = f"{ref['total']['median'] / st['total']['median']:.2f}x" if ref else "-"
+        if v == "peft_patched" and "calibrate" not in st:  # one preprocess stage: calibration and decomposition
+            st = {**st, "calibrate": st["preprocess"]}
         rows.append(f"| {v} | {cell('calibrate')} | {cell('decompose')} | {cell('build_peft')} | {cell('total')} | "
                     f"{speed} | {st['peak_rss_above_model_mib']:.0f} MiB |")
     env = result["environment"]
     c = result["config"]
     rows.append(f"\n{result['model']}, {c['samples']} x {c['seq_len']} tokens, {c['mode'].upper()} r={c['rank']}, "
-                f"7 projections; batch {c['batch_size']} for `ours`; median (min-max) of {c['repeats']} runs; "
+                f"7 projections; batch {c['batch_size']} for `ours`; `peft_patched`: PEFT's example code unchanged "
+                f"under `corda_fast.patch_peft()`, its calibrate column is calibration + decomposition; median "
+                f"(min-max) of {c['repeats']} runs; "
                 f"{env['cpu_count']} CPUs, torch {env['torch']}, peft {env['peft']}, transformers "
                 f"{env['transformers']}, commit {env['corda_fast_commit']}, {env['date']}")
     return "\n".join(rows)

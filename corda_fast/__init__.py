@@ -13,6 +13,7 @@ from .compat import patch_peft, patched_peft, preprocess_corda
 from .config import CalibrationConfig, CordaConfig, CordaConfigError, DampingConfig, LoraSpec, PlusConfig
 from .data import calibration_batches, pad_batches
 from .decompose import DampingError, LayerFactors, decompose, find_damping
+from .export import TrainerArtifacts, save_for_trainers
 from .fused import FusedLoraLinear, FuseReport, fuse, fused_lora_linear, unfuse
 from .peft_bridge import build_peft_model, residual_state_dict, save_as_lora, save_initial_adapter, save_residual_base
 from .stats import CacheError, CovarianceStats, model_fingerprint
@@ -44,6 +45,8 @@ __all__ = [
     "save_initial_adapter",
     "save_as_lora",
     "save_residual_base",
+    "save_for_trainers",
+    "TrainerArtifacts",
     "residual_state_dict",
     "resolve_targets",
     "Target",

@@ -112,8 +112,7 @@ def run_init(args) -> dict:
         targets = [t for t in demo.LLAMA_TARGETS if t in names] or "all-linear"
     lora = corda_fast.LoraSpec(r=args.rank, lora_alpha=args.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
     peft_model, report = corda_fast.init_adapters(
-        model, batches, lora_config=lora, corda_config=_corda_config(args, dist),
-        initial_adapter_dir=os.path.join(work, "initial_adapter") if rank == 0 else None, return_report=True)
+        model, batches, lora_config=lora, corda_config=_corda_config(args, dist), return_report=True)
     after, _ = demo.output_logits(peft_model, held)
     m = held["attention_mask"].bool()
     drift = float((after - before)[m].abs().max())
@@ -123,16 +122,17 @@ def run_init(args) -> dict:
 
 
 def _write_outputs(args, peft_model, tok, report, model_dir, world, t_load, drift, scale, work) -> dict:
-    """Adapter, residual base, tokenizer and report into ``work``, then ``work`` becomes ``--out``."""
+    """Residual base (tokenizer included), initial adapter, trainer configs and report into ``work``, then ``work``
+    becomes ``--out`` (the paths written inside already name ``--out``)."""
     import corda_fast
 
     t1 = time.perf_counter()
     os.makedirs(work, exist_ok=True)
-    peft_model.save_pretrained(os.path.join(work, "adapter"))
-    corda_fast.save_residual_base(peft_model, os.path.join(work, "residual_base"))
-    tok.save_pretrained(os.path.join(work, "residual_base"))
+    artifacts = corda_fast.save_for_trainers(peft_model, work, tok, final_dir=args.out)
     report.seconds["save"] = time.perf_counter() - t1
     result = _result(args, model_dir, report, world, t_load, drift, scale, work)
+    result["trainers"] = {"llamafactory": artifacts.llamafactory, "axolotl": artifacts.axolotl,
+                          "trl_script": artifacts.trl_script, "usage": artifacts.usage()}
     with open(os.path.join(work, "corda_report.json"), "w") as f:
         json.dump(result, f, indent=1)
     if os.path.isdir(args.out):  # empty, or --overwrite (checked before any work)
@@ -157,9 +157,8 @@ def _result(args, model_dir: str, report, world: int, t_load: float, drift: floa
         "low_data": report.low_data,
         "seconds": {"load_model": round(t_load, 2), **{k: round(v, 2) for k, v in report.seconds.items()}},
         "drift_at_init": {"max_abs_logit_diff": drift, "max_abs_logit": scale, "relative": drift / scale},
-        "adapter_dir": os.path.join(args.out, "adapter"),
-        "residual_base_dir": os.path.join(args.out, "residual_base"),
-        "initial_adapter_dir": os.path.join(args.out, "initial_adapter"),
+        "residual_base_dir": os.path.abspath(os.path.join(args.out, "residual_base")),
+        "initial_adapter_dir": os.path.abspath(os.path.join(args.out, "initial_adapter")),
         "method": args.method,
     }
     if report.plus is not None:
@@ -215,11 +214,13 @@ def format_result(r: dict) -> str:
         "  time        : " + ", ".join(f"{k} {v:.2f}s" for k, v in r["seconds"].items()),
         f"  drift @init : max|Δlogit| = {r['drift_at_init']['max_abs_logit_diff']:.3g} "
         f"({r['drift_at_init']['relative']:.2e} of max|logit| on held-out text)",
-        f"  adapter     : {r['adapter_dir']}",
-        f"  residual    : {r['residual_base_dir']}  "
-        "(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(it), adapter))",
-        f"  report      : {os.path.join(os.path.dirname(r['adapter_dir']), 'corda_report.json')}",
+        f"  residual    : {r['residual_base_dir']}  (the base model, W_res in place of W; tokenizer included)",
+        f"  adapter     : {r['initial_adapter_dir']}  (CorDA's A, B; base_model_name_or_path = the residual)",
+        f"  report      : {os.path.join(os.path.dirname(r['initial_adapter_dir']), 'corda_report.json')}",
     ]
+    if r.get("trainers"):
+        lines.append("  train with  :")
+        lines += [f"    {line}" for line in r["trainers"]["usage"]]
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ dtype.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Optional
@@ -202,20 +203,35 @@ def save_initial_adapter(peft_model, path: str) -> None:
     peft_model.save_pretrained(path)
 
 
-def save_as_lora(peft_model, out_dir: str, initial_adapter_dir: str) -> None:
-    """Save a trained CorDA model as a *plain LoRA* adapter for the ORIGINAL base weights.
+def save_as_lora(peft_model, out_dir: str, initial_adapter_dir: str) -> dict:
+    """Save a trained CorDA model as a *plain LoRA* adapter for the ORIGINAL base weights — **at twice the rank**.
 
-    ``ΔW = s·(B·A − B₀·A₀)`` is written as a rank-``2r`` LoRA (``A' = [A; A₀]``, ``B' = [B, −B₀]``; PEFT's
-    ``path_initial_model_for_weight_conversion``). ``initial_adapter_dir`` must hold the adapter saved by
-    :func:`save_initial_adapter` (or ``init_adapters(..., initial_adapter_dir=...)``) before training.
-    Not available with ``use_rslora`` combined with rank/alpha patterns (PEFT limitation).
+    The trained model is ``W_res + s·B·A`` with ``W_res = W − s·B₀·A₀``, so relative to the original ``W`` the change
+    is ``ΔW = s·(B·A − B₀·A₀)``: the difference of two rank-``r`` products, which in general has rank ``2r`` and no
+    rank-``r`` LoRA can hold exactly. It is written as a rank-``2r`` LoRA (``A' = [A; A₀]``, ``B' = [B, −B₀]``;
+    PEFT's ``path_initial_model_for_weight_conversion``): ``r`` and ``lora_alpha`` double (with rsLoRA, alpha grows
+    by √2 so the scale stays), and so do ``rank_pattern``/``alpha_pattern`` values. Nothing is lost; the file is twice
+    as large. To keep rank ``r``, ship the residual base with the trained adapter instead.
+
+    ``initial_adapter_dir`` must hold the adapter saved before training (by :func:`corda_fast.save_for_trainers`,
+    :func:`save_initial_adapter` or ``init_adapters(..., initial_adapter_dir=...)``). Not available with
+    ``use_rslora`` combined with rank/alpha patterns (PEFT limitation).
+
+    Returns the written adapter's ``{"path", "r", "lora_alpha", "trained_r"}``; the doubling is also logged.
     """
     if not os.path.isdir(initial_adapter_dir):
         raise FileNotFoundError(
             f"initial adapter '{initial_adapter_dir}' not found: save it right after init_adapters "
             "(initial_adapter_dir=...) before training."
         )
+    trained_r = next(iter(peft_model.peft_config.values())).r
     peft_model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=initial_adapter_dir)
+    with open(os.path.join(out_dir, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    logger.warning("save_as_lora: wrote a plain LoRA of rank %d (lora_alpha %s) to %s — twice the trained rank %d, "
+                   "because ΔW = s·(B·A − B₀·A₀) needs both the trained and the initial factors to be exact on the "
+                   "original weights.", cfg["r"], cfg["lora_alpha"], out_dir, trained_r)
+    return {"path": out_dir, "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "trained_r": trained_r}
 
 
 def residual_state_dict(peft_model) -> dict:

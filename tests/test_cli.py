@@ -31,7 +31,7 @@ def test_init_on_text_file(model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(out / "residual_base")
-    loaded = PeftModel.from_pretrained(base, out / "adapter")
+    loaded = PeftModel.from_pretrained(base, out / "initial_adapter")
     ids = torch.randint(2, 300, (1, 12))
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, tiny_llama()(ids).logits, atol=1e-5, rtol=0)
@@ -136,14 +136,14 @@ def test_cli_output_folder_is_complete_or_absent(model_dir, tmp_path, capsys, mo
     def boom(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(corda_fast, "save_residual_base", boom)
+    monkeypatch.setattr(corda_fast.export, "save_residual_base", boom)
     assert cli.main(_init(model_dir, data, out, "--overwrite")) == 1  # fails while writing
     assert "disk full" in _error(capsys)
     assert (out / "old.txt").exists() and not (tmp_path / "out.partial").exists()  # old results untouched
     monkeypatch.undo()
     assert cli.main(_init(model_dir, data, out, "--overwrite")) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "corda_report.json", "initial_adapter",
-                                                     "residual_base"]
+    assert sorted(p.name for p in out.iterdir()) == ["axolotl.yaml", "corda_report.json", "initial_adapter",
+                                                     "llamafactory.yaml", "residual_base", "train_trl.py"]
 
 
 def test_init_on_chat_data_with_response_mask(model_dir, tmp_path, capsys):

@@ -227,8 +227,8 @@ def test_cli_distributed_mode_equals_one_process(tmp_path):
     report = json.loads((tmp_path / "dist" / "corda_report.json").read_text())
     assert report["calibration"]["ranks"] == 2 and report["calibration"]["samples"] == 7
     assert report["drift_at_init"]["relative"] < 1e-5
-    got = load_file(tmp_path / "dist" / "adapter" / "adapter_model.safetensors")
-    ref = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "dist" / "initial_adapter" / "adapter_model.safetensors")
+    ref = load_file(tmp_path / "one" / "initial_adapter" / "adapter_model.safetensors")
     assert got.keys() == ref.keys() and len(got) == 28
     for k in got:
         if "lora_A" in k:

@@ -105,7 +105,7 @@ def test_save_load_with_plain_peft_and_no_corda_in_config(tmp_path):
     assert torch.equal(logits(loaded, ids), logits(pm, ids))
 
 
-def test_conversion_to_plain_lora_on_original_weights(tmp_path):
+def test_conversion_to_plain_lora_on_original_weights(tmp_path, caplog):
     from peft import PeftModel
 
     model = tiny_llama()
@@ -120,9 +120,13 @@ def test_conversion_to_plain_lora_on_original_weights(tmp_path):
         opt.zero_grad()
     pm.eval()
     trained = logits(pm, ids)
-    corda_fast.save_as_lora(pm, str(tmp_path / "lora"), str(tmp_path / "init"))
+    with caplog.at_level("WARNING", logger="corda_fast"):
+        info = corda_fast.save_as_lora(pm, str(tmp_path / "lora"), str(tmp_path / "init"))
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
-    assert cfg["r"] == 8  # rank doubles
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 2 * pm.peft_config["default"].lora_alpha  # rank and alpha double
+    assert info == {"path": str(tmp_path / "lora"), "r": 8, "lora_alpha": cfg["lora_alpha"], "trained_r": 4}
+    assert "rank 8" in caplog.text and "twice the trained rank 4" in caplog.text
+    assert pm.peft_config["default"].r == 4  # the live model's config is left as it was
     loaded = PeftModel.from_pretrained(original, tmp_path / "lora")
     got = logits(loaded, ids)
     assert float((got - trained).abs().max()) <= 1e-4 * float(trained.abs().max())
