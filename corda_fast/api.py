@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from . import distributed
-from .calibrate import collect_candidates, collect_covariance, data_fingerprint
+from .calibrate import collect_candidates, collect_covariance, data_fingerprint, model_device
 from .config import CordaConfig, CordaConfigError, LoraSpec
 from .decompose import LayerFactors, decompose, decompose_sharded
 from .fused import fuse
 from .peft_bridge import build_with_undo, save_initial_adapter
 from .plus import plan
-from .preflight import check_no_adapters, check_shared_weights, check_task_type, check_writable
+from .preflight import check_no_adapters, check_offload, check_shared_weights, check_task_type, check_writable
 from .stats import CacheError, CovarianceStats, read_cache_metadata
 from .streaming import iter_block_statistics
 from .targets import Target, TargetError, resolve_targets
@@ -57,6 +57,8 @@ class InitReport:
     fused: int = 0  # LoRA layers switched to the fused training path (init_adapters(fused=True))
     low_data: list = field(default_factory=list)  # statistics built from fewer real tokens than their width
     plus: Any = None  # CorDA++: the plus.PlusPlan (per-layer compactness, candidate, rank; .table(), .plot(path))
+    weights: dict = field(default_factory=dict)  # where targeted weights live: {"module"|"host"|"disk": count}
+    onload_device: Optional[str] = None  # sequential onloading: blocks ran on this device
 
     def summary(self) -> str:
         damp = sorted({round(l["damping"], 6) for l in self.layers})
@@ -72,6 +74,10 @@ class InitReport:
         ]
         if self.low_data:
             lines.append(low_data_message(self.low_data))
+        if self.weights.get("host") or self.weights.get("disk"):
+            lines.append(f"offloaded model: targeted weights {self.weights} (residuals kept where each weight lives)")
+        if self.onload_device:
+            lines.append(f"sequential onloading: each block calibrated and decomposed on {self.onload_device}")
         quantized = [l["quantized"] for l in self.layers if "quantized" in l]
         if quantized:
             lines.append(f"quantized base layers: {len(quantized)} ({quantized[0]['quantization']}), residual "
@@ -127,8 +133,9 @@ class _Outcome:
 def configure(lora_config=None, corda_config: Optional[CordaConfig] = None, **shortcuts) -> tuple[LoraSpec, CordaConfig]:
     """``(LoraSpec, CordaConfig)`` of a call: ``lora_config`` (a ``peft.LoraConfig``, a :class:`LoraSpec` or None)
     and ``corda_config``, with the non-None ``shortcuts`` applied on top: ``rank`` / ``lora_alpha`` /
-    ``target_modules`` / ``task_type`` (LoRA), ``mode`` (CorDA), ``streaming`` / ``covariance_cache`` /
-    ``use_label_mask`` (calibration). Invalid values raise :class:`~corda_fast.CordaConfigError` naming the field."""
+    ``target_modules`` / ``task_type`` (LoRA), ``mode`` / ``residual_folder`` (CorDA), ``streaming`` /
+    ``covariance_cache`` / ``use_label_mask`` / ``onload_device`` (calibration). Invalid values raise
+    :class:`~corda_fast.CordaConfigError` naming the field."""
     if lora_config is None:
         lora = LoraSpec()
     elif isinstance(lora_config, LoraSpec):
@@ -148,7 +155,10 @@ def configure(lora_config=None, corda_config: Optional[CordaConfig] = None, **sh
     given = {k: v for k, v in shortcuts.items() if v is not None}
     lora_changes = {{"rank": "r"}.get(k, k): given.pop(k) for k in ("rank", "lora_alpha", "target_modules", "task_type")
                     if k in given}
-    calib_changes = {k: given.pop(k) for k in ("streaming", "covariance_cache", "use_label_mask") if k in given}
+    calib_changes = {k: given.pop(k) for k in ("streaming", "covariance_cache", "use_label_mask", "onload_device")
+                     if k in given}
+    if "residual_folder" in given:
+        config = config.replace(residual_folder=given.pop("residual_folder"))
     mode = given.pop("mode", None)
     if given:
         raise TypeError(f"unknown shortcut(s) {sorted(given)}")
@@ -168,7 +178,7 @@ def _statistics_may_not_fit(model: nn.Module, targets: list[Target]) -> bool:
     """Whether the float32 statistics (upper bound: one per target) exceed a quarter of the free memory of the
     model's device."""
     need = sum(t.d_in * t.d_in * 4 for t in targets)
-    device = next(iter(model.parameters())).device
+    device = model_device(model)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
@@ -397,6 +407,8 @@ def init_adapters(
     streaming: Union[None, bool, str] = None,
     covariance_cache: Optional[str] = None,
     use_label_mask: Optional[bool] = None,
+    onload_device: Union[None, str, torch.device] = None,
+    residual_folder: Optional[str] = None,
     initial_adapter_dir: Optional[str] = None,
     fused: bool = False,
     return_report: bool = False,
@@ -417,10 +429,13 @@ def init_adapters(
             are rejected by name. Default: rank 8, ``alpha = r``, every linear layer but the output head.
         corda_config: :class:`~corda_fast.CordaConfig` — mode, normalisation, precision, damping, calibration
             (cache, streaming, distributed), ``plus=PlusConfig(...)`` for CorDA++, quantized bases.
-        mode, rank, lora_alpha, target_modules, task_type, streaming, covariance_cache, use_label_mask: shortcuts
-            applied on top of the two configs (``rank`` is ``LoraConfig.r``; ``streaming``, ``covariance_cache`` and
-            ``use_label_mask`` are ``CordaConfig.calibration``'s). With ``use_label_mask`` (default), tokens whose
-            ``labels`` are -100 enter no statistic.
+        mode, rank, lora_alpha, target_modules, task_type, streaming, covariance_cache, use_label_mask,
+            onload_device, residual_folder: shortcuts applied on top of the two configs (``rank`` is
+            ``LoraConfig.r``; ``streaming``, ``covariance_cache``, ``use_label_mask`` and ``onload_device`` are
+            ``CordaConfig.calibration``'s). With ``use_label_mask`` (default), tokens whose ``labels`` are -100
+            enter no statistic. ``streaming=True, onload_device="cuda:0"``: sequential onloading of a model held in
+            host memory. A model accelerate dispatched (``device_map``, ``max_memory``, ``offload_folder``) works
+            as it is: residuals stay where each weight lives (``residual_folder`` for disk-offloaded layers).
         initial_adapter_dir: if given, the freshly initialised adapter is saved there (needed later by
             :func:`corda_fast.save_as_lora` to convert the trained adapter to a plain LoRA).
         fused: switch the returned model's LoRA layers to the fused training path (:func:`corda_fast.fuse`).
@@ -433,16 +448,20 @@ def init_adapters(
     model = getattr(model, "_orig_mod", model)
     lora, config = configure(lora_config, corda_config, mode=mode, rank=rank, lora_alpha=lora_alpha,
                              target_modules=target_modules, task_type=task_type, streaming=streaming,
-                             covariance_cache=covariance_cache, use_label_mask=use_label_mask)
+                             covariance_cache=covariance_cache, use_label_mask=use_label_mask,
+                             onload_device=onload_device, residual_folder=residual_folder)
     t0 = time.perf_counter()
     check_no_adapters(model)
     check_task_type(lora.task_type)
     targets = resolve_targets(model, lora)
     check_shared_weights(model, targets)
     _check_quantized(targets, config)
+    weights = check_offload(model, targets, config)
     check_writable(initial_adapter_dir, "initial_adapter_dir folder")
     source = plan_source(model, loader, targets, config)
-    report = InitReport(mode=config.mode, source=source, covariance_cache=config.calibration.covariance_cache)
+    onload = config.calibration.onload_device
+    report = InitReport(mode=config.mode, source=source, covariance_cache=config.calibration.covariance_cache,
+                        weights=weights, onload_device=str(onload) if onload is not None else None)
     outcome = run_source(source, model, loader, targets, lora, config)
     t1 = time.perf_counter()
     peft_model, quant_report, n_fused = build(model, outcome, config, initial_adapter_dir, fused)

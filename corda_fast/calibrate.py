@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed, ops
+from . import distributed, offload, ops
 from .config import CordaConfig, LoraSpec
 from .stats import CovarianceStats, model_fingerprint
 from .targets import Target, resolve_targets
@@ -38,9 +38,9 @@ class CalibrationError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------- batches
 def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+    """Where the model's forward starts (for a model accelerate dispatched: its first real weight's device, or its
+    hooks' execution device)."""
+    return offload.model_execution_device(model)
 
 
 def _split_batch(batch) -> tuple[dict, Optional[torch.Tensor], Optional[torch.Tensor]]:

@@ -54,9 +54,42 @@ def _corda_config(args, distributed: bool):
     calibration = corda_fast.CalibrationConfig(
         covariance_cache=args.covariance_cache, overwrite_cache=args.overwrite_cache,
         streaming={"off": False, "on": True, "auto": "auto"}[args.streaming],
-        distributed=distributed)
+        onload_device=args.onload_device, distributed=distributed)
     return corda_fast.CordaConfig(mode=args.mode, precision=args.precision, calibration=calibration, plus=plus,
-                                  show_progress=not args.quiet)
+                                  residual_folder=args.residual_folder, show_progress=not args.quiet)
+
+
+def _max_memory(text: str) -> dict:
+    """argparse type: ``cuda:0=20GiB,cpu=64GiB`` → accelerate's ``max_memory`` (``{0: "20GiB", "cpu": "64GiB"}``)."""
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected DEVICE=SIZE, e.g. cuda:0=20GiB,cpu=64GiB")
+        if key.startswith("cuda:") and key[5:].isdigit():
+            out[int(key[5:])] = value
+        elif key.isdigit():
+            out[int(key)] = value
+        elif key in ("cpu", "disk", "mps"):
+            out[key] = value
+        else:
+            raise argparse.ArgumentTypeError(f"{key!r} is not a device (cpu, cuda:N, N)")
+    return out
+
+
+def _dispatch_kwargs(args) -> dict:
+    """``from_pretrained`` arguments of ``--device-map`` / ``--max-memory`` / ``--offload-folder``."""
+    if args.device_map is None:
+        if args.max_memory or args.offload_folder:
+            raise ValueError("--max-memory and --offload-folder need --device-map (e.g. --device-map auto).")
+        return {}
+    kwargs = {"device_map": args.device_map}
+    if args.max_memory:
+        kwargs["max_memory"] = args.max_memory
+    if args.offload_folder:
+        kwargs["offload_folder"] = args.offload_folder
+    return kwargs
 
 
 def _calibration_data(args, tok, source, rank: int, world: int, device):
@@ -101,8 +134,13 @@ def run_init(args) -> dict:
         source = load_source(args.data, args.split)
     t0 = time.perf_counter()
     model_dir = demo.materialize_smollm2(args.cache_dir) if args.model == "smollm2" else args.model
-    model, tok = demo.load_model(model_dir, args.gguf_file, args.dtype)
-    model.to(device)
+    model, tok = demo.load_model(model_dir, args.gguf_file, args.dtype, **_dispatch_kwargs(args))
+    if args.device_map is None:
+        model.to(device)
+    else:  # accelerate placed the model: inputs go where its forward starts
+        from corda_fast.calibrate import model_device
+
+        device = model_device(model)
     t_load = time.perf_counter() - t0
     batches, held = _calibration_data(args, tok, source, rank, world, device)
     before, scale = demo.output_logits(model, held)
@@ -288,6 +326,20 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--min-rank", type=_positive, default=1, help="CorDA++ per-layer minimum rank")
         q.add_argument("--max-rank", type=_positive, default=None, help="CorDA++ per-layer maximum rank")
         q.add_argument("--device", default="cpu", help="cpu | cuda | auto (with --distributed: this rank's GPU)")
+        big = q.add_argument_group("models bigger than the device or than memory")
+        big.add_argument("--device-map", default=None,
+                         help="load with accelerate's device map ('auto', 'balanced', ...): blocks on GPUs, in host "
+                              "memory and on disk; --device is then ignored")
+        big.add_argument("--max-memory", type=_max_memory, default=None,
+                         help="with --device-map: per-device limits, e.g. cuda:0=20GiB,cpu=64GiB")
+        big.add_argument("--offload-folder", default=None,
+                         help="with --device-map: where weights that fit nowhere go (and, inside it, the residuals of "
+                              "disk-offloaded layers)")
+        big.add_argument("--onload-device", default=None,
+                         help="sequential onloading with --streaming on: the model stays in host memory and each block "
+                              "is calibrated and decomposed on this device (e.g. cuda:0)")
+        big.add_argument("--residual-folder", default=None,
+                         help="where residuals of disk-offloaded layers are written (default: inside the offload folder)")
         q.add_argument("--distributed", action="store_true",
                        help="data-parallel calibration under torchrun: each rank calibrates on its share of the "
                             "samples, statistics are summed, decompositions spread over ranks; rank 0 writes")

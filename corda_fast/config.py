@@ -13,6 +13,7 @@ the same adapters.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -246,7 +247,12 @@ class CalibrationConfig(_Replace):
         streaming: ``True`` calibrates and decomposes one transformer block at a time (peak statistic memory = one
             block; same result); ``"auto"`` does so when the statistics could exceed a quarter of the free memory of
             the model's device; ``False`` calibrates the whole model in one pass.
-        cache_device: with streaming, where the cached block inputs live (default: the model's device).
+        cache_device: with streaming, where the cached block inputs live (default: the model's device — the host
+            when onloading).
+        onload_device: with streaming, sequential onloading: the model stays where it is (host memory) and each
+            block is moved to this device (e.g. ``"cuda:0"``) for its calibration and decomposition, then moved back;
+            device memory holds one block's weights, its statistics and (unless ``cache_device`` says otherwise,
+            they stay on the host) its cached inputs. ``None``: blocks run where they are.
         distributed: data-parallel calibration over a ``torch.distributed`` process group: ``"auto"`` when a
             default group with more than one rank is initialised, ``True`` to require one, ``False`` to ignore it.
         max_batches: stop calibration after this many loader batches (``None``: the whole loader).
@@ -263,6 +269,7 @@ class CalibrationConfig(_Replace):
     overwrite_cache: bool = False
     streaming: Union[bool, str] = False
     cache_device: Any = None
+    onload_device: Any = None
     distributed: Union[bool, str] = "auto"
     max_batches: Optional[int] = None
     use_label_mask: bool = True
@@ -279,11 +286,12 @@ class CalibrationConfig(_Replace):
         _check_bool(own, "overwrite_cache", self.overwrite_cache)
         if self.streaming not in (True, False, "auto"):
             _fail(f"{own}.streaming", self.streaming, "True, False or 'auto'")
-        if self.cache_device is not None:
-            try:
-                torch.device(self.cache_device)
-            except (RuntimeError, TypeError):
-                _fail(f"{own}.cache_device", self.cache_device, "None or a torch device (e.g. 'cpu', 'cuda:0')")
+        for name in ("cache_device", "onload_device"):
+            if getattr(self, name) is not None:
+                try:
+                    torch.device(getattr(self, name))
+                except (RuntimeError, TypeError):
+                    _fail(f"{own}.{name}", getattr(self, name), "None or a torch device (e.g. 'cpu', 'cuda:0')")
         if self.distributed not in (True, False, "auto"):
             _fail(f"{own}.distributed", self.distributed, "True, False or 'auto'")
         _check_int(own, "max_batches", self.max_batches, optional=True)
@@ -320,6 +328,9 @@ class CordaConfig(_Replace):
             the report); ``"keep"`` replaces the layer by a plain ``nn.Linear`` holding the residual (exact at init).
         requantize_config: the torchao config (e.g. ``Int8WeightOnlyConfig()``) to re-quantize torchao residuals with
             (a torchao weight does not record it); bitsandbytes layers need none.
+        residual_folder: for a model accelerate offloads to disk, where the residuals of disk-offloaded layers are
+            written (a new subfolder per call; the model reads them from there, so keep it while the model lives).
+            Default: a subfolder of the model's own offload folder. The checkpoint's files are never written.
         autocast_adapter_dtype: as PEFT's ``get_peft_model``: keep 16-bit models' adapters in float32.
         show_progress: tqdm progress bars.
     """
@@ -333,6 +344,7 @@ class CordaConfig(_Replace):
     plus: Optional[PlusConfig] = None
     quantized_residual: str = "requantize"
     requantize_config: Any = None
+    residual_folder: Optional[str] = None
     autocast_adapter_dtype: bool = True
     show_progress: bool = True
 
@@ -350,6 +362,10 @@ class CordaConfig(_Replace):
         if self.plus is not None and not isinstance(self.plus, PlusConfig):
             _fail(f"{own}.plus", self.plus, "None or a PlusConfig")
         _check_choice(own, "quantized_residual", self.quantized_residual, QUANTIZED_RESIDUALS)
+        if self.residual_folder is not None:
+            if not isinstance(self.residual_folder, (str, os.PathLike)):
+                _fail(f"{own}.residual_folder", self.residual_folder, "None or a folder path")
+            self.residual_folder = os.fspath(self.residual_folder)
         _check_bool(own, "autocast_adapter_dtype", self.autocast_adapter_dtype)
         _check_bool(own, "show_progress", self.show_progress)
 

@@ -31,8 +31,9 @@ def default_cache_dir() -> str:
     return os.environ.get("CORDA_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "corda_fast"))
 
 
-def load_model(path: str, gguf_file: Optional[str] = None, dtype: str = "float32"):
-    """``(model, tokenizer)`` from a transformers directory, or from a GGUF file in ``path`` (dequantized)."""
+def load_model(path: str, gguf_file: Optional[str] = None, dtype: str = "float32", **load_kwargs):
+    """``(model, tokenizer)`` from a transformers directory, or from a GGUF file in ``path`` (dequantized).
+    ``load_kwargs`` go to ``from_pretrained`` (e.g. ``device_map``, ``max_memory``, ``offload_folder``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,7 +50,7 @@ def load_model(path: str, gguf_file: Optional[str] = None, dtype: str = "float32
             raise ValueError(f"model folder '{path}' holds neither config.json nor a .gguf file.")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs, **load_kwargs)
     return model.eval(), tok
 
 

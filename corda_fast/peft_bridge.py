@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import quant
+from . import offload, quant
 from .config import CordaConfig, LoraSpec
 from .decompose import LayerFactors
 from .preflight import ModelSnapshot
@@ -62,9 +62,12 @@ class _Undo:
         self.swapped: dict = {}  # name -> original module, for quantized layers replaced by float ones ("keep")
         self.originals: dict = {}  # name -> original float weight tensor
         self.quant_params: dict = {}  # name -> original quantized weight Parameter
+        self.offloaded: list = []  # undo functions of residuals stored where an accelerate hook keeps the weight
         self.peft_model = None
 
     def restore(self, model: nn.Module, adapted: list[Target]) -> None:
+        for undo_one in reversed(self.offloaded):
+            undo_one()
         for t in adapted:
             if t.name in self.originals:
                 t.module.weight.data = self.originals[t.name]
@@ -73,11 +76,19 @@ class _Undo:
         if self.peft_model is not None:
             from .fused import unfuse
 
+            # PEFT's unload() onloads each offloaded base layer and leaves its weights in a host dict (for a
+            # disk-offloaded model: the whole model in memory): hide the offload hooks from it while it unwraps
+            hooks = [h for m in model.modules() for h in [offload.offload_hook(m)] if h is not None]
             try:
+                for h in hooks:
+                    h.offload = False
                 unfuse(self.peft_model)
                 self.peft_model.unload()
             except Exception:  # pragma: no cover - best effort; weights are already restored
                 logger.exception("could not unload the partially built PEFT model")
+            finally:
+                for h in hooks:
+                    h.offload = True
         for name, module in self.swapped.items():
             _swap(model, name, module)
 
@@ -96,7 +107,7 @@ def _float_stand_ins(model: nn.Module, adapted: list[Target], keep: bool, undo: 
 
 
 def _write_layer(layer, t: Target, f: LayerFactors, adapter_name: str, config: CordaConfig, undo: _Undo,
-                 quant_report: Optional[dict]) -> None:
+                 quant_report: Optional[dict], store: Optional[offload.ResidualStore] = None) -> None:
     """Put ``A``, ``B`` into a PEFT LoRA layer and ``W_res = W − s·B·A`` (from the factors as stored) into its
     base layer, in the base weight's own format."""
     lora_a = layer.lora_A[adapter_name].weight
@@ -112,19 +123,29 @@ def _write_layer(layer, t: Target, f: LayerFactors, adapter_name: str, config: C
     a = f.A.to(device=device, dtype=lora_a.dtype)
     b = f.B.to(device=device, dtype=lora_b.dtype)
     cdt = f.A.dtype  # residual in the decomposition precision, from the factors as stored
+    held = t.quant is None and offload.is_offloaded(t.module)  # an accelerate hook keeps the weight (host / disk)
     if t.quant is not None:  # "requantize": dequantized here, one layer at a time
         w_mat = quant.dequantize(t.module).to(device=device, dtype=cdt)
     else:
-        w = undo.originals[t.name]
+        w = offload.read_tensor(t.module) if held else undo.originals[t.name]
         w_mat = (w.t() if t.is_conv1d else w).to(device=device, dtype=cdt)
     delta = (f.scaling * b.to(cdt)) @ a.to(cdt)
     w_res = w_mat - delta
-    base_device = lora_a.device if lora_a.device.type != "meta" else undo.quant_params.get(
-        t.name, undo.originals.get(t.name)).device
+    if lora_a.device.type != "meta":
+        base_device = lora_a.device
+    elif held:
+        base_device = offload.execution_device(t.module) or torch.device("cpu")
+    else:
+        base_device = undo.quant_params.get(t.name, undo.originals.get(t.name)).device
     layer.lora_A[adapter_name].weight = nn.Parameter(a.to(base_device).contiguous(), requires_grad=lora_a.requires_grad)
     layer.lora_B[adapter_name].weight = nn.Parameter(b.to(base_device).contiguous(), requires_grad=lora_b.requires_grad)
     if t.quant is not None:  # "requantize": back into the layer's own format
         quant.store_residual(base, w_res, config.requantize_config)
+    elif held:  # where the weight lives: the hook's host map, or a residual store of our own on disk
+        w_res = (w_res.t() if t.is_conv1d else w_res).to(t.module.weight.dtype).contiguous()
+        undo.offloaded.append(offload.store_residual(t.module, w_res, t.name, store))
+        del w, w_mat, w_res
+        offload.release_host_memory()
     else:
         w = undo.originals[t.name]
         w_res = w_res.to(w.dtype)
@@ -162,9 +183,10 @@ def build_peft_model(model: nn.Module, factors: dict[str, LayerFactors], targets
 @torch.no_grad()
 def build_with_undo(model: nn.Module, factors: dict[str, LayerFactors], targets: list[Target],
                     config: Optional[CordaConfig] = None, lora: Optional[LoraSpec] = None,
-                    adapter_name: str = "default", quant_report: Optional[dict] = None):
+                    adapter_name: str = "default", quant_report: Optional[dict] = None,
+                    store: Optional[offload.ResidualStore] = None):
     """:func:`build_peft_model`, also returning a zero-argument ``undo`` that puts the model back exactly as it was
-    (for a failure after the build: saving, fusing)."""
+    (for a failure after the build: saving, fusing). ``store``: where residuals of disk-offloaded layers go."""
     from peft import get_peft_model
 
     config = config or CordaConfig()
@@ -179,6 +201,8 @@ def build_with_undo(model: nn.Module, factors: dict[str, LayerFactors], targets:
         snapshot.restore()
 
     try:
+        if store is None:
+            store = offload.residual_store(model, [(t.name, t.module) for t in adapted], config.residual_folder)
         _float_stand_ins(model, adapted, config.quantized_residual == "keep", undo)
         undo.originals = {t.name: t.module.weight.data for t in adapted if t.quant is None}
         undo.quant_params = {t.name: t.module.weight for t in adapted if t.quant is not None}
@@ -188,8 +212,9 @@ def build_with_undo(model: nn.Module, factors: dict[str, LayerFactors], targets:
                                          autocast_adapter_dtype=config.autocast_adapter_dtype, low_cpu_mem_usage=True)
         inner = undo.peft_model.base_model.model
         for t in adapted:
-            _write_layer(inner.get_submodule(t.name), t, factors[t.name], adapter_name, config, undo, quant_report)
-        leftover = [n for n, p in undo.peft_model.named_parameters() if p.is_meta]
+            _write_layer(inner.get_submodule(t.name), t, factors[t.name], adapter_name, config, undo, quant_report,
+                         store)
+        leftover = [n for n, p in undo.peft_model.named_parameters() if p.is_meta and "lora_" in n]
         if leftover:
             raise RuntimeError(f"LoRA weights without CorDA factors: {leftover[:5]}")
     except BaseException:
@@ -245,10 +270,21 @@ def residual_state_dict(peft_model) -> dict:
     return sd
 
 
+def _residual_name(name: str) -> Optional[str]:
+    """The checkpoint name of a PEFT-wrapped base model's state-dict entry (``None``: a LoRA tensor, left out)."""
+    return None if "lora_" in name else name.replace(".base_layer.", ".")
+
+
 def save_residual_base(peft_model, path: str) -> None:
     """Save the base model with ``W_res`` in place of the targeted weights (a transformers model directory), so
-    ``PeftModel.from_pretrained(AutoModel.from_pretrained(path), adapter_dir)`` restores the initialised model."""
+    ``PeftModel.from_pretrained(AutoModel.from_pretrained(path), adapter_dir)`` restores the initialised model.
+
+    A model accelerate dispatched (``device_map``; weights offloaded to host memory or disk) is written block by
+    block (:func:`save_residual_base_by_block`) without materialising it."""
     base = peft_model.base_model.model
+    if offload.is_dispatched(base):
+        save_residual_base_by_block(peft_model, path)
+        return
     if not hasattr(base, "save_pretrained"):
         os.makedirs(path, exist_ok=True)
         torch.save(residual_state_dict(peft_model), os.path.join(path, "residual_base.pt"))
@@ -268,3 +304,56 @@ def save_residual_base(peft_model, path: str) -> None:
                 _swap(base, name, module)
         return
     base.save_pretrained(path, state_dict=residual_state_dict(peft_model))
+
+
+def _block_of(name: str) -> str:
+    """The shard a tensor goes to: its block (``model.layers.3``), or ``""`` for tensors outside every block."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ""
+
+
+def save_residual_base_by_block(peft_model, path: str) -> None:
+    """Write the residual base as safetensors shards, one per block (tensors outside the blocks in shards of their
+    own), with ``model.safetensors.index.json``, ``config.json`` and the generation config: a folder plain
+    ``from_pretrained`` loads. Tensors are read one block at a time from wherever they live (device, host memory,
+    the offload folder, the residual store), so memory holds one block's tensors, never the model."""
+    from safetensors.torch import save_file
+
+    base = peft_model.base_model.model
+    os.makedirs(path, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    total = 0
+    shard: dict[str, torch.Tensor] = {}
+    current = None
+    files: list[str] = []
+
+    def flush():
+        nonlocal shard, total
+        if shard:
+            fname = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+            files.append(fname)
+            for k, v in shard.items():
+                weight_map[k] = fname
+                total += v.numel() * v.element_size()
+        shard = {}
+        offload.release_host_memory()
+
+    for name, load in offload.iter_state(base, _residual_name):
+        block = _block_of(name)
+        if block != current:
+            flush()
+            current = block
+        shard[name] = load().detach().to("cpu").contiguous()
+    flush()
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    if getattr(base, "config", None) is not None and hasattr(base.config, "save_pretrained"):
+        base.config.save_pretrained(path)
+    gen = getattr(base, "generation_config", None)
+    if gen is not None and hasattr(gen, "save_pretrained"):
+        gen.save_pretrained(path)
+    logger.info("residual base written block by block to %s (%d shards, %.1f MiB)", path, len(files), total / 2**20)

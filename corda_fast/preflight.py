@@ -14,7 +14,8 @@ from typing import Optional
 
 from torch import nn
 
-from .config import CordaConfigError
+from . import offload
+from .config import CordaConfig, CordaConfigError
 from .targets import Target, TargetError
 
 
@@ -67,6 +68,35 @@ def check_shared_weights(model: nn.Module, targets: list[Target]) -> None:
                 + (" (also targeted)" if also else "") + ": its residual W − s·B·A would be written into "
                 + ("both layers" if also else "that module too") + ". Exclude one of them (exclude_modules / "
                 "target_modules) or untie the weights first (e.g. clone the LM head's weight).")
+
+
+def check_offload(model: nn.Module, targets: list[Target], config: CordaConfig) -> dict:
+    """Models accelerate dispatched (``device_map``) and sequential onloading: the combinations that cannot work are
+    refused by name, and the residual store a disk-offloaded model needs is found (nothing is written). Returns how
+    many targeted weights live in the module, in host memory and on disk."""
+    where = {"module": 0, "host": 0, "disk": 0}
+    for t in targets:
+        where[offload.location(t.module)] += 1
+    dispatched = offload.is_dispatched(model)
+    onload = config.calibration.onload_device
+    if onload is not None:
+        if dispatched:
+            raise offload.OffloadError(
+                "CalibrationConfig.onload_device is for a model held in host memory; this one is dispatched by "
+                "accelerate (device_map), whose hooks already move each module to its execution device: drop "
+                "onload_device.")
+        if config.calibration.streaming is not True:
+            raise offload.OffloadError("CalibrationConfig.onload_device moves one block at a time to the device: it "
+                                       "needs streaming=True.")
+        if config.plus is not None:
+            raise offload.OffloadError("CalibrationConfig.onload_device needs streaming, which CorDA++ cannot use.")
+    if dispatched and any(t.quant is not None for t in targets):
+        raise offload.OffloadError("quantized layers in a model accelerate dispatched are not supported: load the "
+                                   "quantized model on one device, or the float model with a device_map.")
+    if where["disk"]:
+        store = offload.residual_store(model, [(t.name, t.module) for t in targets], config.residual_folder)
+        check_writable(store.parent, "CordaConfig.residual_folder folder")
+    return where
 
 
 def check_writable(path: Optional[str], what: str) -> None:

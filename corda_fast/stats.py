@@ -208,21 +208,57 @@ def _config_text(model: nn.Module) -> str:
     return "\n".join(f"{n}:{type(m).__name__}({m.extra_repr()})" for n, m in model.named_modules())
 
 
+def _offloaded_identity(module: nn.Module, local: str) -> bytes:
+    """Identity of a tensor an accelerate hook holds for ``module`` (its parameter is on ``meta``) without loading it:
+    a strided sample when it is in host memory, else the file it is read from (path, tensor name, size, mtime)."""
+    for hook in getattr(getattr(module, "_hf_hook", None), "hooks", None) or [getattr(module, "_hf_hook", None)]:
+        wm = getattr(hook, "weights_map", None)
+        if wm is None:
+            continue
+        dataset, key = getattr(wm, "dataset", wm), getattr(wm, "prefix", "") + local
+        state = dataset if isinstance(dataset, dict) else getattr(dataset, "state_dict", None) or {}
+        if key in state:
+            return _sample(state[key])
+        entry = dict(getattr(dataset, "index", {}).get(key, {}))
+        path = entry.get("safetensors_file") or os.path.join(getattr(dataset, "save_folder", "") or "", key + ".dat")
+        try:
+            st = os.stat(path)
+            entry.update(size=st.st_size, mtime=st.st_mtime_ns)
+        except OSError:
+            pass
+        return json.dumps({"path": path, **entry}, sort_keys=True, default=str).encode()
+    return b"meta"
+
+
+def _sample(data: torch.Tensor) -> bytes:
+    flat = data.detach().reshape(-1)
+    step = max(1, flat.numel() // 64)
+    return flat[::step][:64].to(torch.float64).cpu().numpy().tobytes()
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """A cheap identity of a model's configuration *and* weights (class, config — e.g. the activation function —,
-    every parameter's name, shape, dtype and a strided sample of its values). Statistics depend on every upstream
-    weight and on how the model computes, so all of them count."""
+    every parameter's name, shape, dtype and a strided sample of its values; for a weight an accelerate hook keeps
+    offloaded, its sample if in host memory, else the identity of the file it is read from). Statistics depend on
+    every upstream weight and on how the model computes, so all of them count."""
     h = hashlib.sha256(type(model).__name__.encode())
     h.update(_config_text(model).encode())
-    for name, p in model.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        data = p.data
-        if type(data) is not torch.Tensor:  # quantized tensor subclass (torchao): hash its values
-            data = data.dequantize() if callable(getattr(data, "dequantize", None)) else None
-            if data is None:
-                h.update(type(p.data).__name__.encode())
+    seen: set = set()  # a tied parameter counts once, under its first name (as named_parameters() gives it)
+    for mod_name, module in model.named_modules():
+        for local, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
                 continue
-        flat = data.detach().reshape(-1)
-        step = max(1, flat.numel() // 64)
-        h.update(flat[::step][:64].to(torch.float64).cpu().numpy().tobytes())
+            seen.add(id(p))
+            name = f"{mod_name}.{local}" if mod_name else local
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            data = p.data
+            if data.device.type == "meta":
+                h.update(_offloaded_identity(module, local))
+                continue
+            if type(data) is not torch.Tensor:  # quantized tensor subclass (torchao): hash its values
+                data = data.dequantize() if callable(getattr(data, "dequantize", None)) else None
+                if data is None:
+                    h.update(type(p.data).__name__.encode())
+                    continue
+            h.update(_sample(data))
     return h.hexdigest()

@@ -11,6 +11,7 @@ all-at-once calibration.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, offload
 from .calibrate import (
     CalibrationError,
     Collector,
@@ -129,6 +130,8 @@ def _run_block(block: nn.Module, name: str, cached: list, collector: Collector, 
             else:
                 raise CalibrationError(f"cannot tell which input of block '{name}' is its hidden state.")
             cached[n] = (i, mask, lead, args, kwargs)
+        del out
+        offload.release_host_memory()
     collector.check_finite()
 
 
@@ -146,8 +149,11 @@ def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, ta
     """
     device = model_device(model)
     multi = distributed.is_active(config.calibration.distributed)
+    onload = config.calibration.onload_device
+    onload = torch.device(onload) if onload is not None else None
     cache_device = cache_device if cache_device is not None else config.calibration.cache_device
     cache_device = torch.device(cache_device) if cache_device is not None else device
+    block_device = onload if onload is not None else device
     prefix, blocks = find_blocks(model, targets)
     fingerprint = model_fingerprint(model)
     t0 = time.perf_counter()
@@ -157,11 +163,12 @@ def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, ta
         for b, block in enumerate(tqdm(blocks, desc="corda_fast: calibrating block by block", unit="block",
                                        disable=not config.show_progress)):
             block_targets = [t for t in targets if t.name.startswith(f"{prefix}.{b}.")]
-            collector = Collector(block_targets, config, device)
+            collector = Collector(block_targets, config, block_device)
             handles = [t.module.register_forward_pre_hook(collector.hook, with_kwargs=True) for t in block_targets]
             try:
-                with distributed.stage(multi, f"calibration of block '{prefix}.{b}'"):
-                    _run_block(block, f"{prefix}.{b}", cached, collector, device, cache_device, b + 1 < len(blocks))
+                with onloaded(block, onload), distributed.stage(multi, f"calibration of block '{prefix}.{b}'"):
+                    _run_block(block, f"{prefix}.{b}", cached, collector, block_device, cache_device,
+                               b + 1 < len(blocks))
             finally:
                 for h in handles:
                     h.remove()
@@ -171,6 +178,27 @@ def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, ta
                 stats = finish_statistics(collector, block_targets, config, fingerprint, total, t0)
                 stats.meta["block"] = f"{prefix}.{b}"
                 yield stats
+                del stats
+            offload.release_host_memory()  # one block's worth of host memory at a time, not a growing heap
+
+
+@contextlib.contextmanager
+def onloaded(block: nn.Module, device: Optional[torch.device]):
+    """Sequential onloading: ``block``'s weights on ``device`` for the duration, then back where each was (the same
+    Parameter objects, values unchanged), whatever happens."""
+    if device is None:
+        yield
+        return
+    homes = {}
+    for t in list(block.parameters()) + list(block.buffers()):
+        homes.setdefault(id(t), (t, t.data))
+    for t, data in homes.values():
+        t.data = data.to(device, non_blocking=True)
+    try:
+        yield
+    finally:
+        for t, data in homes.values():
+            t.data = data
 
 
 def collect_covariance_streaming(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target],

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D  # GPT-2 style linear, weight stored as (in, out)
 
-from . import quant
+from . import offload, quant
 from .config import LoraSpec
 
 # Task heads the paper (and PEFT's "all-linear") leave out besides the LM output embedding.
@@ -46,7 +46,7 @@ class Target:
         """``W`` as ``(d_out, d_in)``: a view of a float weight, a dequantized copy of a quantized one."""
         if self.quant is not None:
             return quant.dequantize(self.module)
-        w = self.module.weight
+        w = offload.read_tensor(self.module)  # the module's own, or loaded from an accelerate hook (offloaded)
         return w.t() if self.is_conv1d else w
 
 

@@ -1,0 +1,62 @@
+"""Peak resident memory of one run, for benchmarks/bench_offload.py and tests/test_offload.py.
+
+    python offload_worker.py {floor|corda|corda_inmemory|corda_streaming} MODEL_DIR WORK_DIR CPU_BYTES
+
+floor: load with device_map="auto" (host limit CPU_BYTES, the rest on disk in WORK_DIR/offload) and run the
+calibration batches through the model (plain offloaded inference); corda: the same load, then
+init_adapters(streaming=True) and save_residual_base; corda_inmemory / corda_streaming: the model loaded whole
+into memory, then init_adapters (one pass / streaming) and save_residual_base. Prints one JSON line: peak and
+after-load resident memory in MiB above the baseline (after imports and a warm-up of torch's linear algebra, whose
+workspaces do not depend on the model), and seconds.
+"""
+
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import corda_fast
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main():
+    what, model_dir, work, cpu_bytes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    a = torch.randn(1024, 1024, dtype=torch.float64)
+    a = a @ a.T + torch.eye(1024, dtype=torch.float64)
+    torch.linalg.eigh(a), torch.linalg.cholesky(a), torch.linalg.svd(a[:512].float(), full_matrices=False)
+    del a
+    base = peak_mib()
+    t0 = time.perf_counter()
+    if what in ("floor", "corda"):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, device_map="auto", max_memory={"cpu": cpu_bytes},
+                                                     offload_folder=os.path.join(work, "offload"))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    loaded = peak_mib() - base
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, vocab, (4, 64), generator=g)} for _ in range(4)]
+    if what == "floor":
+        with torch.no_grad():
+            for b in batches:
+                model(**b)
+    else:
+        pm = corda_fast.init_adapters(model, batches, rank=8,
+                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                      "down_proj"],
+                                      streaming=what != "corda_inmemory",
+                                      corda_config=corda_fast.CordaConfig(show_progress=False))
+        corda_fast.save_residual_base(pm, os.path.join(work, "residual_base"))
+    print(json.dumps({"what": what, "peak": peak_mib() - base, "after_load": loaded,
+                      "seconds": time.perf_counter() - t0}))
+
+
+if __name__ == "__main__":
+    main()
