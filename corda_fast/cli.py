@@ -67,6 +67,8 @@ def _max_memory(text: str) -> dict:
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
             raise argparse.ArgumentTypeError(f"{item!r}: expected DEVICE=SIZE, e.g. cuda:0=20GiB,cpu=64GiB")
+        if value.isdigit():  # bytes
+            value = int(value)
         if key.startswith("cuda:") and key[5:].isdigit():
             out[int(key[5:])] = value
         elif key.isdigit():
@@ -193,6 +195,7 @@ def _result(args, model_dir: str, report, world: int, t_load: float, drift: floa
         "statistics_mib": round(report.statistics_mib, 2),
         "damping_values": sorted({round(l["damping"], 6) for l in report.layers}),
         "low_data": report.low_data,
+        "weights": report.weights,
         "seconds": {"load_model": round(t_load, 2), **{k: round(v, 2) for k, v in report.seconds.items()}},
         "drift_at_init": {"max_abs_logit_diff": drift, "max_abs_logit": scale, "relative": drift / scale},
         "residual_base_dir": os.path.abspath(os.path.join(args.out, "residual_base")),

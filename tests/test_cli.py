@@ -166,3 +166,35 @@ def test_init_on_chat_data_with_response_mask(model_dir, tmp_path, capsys):
     report = json.loads((tmp_path / "o" / "corda_report.json").read_text())
     # statistics count response tokens only: 30 words per answer, at most, over 12 samples
     assert report["calibration"]["samples"] == 12 and 12 * 20 <= report["calibration"]["tokens"] <= 12 * 31
+
+
+def test_init_on_a_model_offloaded_to_disk(model_dir, tmp_path):
+    data = tmp_path / "calib.txt"
+    data.write_text(" ".join(demo.builtin_text().split()[:3000]))
+    out, offload = tmp_path / "out", tmp_path / "offload"
+    size = sum(p.numel() * 4 for p in tiny_llama().parameters())
+    assert cli.main(["init", "--model", str(model_dir), "--data", str(data), "--rank", "4", "--samples", "6",
+                     "--seq-len", "32", "--concatenate", "--streaming", "on", "--device-map", "auto",
+                     "--max-memory", f"cpu={size // 3}", "--offload-folder", str(offload), "--out", str(out),
+                     "--quiet"]) == 0
+    report = json.loads((out / "corda_report.json").read_text())
+    assert report["weights"]["disk"] > 0 and report["drift_at_init"]["relative"] < 1e-5
+    assert (out / "residual_base" / "model.safetensors.index.json").is_file()  # written block by block
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "residual_base"),
+                                       out / "initial_adapter")
+    ids = torch.randint(2, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, tiny_llama()(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_offload_flags_are_checked(model_dir, tmp_path, capsys):
+    data = tmp_path / "calib.txt"
+    data.write_text("some words here")
+    assert cli.main(_init(model_dir, data, tmp_path / "o", "--max-memory", "cpu=1GiB")) == 1
+    assert "--device-map" in _error(capsys)
+    with pytest.raises(SystemExit):
+        cli.main(_init(model_dir, data, tmp_path / "o", "--device-map", "auto", "--max-memory", "gpu=1GiB"))
+    assert "not a device" in capsys.readouterr().err

@@ -1,0 +1,126 @@
+"""Peak host memory and time vs model size: in-memory, streaming, and disk offload (accelerate device_map).
+
+For random Llamas of three sizes (same block, 8 / 24 / 48 blocks), each mode runs in its own process
+(``offload_worker.py``): load, ``init_adapters`` (IPM r=8 on the 7 projections, 4 batches of
+4 x 64 tokens) and ``save_residual_base``; ``floor`` is plain offloaded inference of the same batches (load with the
+same device map, forward). Disk offload loads with ``max_memory={"cpu": size / 4}``. Peak resident memory is read
+above a baseline taken after imports and a warm-up of torch's linear algebra.
+
+    python benchmarks/bench_offload.py                 # ~10 min on 2 CPUs
+    python benchmarks/bench_offload.py --layers 2 4 --repeats 1   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+from common import environment  # noqa: E402
+
+MODES = ["corda_inmemory", "corda_streaming", "corda", "floor"]
+LABEL = {"corda_inmemory": "in memory (one pass)", "corda_streaming": "in memory, streaming",
+         "corda": "disk offload (device_map, host = size/4)", "floor": "floor: offloaded inference only"}
+
+
+def make_model(d: str, layers: int) -> int:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=layers, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=4096)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(d)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def run(mode: str, d: str, work: str, cpu_bytes: int) -> dict:
+    out = subprocess.run([sys.executable, os.path.join(HERE, "offload_worker.py"), mode, d, work, str(cpu_bytes)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr[-3000:])
+        raise SystemExit(f"{mode} failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, nargs="+", default=[8, 24, 48])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default=os.path.join(HERE, "results", "offload_cpu.json"))
+    args = p.parse_args()
+    rows = []
+    for layers in args.layers:
+        root = tempfile.mkdtemp(prefix="corda_offload_bench_")
+        try:
+            size = make_model(os.path.join(root, "model"), layers)
+            runs = {m: [] for m in MODES}
+            for r in range(args.repeats):
+                for mode in MODES:  # interleaved
+                    work = os.path.join(root, f"{mode}_{r}")
+                    runs[mode].append(run(mode, os.path.join(root, "model"), work, size // 4))
+                    shutil.rmtree(work, ignore_errors=True)
+                    print(f"{layers} blocks ({size / 2**20:.0f} MiB) {mode:16s} peak {runs[mode][-1]['peak']:.0f} MiB "
+                          f"{runs[mode][-1]['seconds']:.1f} s", flush=True)
+            for mode, rs in runs.items():
+                rows.append({"layers": layers, "model_mib": size / 2**20, "mode": mode,
+                             "peak_mib": statistics.median(x["peak"] for x in rs),
+                             "peak_min": min(x["peak"] for x in rs), "peak_max": max(x["peak"] for x in rs),
+                             "seconds": statistics.median(x["seconds"] for x in rs),
+                             "seconds_min": min(x["seconds"] for x in rs),
+                             "seconds_max": max(x["seconds"] for x in rs)})
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    result = {"benchmark": "offload", "config": vars(args), "environment": environment(), "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, args.out.replace(".json", ".png"))
+    print(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    rows = ["| model | mode | peak host memory above baseline, MiB (min-max) | x model size | seconds (min-max) |",
+            "|---|---|---|---:|---|"]
+    for r in result["rows"]:
+        rows.append(f"| {r['layers']} blocks, {r['model_mib']:.0f} MiB | {LABEL[r['mode']]} | "
+                    f"{r['peak_mib']:.0f} ({r['peak_min']:.0f}-{r['peak_max']:.0f}) | {r['peak_mib'] / r['model_mib']:.2f} | "
+                    f"{r['seconds']:.1f} ({r['seconds_min']:.1f}-{r['seconds_max']:.1f}) |")
+    env, c = result["environment"], result["config"]
+    rows.append(f"\nRandom Llama blocks (hidden 512, MLP 1024, float32), IPM r=8 on the 7 projections, 16 x 64 "
+                f"calibration tokens; load + init_adapters + save_residual_base per process; median (min-max) of "
+                f"{c['repeats']} runs; {env['cpu_count']} CPUs, torch {env['torch']}, transformers {env['transformers']}, "
+                f"commit {env['corda_fast_commit']}, {env['date']}")
+    return "\n".join(rows)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for mode in MODES:
+        rs = [r for r in result["rows"] if r["mode"] == mode]
+        ax.plot([r["model_mib"] for r in rs], [r["peak_mib"] for r in rs], marker="o", label=LABEL[mode])
+    sizes = sorted({r["model_mib"] for r in result["rows"]})
+    ax.plot(sizes, sizes, color="k", lw=0.8, ls="--", label="= model size")
+    ax.set_xlabel("model size, MiB")
+    ax.set_ylabel("peak host memory above baseline, MiB")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
