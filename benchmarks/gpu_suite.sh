@@ -34,3 +34,6 @@ timeout 400 python benchmarks/bench_fused.py --device cuda --dtype bfloat16 --sh
 timeout 240 python benchmarks/bench_distributed.py --worlds 1 2 4 8 --repeats 1 --samples 128 \
     --out "$OUT/distributed_cpu16.json" 2>&1 | tee "$OUT/distributed_cpu16.txt" | tail -8
 timeout 120 python -m pytest -q tests/test_quant.py tests/test_distributed.py 2>&1 | tee "$OUT/quant_dist_tests.txt" | tail -3
+# 6) models bigger than the device: sequential onloading (peak CUDA memory of one block + statistics + workspace)
+#    and the offload tests (disk-offloaded model equal to the in-memory one; host memory of the whole run)
+timeout 300 python -m pytest -q tests/test_offload.py 2>&1 | tee "$OUT/offload_tests.txt" | tail -3

@@ -7,12 +7,11 @@ calibration batches through the model (plain offloaded inference); corda: the sa
 init_adapters(streaming=True) and save_residual_base; corda_inmemory / corda_streaming: the model loaded whole
 into memory, then init_adapters (one pass / streaming) and save_residual_base. Prints one JSON line: peak and
 after-load resident memory in MiB above the baseline (after imports and a warm-up of torch's linear algebra, whose
-workspaces do not depend on the model), and seconds.
+workspaces do not depend on the model; the peak is reset there), and seconds. Linux only (/proc).
 """
 
 import json
 import os
-import resource
 import sys
 import time
 
@@ -22,8 +21,23 @@ from transformers import AutoModelForCausalLM
 import corda_fast
 
 
+def _status(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak() -> float:
+    """Reset the peak resident size (Linux: ``clear_refs`` 5) and return the current one, in MiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
 def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _status("VmHWM")
 
 
 def main():
@@ -32,7 +46,7 @@ def main():
     a = a @ a.T + torch.eye(1024, dtype=torch.float64)
     torch.linalg.eigh(a), torch.linalg.cholesky(a), torch.linalg.svd(a[:512].float(), full_matrices=False)
     del a
-    base = peak_mib()
+    base = reset_peak()  # the current size: the warm-up's own transient peak is not counted
     t0 = time.perf_counter()
     if what in ("floor", "corda"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, device_map="auto", max_memory={"cpu": cpu_bytes},

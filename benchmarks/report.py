@@ -29,6 +29,7 @@ TABLES = {  # name: (result file, module with markdown())
     "fused": ("fused_cpu.json", "bench_fused"),
     "fused_bf16": ("fused_cpu_bf16.json", "bench_fused"),
     "distributed": ("distributed_cpu.json", "bench_distributed"),
+    "offload": ("offload_cpu.json", "bench_offload"),
 }
 
 

@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, offload
 from .calibrate import collect_candidates, collect_covariance, data_fingerprint, model_device
 from .config import CordaConfig, CordaConfigError, LoraSpec
 from .decompose import LayerFactors, decompose, decompose_sharded
@@ -289,6 +289,8 @@ def run_source(source: str, model: nn.Module, loader: Any, targets: list[Target]
             out.tally(block_stats, peak=True)
             t0 = _timed(out, "calibrate", t0)
             out.factors.update(_decompose(block_stats, targets, quiet))
+            del block_stats
+            offload.release_host_memory()  # the block's statistics and decomposition workspace go back to the OS
             t0 = _timed(out, "decompose", t0)
     else:
         cache = config.calibration.covariance_cache

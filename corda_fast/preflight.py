@@ -90,6 +90,9 @@ def check_offload(model: nn.Module, targets: list[Target], config: CordaConfig) 
                                        "needs streaming=True.")
         if config.plus is not None:
             raise offload.OffloadError("CalibrationConfig.onload_device needs streaming, which CorDA++ cannot use.")
+        if any(t.quant is not None for t in targets):
+            raise offload.OffloadError("CalibrationConfig.onload_device does not move quantized layers (their "
+                                       "quantization state stays behind): load the quantized model on its device.")
     if dispatched and any(t.quant is not None for t in targets):
         raise offload.OffloadError("quantized layers in a model accelerate dispatched are not supported: load the "
                                    "quantized model on one device, or the float model with a device_map.")

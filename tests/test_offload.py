@@ -211,6 +211,24 @@ def test_disk_offload_without_a_folder_is_refused_before_anything_runs(small_che
                                  onload_device="cpu")
 
 
+def test_corda_plus_on_a_disk_offloaded_model(small_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    d, size = small_checkpoint
+    model = AutoModelForCausalLM.from_pretrained(d, device_map="auto", max_memory={"cpu": size // 4},
+                                                 offload_folder=str(tmp_path / "offload"))
+    ids = torch.randint(0, 300, (1, 10))
+    with torch.no_grad():
+        original = model(ids).logits
+    batches = [{"input_ids": torch.randint(0, 300, (2, 16))} for _ in range(4)]
+    pm, rep = corda_fast.init_adapters(model, batches, rank=4, target_modules=TARGETS, return_report=True,
+                                       corda_config=corda_fast.CordaConfig(plus=corda_fast.PlusConfig(candidates=2),
+                                                                           show_progress=False))
+    assert rep.plus is not None and rep.weights["disk"] > 0
+    with torch.no_grad():
+        assert rel_max(pm(ids).logits, original) <= 1e-5
+
+
 def test_onloading_options_are_checked_and_blocks_come_back():
     model = tiny_llama()
     with pytest.raises(offload.OffloadError, match="streaming=True"):
