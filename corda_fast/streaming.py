@@ -113,7 +113,7 @@ def _cache_first_block_inputs(model: nn.Module, loader: Any, config: CordaConfig
 
 
 def _run_block(block: nn.Module, name: str, cached: list, collector: Collector, device, cache_device,
-               feed_next: bool) -> None:
+               feed_next: bool, trim: bool = False) -> None:
     """Run ``block`` on every cached input (statistics into ``collector``); with ``feed_next`` its outputs replace
     the cached hidden states, as the next block's inputs."""
     for n, (i, mask, lead, args, kwargs) in enumerate(cached):
@@ -131,7 +131,8 @@ def _run_block(block: nn.Module, name: str, cached: list, collector: Collector, 
                 raise CalibrationError(f"cannot tell which input of block '{name}' is its hidden state.")
             cached[n] = (i, mask, lead, args, kwargs)
         del out
-        offload.release_host_memory()
+        if trim:  # offloaded weights were loaded and freed for this batch: give the pages back
+            offload.release_host_memory()
     collector.check_finite()
 
 
@@ -155,6 +156,7 @@ def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, ta
     cache_device = torch.device(cache_device) if cache_device is not None else device
     block_device = onload if onload is not None else device
     prefix, blocks = find_blocks(model, targets)
+    dispatched = offload.is_dispatched(model)
     fingerprint = model_fingerprint(model)
     t0 = time.perf_counter()
     with eval_mode(model):
@@ -168,7 +170,7 @@ def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, ta
             try:
                 with onloaded(block, onload), distributed.stage(multi, f"calibration of block '{prefix}.{b}'"):
                     _run_block(block, f"{prefix}.{b}", cached, collector, block_device, cache_device,
-                               b + 1 < len(blocks))
+                               b + 1 < len(blocks), trim=dispatched)
             finally:
                 for h in handles:
                     h.remove()
