@@ -23,23 +23,13 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+from offload_worker import make_model  # noqa: E402
+
 from common import environment  # noqa: E402
 
 MODES = ["corda_inmemory", "corda_streaming", "corda", "floor"]
 LABEL = {"corda_inmemory": "in memory (one pass)", "corda_streaming": "in memory, streaming",
          "corda": "disk offload (device_map, host = size/4)", "floor": "floor: offloaded inference only"}
-
-
-def make_model(d: str, layers: int) -> int:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=layers, num_attention_heads=8,
-                      num_key_value_heads=2, vocab_size=4096)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(d)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def run(mode: str, d: str, work: str, cpu_bytes: int) -> dict:

@@ -21,6 +21,19 @@ from transformers import AutoModelForCausalLM
 import corda_fast
 
 
+def make_model(d: str, layers: int) -> int:
+    """Save a random Llama of ``layers`` narrow blocks (hidden 512, MLP 1024, float32; 24 blocks ≈ 229 MB) to
+    ``d``; returns its size in bytes. Shared by benchmarks/bench_offload.py and tests/test_offload.py."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=layers, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=4096)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(d)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def _status(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:

@@ -7,9 +7,9 @@ forward: host memory (``cpu`` offload) or disk (the checkpoint's own safetensors
 offload folder). This module reads and replaces those weights without materialising the model:
 
 - :func:`read_tensor` — a module's tensor wherever it lives (only that tensor is loaded);
-- :func:`store_residual` — puts ``W_res`` where ``W`` lived: into the module (on a device), into the host weights
-  map (``cpu`` offload), or into a :class:`ResidualStore` of its own on disk (never the user's checkpoint), and
-  points the hook at it; returns the undo;
+- :func:`store_residual` — puts ``W_res`` where an offloaded ``W`` lived: into the host weights map (``cpu``
+  offload), or into a :class:`ResidualStore` of its own on disk (never the user's checkpoint), pointing the hook at
+  it; returns the undo (weights held by their module are written by the caller);
 - :func:`iter_state` — the model's tensors one at a time (for writing a checkpoint block by block).
 
 Nothing here imports PEFT or the rest of the package; accelerate is only needed when a model carries its hooks.
@@ -219,14 +219,12 @@ class _ResidualMap(Mapping):
 
 def store_residual(module: nn.Module, w_res: torch.Tensor, layer: str,
                    store: Optional[ResidualStore]) -> Callable[[], None]:
-    """Put ``w_res`` (already in the weight's layout and dtype) in place of ``module.weight`` where it lives, and
-    return the zero-argument undo. Disk-offloaded weights go to ``store`` (their original files are never written);
-    ``store`` may be ``None`` only when none is disk-offloaded."""
+    """Put ``w_res`` (already in the weight's layout and dtype) in place of an offloaded ``module.weight`` where it
+    lives, and return the zero-argument undo. Disk-offloaded weights go to ``store`` (their original files are never
+    written); ``store`` may be ``None`` only when none is disk-offloaded."""
     kind = location(module)
     if kind == "module":
-        old = module.weight.data
-        module.weight.data = w_res.to(old.device)
-        return lambda: setattr(module.weight, "data", old)
+        raise OffloadError(f"layer '{layer}' holds its weight itself: write the residual into the module.")
     hook = offload_hook(module)
     if kind == "host":
         _, container, key = _where(hook, "weight")

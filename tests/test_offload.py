@@ -2,6 +2,7 @@
 disk), host-offloaded modules, sequential onloading, and the residual base written block by block."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,16 +22,12 @@ WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def _llama_dir(d, layers=24):
-    """A random Llama of ~229 MB (float32; 24 narrow blocks, so one block is a small share; 48 blocks: ~445 MB)
-    saved with ``save_pretrained``; returns its size in bytes."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=layers, num_attention_heads=8,
-                      num_key_value_heads=2, vocab_size=4096)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(d)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """benchmarks/offload_worker.py's random Llama (24 narrow blocks ≈ 229 MB, so one block is a small share),
+    saved to ``d``; returns its size in bytes."""
+    spec = importlib.util.spec_from_file_location("offload_worker", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    return worker.make_model(str(d), layers)
 
 
 def _digests(d) -> dict:
