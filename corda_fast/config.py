@@ -25,7 +25,7 @@ PRECISIONS = ("float32", "float64")
 SVD_METHODS = ("auto", "gram", "svd")
 UNUSED_TARGET_POLICIES = ("error", "skip")
 QUANTIZED_RESIDUALS = ("requantize", "keep")
-PLUS_SELECTION_SUMS = ("all", "adapter")
+PLUS_SELECTION_SUMS = ("all", "adapter", "frobenius")
 PLUS_SCORE_AT = ("next", "current")
 PLUS_ALPHA = ("scaling", "alpha")
 
@@ -206,7 +206,9 @@ class PlusConfig(_Replace):
             ``rank_pattern``) on the same layers.
         min_rank / max_rank: per-layer bounds of the allocated rank (``max_rank`` is also capped by
             ``min(d_in, d_out)``).
-        selection_sum: the selection score sums over ``"all"`` components or the ``rank`` smallest (``"adapter"``).
+        max_rank_factor: a per-layer cap as a multiple of the layer's uniform rank (``None``: no such cap).
+        selection_sum: the selection score sums ``σ/σ_max`` over ``"all"`` components or the ``rank`` adapted ones
+            (``"adapter"``), or is the stable rank ``Σσ²/σ_max²`` (``"frobenius"``: no candidate spectra needed).
         score_at: the allocation score of a layer at rank ``r`` uses the ``"next"`` component (the one an increment
             would adapt) or the ``"current"`` one.
         alpha: ``"scaling"`` keeps every layer's LoRA scaling at the uniform configuration's (``alpha_l = s·r_l``,
@@ -217,6 +219,7 @@ class PlusConfig(_Replace):
     budget: Optional[int] = None
     min_rank: int = 1
     max_rank: Optional[int] = None
+    max_rank_factor: Optional[float] = None
     selection_sum: str = "all"
     score_at: str = "next"
     alpha: str = "scaling"
@@ -229,6 +232,8 @@ class PlusConfig(_Replace):
         _check_int(own, "max_rank", self.max_rank, optional=True)
         if self.max_rank is not None and self.max_rank < self.min_rank:
             _fail(f"{own}.max_rank", self.max_rank, f"None or an int >= min_rank ({self.min_rank})")
+        if self.max_rank_factor is not None and not (_is_number(self.max_rank_factor) and self.max_rank_factor >= 1):
+            _fail(f"{own}.max_rank_factor", self.max_rank_factor, "None or a number >= 1")
         _check_choice(own, "selection_sum", self.selection_sum, PLUS_SELECTION_SUMS)
         _check_choice(own, "score_at", self.score_at, PLUS_SCORE_AT)
         _check_choice(own, "alpha", self.alpha, PLUS_ALPHA)

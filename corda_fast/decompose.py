@@ -119,13 +119,15 @@ def _decompose_torch(stats: CovarianceStats, by_key: dict, config: CordaConfig, 
     method = config.resolved_svd_method
     work = torch.float64 if method == "gram" else dtype
     damping = config.damping
+    starts = stats.meta.get("damping_start", {})
 
     def run_group(key: str, layer_targets: list[Target]) -> list[LayerFactors]:
         c = stats.covariance(key, work)  # a float64 statistic keeps its digits
         if device is not None:
             c = c.to(device)
         names = [t.name for t in layer_targets]
-        lam = find_damping(c, damping.start, damping.tol, damping.max_iter, what=f"layer(s) {names}")  # float32
+        lam = find_damping(c, starts.get(key, damping.start), damping.tol, damping.max_iter,
+                           what=f"layer(s) {names}")  # float32
         c_f = damp(c, lam)
         if release:
             stats.sums.pop(key, None)
@@ -175,11 +177,12 @@ def _decompose_native(stats: CovarianceStats, by_key: dict, config: CordaConfig,
     method = config.resolved_svd_method
     work = torch.float64 if method == "gram" else dtype
     damping = config.damping
-    by_dim: dict[int, list[str]] = {}
+    starts = stats.meta.get("damping_start", {})
+    by_dim: dict[tuple, list[str]] = {}
     for key in by_key:
-        by_dim.setdefault(stats.sums[key].shape[0], []).append(key)
+        by_dim.setdefault((stats.sums[key].shape[0], starts.get(key, damping.start)), []).append(key)
     out: dict[str, LayerFactors] = {}
-    for d, keys in by_dim.items():
+    for (d, start), keys in by_dim.items():
         per = max(1, NATIVE_CHUNK_BYTES // (d * d * 8 * 4))
         probes = ops.damping_probes(d)
         for c0 in range(0, len(keys), per):
@@ -187,7 +190,7 @@ def _decompose_native(stats: CovarianceStats, by_key: dict, config: CordaConfig,
             covs = torch.stack([stats.covariance(k, work) for k in chunk])
             if device is not None:
                 covs = covs.to(device)
-            cf, chol, lam = ops.damped_cholesky(covs, probes.to(covs.device), damping.start, damping.tol,
+            cf, chol, lam = ops.damped_cholesky(covs, probes.to(covs.device), start, damping.tol,
                                                 damping.max_iter, kernel="native")
             del covs
             lam = lam.tolist()

@@ -1,20 +1,24 @@
 """CorDA++ building blocks: compactness metric, covariance selection score, dynamic rank allocation.
 
-The definitions (``docs/corda_plus.md``) leave some choices open; each is an explicit option of
-:class:`~corda_fast.config.PlusConfig`:
+The definitions (``docs/corda_plus.md``) leave some choices open; each is an option of
+:class:`~corda_fast.config.PlusConfig` or of :func:`decide`, and ``benchmarks/ablation_plus.py`` measures them:
 
-- compactness ``π(C_f) = √(d_out·λ_max(C_f)) / λ_min(C_f)`` (eigenvalues of the damped covariance, §5.3) — the
-  bound ``‖ΔY‖₁ ≤ π·σ`` on the output change from discarding a component of singular value σ;
-- selection score ``log π · Σ σ_{−k}/σ_max`` summed over all components (``sum_over="all"``, as transcribed) or over
-  the ``r`` adapted ones (``"adapter"``), lower is better; candidates are compared after scaling each to unit mean
-  diagonal, since ``π(cC) = π(C)/√c`` while the σ-ratios are scale-free;
+- compactness ``π(C_f) = √(d_out·λ_max(C_f)) / λ_min(C_f)`` (extreme eigenvalues of the damped covariance) — the
+  bound ``‖ΔY‖₁ ≤ π·σ`` on the output change from discarding a component of singular value σ. All candidates of one
+  statistic are damped with one ``λ`` (the largest any of them needs), so the comparison between them is not
+  decided by the damping search (``λ_min(C_f)`` is mostly ``λ`` on real activations);
+- selection score ``log π · Σ σ_k/σ_max`` over all components (``"all"``, as transcribed), over the ``r`` adapted
+  ones (``"adapter"``), or ``log π · Σσ²/σ_max²`` (``"frobenius"``, the stable rank); lower is better;
+  candidates are compared after scaling each to unit mean diagonal, since ``π(cC) = π(C)/√c`` while the σ-ratios
+  are scale-free;
 - rank allocation: every layer starts at ``min_rank``; the layer with the lowest score
   ``log π · σ_{−(r+1)} / Σ_{k≤R−r−1} σ_k`` (the next component's relative weight) gets the next rank, until the
   budget is used (a heap over layers and prefix sums of the spectra: O(steps · log layers)).
 
 :func:`plan` runs the whole CorDA++ preprocessing between calibration (``calibrate.collect_candidates``: the
-candidate statistics of one forward pass) and decomposition: damping, compactness and spectra per candidate,
-selection per layer, allocation, and the PEFT ``rank_pattern`` / ``alpha_pattern`` to build the model with.
+candidate statistics of one forward pass) and decomposition: :func:`score_candidates` (damping, compactness and
+spectra per candidate) and :func:`decide` (selection per layer, allocation, the PEFT ``rank_pattern`` /
+``alpha_pattern`` to build the model with).
 """
 
 from __future__ import annotations
@@ -50,21 +54,6 @@ def _pi(lo: float, hi: float, d_out: int) -> float:
     return math.sqrt(d_out * hi) / lo
 
 
-def selection_score(pi: float, sigma: torch.Tensor, rank: Optional[int] = None, sum_over: str = "all") -> float:
-    """``log π · Σ σ_{−k}/σ_max`` with σ the singular values of ``W·C_f`` (descending); ``sum_over="all"`` sums
-    every component, ``"adapter"`` only the ``rank`` smallest. Lower is better."""
-    s = sigma.double()
-    if sum_over == "all":
-        tail = s
-    elif sum_over == "adapter":
-        if rank is None:
-            raise ValueError("sum_over='adapter' needs the rank.")
-        tail = s[s.numel() - rank:]
-    else:
-        raise ValueError(f"sum_over={sum_over!r}: expected 'all' or 'adapter'.")
-    return math.log(pi) * float(tail.sum() / s[0])
-
-
 def normalized(cov: torch.Tensor) -> torch.Tensor:
     """``cov`` scaled to unit mean diagonal (so candidates of different global scale compare)."""
     return cov / torch.diagonal(cov).mean()
@@ -82,7 +71,8 @@ class LayerSpectrum:
 
 
 def allocate_ranks(layers: list[LayerSpectrum], budget: int, min_rank: int = 1,
-                   max_rank: Optional[int] = None, mode: str = "kpm", score_at: str = "next") -> dict[str, int]:
+                   max_rank: Optional[int] = None, mode: str = "kpm", score_at: str = "next",
+                   layer_caps: Optional[dict] = None) -> dict[str, int]:
     """Dynamic rank allocation under a parameter budget.
 
     The score of layer ``l`` with ``b`` bottom components taken is ``log π · σ_{−j} / Σ_{k ≤ R−j} σ_k`` with
@@ -100,6 +90,7 @@ def allocate_ranks(layers: list[LayerSpectrum], budget: int, min_rank: int = 1,
         layers: spectra of the layers.
         budget: total adapter parameters ``Σ (d_in + d_out)·r_l``.
         min_rank / max_rank: bounds per layer (``max_rank`` is also capped by ``min(d_in, d_out)``).
+        layer_caps: optional per-layer caps ``{name: max rank}`` on top of ``max_rank``.
         mode: ``"kpm"`` or ``"ipm"``; score_at: ``"next"`` or ``"current"``.
     Returns:
         ``{name: rank}``, O(steps · log layers) with a heap and prefix sums of the spectra.
@@ -112,6 +103,8 @@ def allocate_ranks(layers: list[LayerSpectrum], budget: int, min_rank: int = 1,
     for l in layers:
         n = min(l.d_in, l.d_out, l.sigma.numel())
         cap = n if max_rank is None else min(n, max_rank)
+        if layer_caps is not None:
+            cap = min(cap, layer_caps[l.name])
         if min_rank > cap:
             raise ValueError(f"min_rank={min_rank} exceeds the max rank {cap} of layer '{l.name}'.")
         caps[l.name], full[l.name] = cap, l.sigma.numel()
@@ -239,14 +232,34 @@ class PlusPlan:
         return path
 
 
+@dataclass
+class CandidateScore:
+    """What selection and allocation need of one candidate on one layer, at the layer's shared damping ``λ``.
+
+    ``log_pi``: log compactness of the damped unit-mean-diagonal covariance; ``frobenius``: ``Σσ²/σ_max²`` of
+    ``W·C_f`` (its stable rank); ``sigma``: the spectrum of ``W·C_f`` (descending, float64); ``scale``: the raw
+    covariance's mean diagonal (what normalisation divided out)."""
+
+    log_pi: float
+    frobenius: float
+    sigma: torch.Tensor
+    scale: float
+
+
+@dataclass
+class CandidateScores:
+    """Output of :func:`score_candidates`: ``layers[name][g]`` (``None`` where candidate ``g`` never saw the layer)
+    and the damping ``λ`` shared by all candidates of each statistic."""
+
+    layers: dict
+    damping: dict
+    layer_keys: dict
+    seconds: float = 0.0
+
+
 @torch.no_grad()
 def plan(candidates: list[CovarianceStats], targets: list, config, use_rslora: bool = False) -> PlusPlan:
-    """CorDA++ between calibration and decomposition.
-
-    For every candidate statistic and layer: damping (the CorDA rule), ``π`` of the damped covariance, singular
-    values of ``W·C_f`` (float64, from the Gram matrix of the smaller side); selection of the candidate with the
-    lowest :func:`selection_score` per layer (ties → the lowest index); :func:`allocate_ranks` on the chosen
-    spectra under ``config.plus.budget`` (default: the uniform ranks' count).
+    """CorDA++ between calibration and decomposition: :func:`score_candidates`, then :func:`decide`.
 
     Args:
         candidates: ``calibrate.collect_candidates`` output (same keys in every group).
@@ -256,7 +269,20 @@ def plan(candidates: list[CovarianceStats], targets: list, config, use_rslora: b
     Returns:
         :class:`PlusPlan`; ``rank_pattern`` / ``alpha_pattern`` key every layer by its escaped full name.
     """
-    pconf = config.plus or PlusConfig()
+    scores = score_candidates(candidates, targets, config)
+    return decide(candidates, scores, targets, config, use_rslora=use_rslora)
+
+
+@torch.no_grad()
+def score_candidates(candidates: list[CovarianceStats], targets: list, config) -> CandidateScores:
+    """Every candidate of every layer scored at one damping per statistic.
+
+    Per statistic (one job per statistic, spread over the CPU cores): each candidate's covariance scaled to unit mean
+    diagonal; the damping ``λ`` is the largest any candidate needs (the CorDA rule, searched from the previous
+    candidate's ``λ`` up, so the extra candidates mostly cost one Cholesky trial), and every candidate is damped with
+    it — the candidates of a layer differ in their data only, never in their damping. Then the extreme eigenvalues
+    of ``C_f`` (for ``π``) and, per layer, the spectrum of ``M = W·C_f`` (float64, from its Gram matrix).
+    """
     t0 = time.perf_counter()
     layer_keys = {}
     for cand in candidates:  # with unused_targets="skip" a layer may be missing from some groups
@@ -265,77 +291,115 @@ def plan(candidates: list[CovarianceStats], targets: list, config, use_rslora: b
     for t in targets:
         if t.name in layer_keys:
             by_key.setdefault(layer_keys[t.name], []).append(t)
-    results = _score_candidates(candidates, by_key, config)
-    t1 = time.perf_counter()
-    layers, spectra = _select(targets, results, pconf)
+    bar = tqdm(total=len(by_key), desc="corda_fast: scoring candidates", unit="stat", disable=not config.show_progress)
+    damping = config.damping
+
+    def run(key):
+        names = [t.name for t in by_key[key]]
+        covs, scales = [], []
+        lam = damping.start
+        for g, cand in enumerate(candidates):
+            if key not in cand.sums:
+                covs.append(None)
+                scales.append(None)
+                continue
+            c = cand.covariance(key, torch.float64)
+            scale = float(torch.diagonal(c).mean())
+            c = c / scale if scale > 0 else c  # a zero statistic fails in find_damping with its own message
+            lam = find_damping(c, lam, damping.tol, damping.max_iter, what=f"layer(s) {names} (candidate {g})")
+            covs.append(c)
+            scales.append(scale)
+        out = {t.name: [None] * len(candidates) for t in by_key[key]}
+        for g, c in enumerate(covs):
+            if c is None:
+                continue
+            c_f = damp(c, lam)  # unit mean diagonal: C + λ·I
+            ev = torch.linalg.eigvalsh(c_f)
+            lo, hi = float(ev[0]), float(ev[-1])
+            for t in by_key[key]:
+                sigma = _spectrum(t.weight_matrix().detach().to(device=c.device, dtype=torch.float64) @ c_f)
+                out[t.name][g] = CandidateScore(math.log(_pi(lo, hi, t.d_out)),
+                                                float((sigma**2).sum() / sigma[0] ** 2), sigma, scales[g])
+            del c_f
+        bar.update(1)
+        return key, lam, out
+
+    on_cpu = all(s.device.type == "cpu" for c in candidates for s in c.sums.values())
+    try:
+        done = map_per_core(run, list(by_key), on_cpu)
+    finally:
+        bar.close()
+    layers, lams = {}, {}
+    for key, lam, out in done:
+        lams[key] = lam
+        layers.update(out)
+    return CandidateScores(layers, lams, layer_keys, time.perf_counter() - t0)
+
+
+def candidate_score(s: CandidateScore, selection_sum: str, rank: int, mode: str, normalize: bool = True) -> float:
+    """Selection score of one candidate (lower is better): ``log π ·`` ``Σσ/σ_max`` over all components
+    (``"all"``), over the ``rank`` adapted ones (``"adapter"``: the smallest in KPM, the largest in IPM), or
+    ``Σσ²/σ_max²`` (``"frobenius"``: the stable rank). ``normalize=False`` scores the raw
+    covariance (``π(cC) = π(C)/√c``): kept for the ablation only."""
+    log_pi = s.log_pi if normalize else s.log_pi - 0.5 * math.log(s.scale)
+    if selection_sum == "frobenius":
+        return log_pi * s.frobenius
+    sig = s.sigma.double()
+    if selection_sum == "adapter":
+        sig = sig[sig.numel() - rank:] if mode == "kpm" else sig[:rank]
+    elif selection_sum != "all":
+        raise ValueError(f"selection_sum={selection_sum!r}: expected 'all', 'adapter' or 'frobenius'.")
+    return log_pi * float(sig.sum() / s.sigma[0])
+
+
+@torch.no_grad()
+def decide(candidates: list[CovarianceStats], scores: CandidateScores, targets: list, config,
+           use_rslora: bool = False, normalize: bool = True) -> PlusPlan:
+    """Selection (per layer the candidate with the lowest :func:`candidate_score`; ties → the lowest index; a group
+    in which the layer never ran cannot be chosen), :func:`allocate_ranks` under ``config.plus.budget`` (default:
+    the uniform ranks' count) and the PEFT patterns."""
+    pconf = config.plus or PlusConfig()
+    t0 = time.perf_counter()
+    layers, chosen = [], []
+    for t in targets:
+        if t.name not in scores.layers:
+            continue
+        per = scores.layers[t.name]
+        sel = [math.inf if v is None else candidate_score(v, pconf.selection_sum, t.rank, config.mode, normalize)
+               for v in per]
+        best = min(range(len(sel)), key=lambda i: (sel[i], i))
+        key = scores.layer_keys[t.name]
+        layers.append(PlusLayer(t.name, t.d_in, t.d_out, best, sel, math.exp(per[best].log_pi),
+                                scores.damping[key], t.rank))
+        chosen.append((t, best, per[best]))
+    spectra = [LayerSpectrum(t.name, s.sigma, s.log_pi, t.d_in, t.d_out) for t, g, s in chosen]
     budget = pconf.budget if pconf.budget is not None else sum((l.d_in + l.d_out) * l.uniform_rank for l in layers)
-    ranks = allocate_ranks(spectra, budget, pconf.min_rank, pconf.max_rank, config.mode, pconf.score_at)
+    ranks = allocate_ranks(spectra, budget, pconf.min_rank, pconf.max_rank, config.mode, pconf.score_at,
+                           layer_caps=_caps(layers, pconf))
     rank_pattern, alpha_pattern = _patterns(layers, ranks, {t.name: t for t in targets}, pconf, use_rslora)
     realised = allocation_cost(spectra, ranks)
     if realised < budget - max((l.d_in + l.d_out) for l in layers):
         logger.warning("CorDA++: only %d of the %d-parameter budget could be used (every layer at its max rank).",
                        realised, budget)
-    stats = _selected_statistics(candidates, layers, layer_keys)
-    seconds = {"score": t1 - t0, "select_allocate": time.perf_counter() - t1}
+    stats = _selected_statistics(candidates, layers, scores.layer_keys)
+    seconds = {"score": scores.seconds, "select_allocate": time.perf_counter() - t0}
     logger.info("CorDA++: %d layers, %d candidates scored in %.2fs; ranks %d..%d, %d of %d budget parameters",
                 len(layers), len(candidates), seconds["score"], min(ranks.values()), max(ranks.values()),
                 realised, budget)
     return PlusPlan(stats, rank_pattern, alpha_pattern, layers, budget, realised, seconds)
 
 
-def _score_candidates(candidates: list[CovarianceStats], by_key: dict, config) -> dict[str, list]:
-    """``{layer: [(π, σ of W·C_f, λ) or None per candidate]}``: every (candidate, statistic) pair scored once,
-    spread over the CPU cores; covariances scaled to unit mean diagonal first."""
-    jobs = [(g, key) for g in range(len(candidates)) for key in by_key if key in candidates[g].sums]
-    bar = tqdm(total=len(jobs), desc="corda_fast: scoring candidates", unit="stat",
-               disable=not config.show_progress)
-    damping = config.damping
-
-    def run(job):
-        g, key = job
-        names = [t.name for t in by_key[key]]
-        c = normalized(candidates[g].covariance(key, torch.float64))
-        lam = find_damping(c, damping.start, damping.tol, damping.max_iter, what=f"layer(s) {names} (candidate {g})")
-        c_f = damp(c, lam)
-        ev = torch.linalg.eigvalsh(c_f)
-        lo, hi = float(ev[0]), float(ev[-1])
-        out = {}
-        for t in by_key[key]:
-            pi = _pi(lo, hi, t.d_out)  # > 1 on a unit-mean-diagonal covariance: log π > 0
-            m = t.weight_matrix().detach().to(device=c.device, dtype=torch.float64) @ c_f
-            gram = m @ m.mT if m.shape[0] <= m.shape[1] else m.mT @ m
-            sigma = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().flip(0).cpu()
-            out[t.name] = (pi, sigma, lam)
-        bar.update(1)
-        return g, out
-
-    results: dict[str, list] = {t.name: [None] * len(candidates) for ts in by_key.values() for t in ts}
-    on_cpu = all(s.device.type == "cpu" for c in candidates for s in c.sums.values())
-    try:
-        done = map_per_core(run, jobs, on_cpu)
-    finally:
-        bar.close()
-    for g, out in done:
-        for name, v in out.items():
-            results[name][g] = v
-    return results
+def _caps(layers: list[PlusLayer], pconf) -> Optional[dict]:
+    """Per-layer rank caps from ``max_rank_factor`` (a multiple of the layer's uniform rank), or ``None``."""
+    if pconf.max_rank_factor is None:
+        return None
+    return {l.name: max(pconf.min_rank, int(pconf.max_rank_factor * l.uniform_rank)) for l in layers}
 
 
-def _select(targets: list, results: dict, pconf) -> tuple[list[PlusLayer], list[LayerSpectrum]]:
-    """Per layer the candidate with the lowest selection score (a group in which the layer never ran cannot be
-    chosen; ties → the lowest index)."""
-    layers, spectra = [], []
-    for t in targets:
-        if t.name not in results:
-            continue
-        per = results[t.name]
-        scores = [math.inf if v is None else selection_score(v[0], v[1], rank=t.rank, sum_over=pconf.selection_sum)
-                  for v in per]
-        best = min(range(len(scores)), key=lambda i: (scores[i], i))
-        pi, sigma, lam = per[best]
-        layers.append(PlusLayer(t.name, t.d_in, t.d_out, best, scores, pi, lam, t.rank))
-        spectra.append(LayerSpectrum(t.name, sigma, math.log(pi), t.d_in, t.d_out))
-    return layers, spectra
+def _spectrum(m: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``m`` (descending, float64 on the CPU) from the Gram matrix of its smaller side."""
+    gram = m @ m.mT if m.shape[0] <= m.shape[1] else m.mT @ m
+    return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().flip(0).cpu()
 
 
 def _patterns(layers: list[PlusLayer], ranks: dict, by_name: dict, pconf, use_rslora: bool) -> tuple[dict, dict]:
@@ -356,8 +420,10 @@ def _patterns(layers: list[PlusLayer], ranks: dict, by_name: dict, pconf, use_rs
 
 def _selected_statistics(candidates: list[CovarianceStats], layers: list[PlusLayer],
                          layer_keys: dict) -> CovarianceStats:
-    """One :class:`CovarianceStats` holding, per (input, chosen candidate), its statistic: key ``input@candidate``."""
-    sums, n_samples, n_tokens, members = {}, {}, {}, {}
+    """One :class:`CovarianceStats` holding, per (input, chosen candidate), its statistic: key ``input@candidate``;
+    ``meta["damping_start"]`` carries the shared ``λ`` each was scored with, so the decomposition damps it alike
+    (its search starts there and accepts it at the first trial)."""
+    sums, n_samples, n_tokens, members, starts = {}, {}, {}, {}, {}
     for l in layers:
         key = layer_keys[l.name]
         src = candidates[l.candidate]
@@ -365,7 +431,8 @@ def _selected_statistics(candidates: list[CovarianceStats], layers: list[PlusLay
         if new not in sums:
             sums[new] = src.sums[key]
             n_samples[new], n_tokens[new], members[new] = src.n_samples[key], src.n_tokens[key], []
+            starts[new] = l.damping
         members[new].append(l.name)
     first = candidates[0]
     return CovarianceStats(sums, n_samples, n_tokens, members, first.normalization, first.model_fingerprint,
-                           meta={**first.meta, "selected": True})
+                           meta={**first.meta, "selected": True, "damping_start": starts})

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from corda_fast.plus import LayerSpectrum, allocate_ranks, allocation_cost, compactness, normalized, selection_score
+from corda_fast.plus import (
+    CandidateScore,
+    LayerSpectrum,
+    allocate_ranks,
+    allocation_cost,
+    candidate_score,
+    compactness,
+    normalized,
+)
 
 
 def spectrum(name, n, seed, d_in=None, d_out=None, log_pi=2.0):
@@ -25,20 +33,28 @@ def test_compactness_of_scaled_identity_and_scale_law():
         compactness(torch.zeros(3, 3), 2)
 
 
+def _score(c, w, lam=0.01, **kw):
+    c = normalized(c)
+    c_f = c + lam * torch.eye(c.shape[0], dtype=c.dtype)
+    sigma = torch.linalg.svdvals(w @ c_f)
+    s = CandidateScore(math.log(compactness(c_f, w.shape[0])), float((sigma**2).sum() / sigma[0] ** 2), sigma, 1.0)
+    return candidate_score(s, **{"selection_sum": "all", "rank": 2, "mode": "kpm", **kw})
+
+
 def test_selection_score_scale_invariant_after_normalisation_and_variants():
     x = torch.randn(80, 8, dtype=torch.float64)
     cov = x.T @ x / 80
     w = torch.randn(5, 8, dtype=torch.float64)
-
-    def score(c, **kw):
-        c = normalized(c)
-        return selection_score(compactness(c, 5), torch.linalg.svdvals(w @ c), **kw)
-
-    assert score(cov) == pytest.approx(score(100 * cov))
-    assert score(cov, rank=2, sum_over="adapter") == pytest.approx(score(7 * cov, rank=2, sum_over="adapter"))
-    assert score(cov, rank=2, sum_over="adapter") < score(cov)  # a partial sum of positive terms (log π > 0)
-    with pytest.raises(ValueError, match="sum_over"):
-        selection_score(2.0, torch.ones(3), sum_over="some")
+    for kw in ({}, {"selection_sum": "adapter"}, {"selection_sum": "adapter", "mode": "ipm"},
+               {"selection_sum": "frobenius"}):
+        assert _score(cov, w, **kw) == pytest.approx(_score(100 * cov, w, **kw))
+    assert _score(cov, w, selection_sum="adapter") < _score(cov, w)  # a partial sum of positive terms (log π > 0)
+    assert _score(cov, w, selection_sum="adapter") < _score(cov, w, selection_sum="adapter", mode="ipm")
+    with pytest.raises(ValueError, match="selection_sum"):
+        _score(cov, w, selection_sum="some")
+    flat = CandidateScore(2.0, 3.0, torch.ones(3, dtype=torch.float64), 4.0)
+    assert candidate_score(flat, "frobenius", 2, "kpm") == 6.0
+    assert candidate_score(flat, "all", 2, "kpm", normalize=False) == pytest.approx((2.0 - 0.5 * math.log(4.0)) * 3)
 
 
 @pytest.mark.parametrize("min_rank,max_rank", [(1, None), (2, 6)])

@@ -8,7 +8,7 @@ import torch
 
 import corda_fast
 from corda_fast.calibrate import CalibrationError, collect_candidates, collect_covariance
-from corda_fast.plus import LayerSpectrum, allocate_ranks, plan
+from corda_fast.plus import LayerSpectrum, allocate_ranks, plan, score_candidates
 from corda_fast.targets import resolve_targets
 
 from helpers import (
@@ -47,20 +47,22 @@ def test_candidates_come_from_one_pass_and_add_up_to_the_whole():
         assert sum(c.n_tokens[key] for c in cands) == whole.n_tokens[key]
 
 
-def _reference_scores(cand_stats, target, normalize=True):
-    """Float64 π and selection score of one layer per candidate, written independently of corda_fast.plus."""
-    out = []
+def _reference_scores(cand_stats, target):
+    """Float64 π and selection score of one layer per candidate, written independently of corda_fast.plus: every
+    candidate damped with the largest λ any of them needs."""
+    covs = []
     for stats in cand_stats:
         key = stats.layer_keys()[target.name]
         c = stats.sums[key].double() / stats.n_samples[key]
-        if normalize:
-            c = c / c.diagonal().mean()
-        lam = corda_fast.find_damping(c)
-        c_f = c + torch.eye(c.shape[0], dtype=torch.float64) * c.diagonal().mean() * lam
+        covs.append(c / c.diagonal().mean())
+    lam = max(corda_fast.find_damping(c) for c in covs)
+    out = []
+    for c in covs:
+        c_f = c + torch.eye(c.shape[0], dtype=torch.float64) * lam
         ev = torch.linalg.eigvalsh(c_f)
         pi = math.sqrt(target.d_out * float(ev[-1])) / float(ev[0])
         s = torch.linalg.svdvals(target.weight_matrix().detach().double() @ c_f)
-        out.append((pi, math.log(pi) * float(s.sum() / s[0])))
+        out.append((pi, math.log(pi) * float(s.sum() / s[0]), lam))
     return out
 
 
@@ -75,10 +77,55 @@ def test_plan_scores_match_float64_reference_and_pick_the_argmin():
     for l in p.layers:
         t = next(t for t in targets if t.name == l.name)
         ref = _reference_scores(cands, t)
-        for (pi_ref, s_ref), s in zip(ref, l.scores):
+        for (pi_ref, s_ref, lam), s in zip(ref, l.scores):
             assert s == pytest.approx(s_ref, rel=1e-8)
+        assert l.damping == ref[0][2]
         assert l.candidate == min(range(len(ref)), key=lambda i: ref[i][1])
         assert l.compactness == pytest.approx(ref[l.candidate][0], rel=1e-8)
+
+
+def _spiked_sum(d, bulk, seed):
+    """A statistic with one outlier direction and a decaying bulk of level ``bulk``: the smaller the bulk, the
+    larger the outlier's share of the (normalised) trace and the larger the damping the CorDA rule needs."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    ev = bulk * torch.logspace(-1, -9, d, dtype=torch.float64)
+    ev[0] = 1.0
+    return ((q * ev) @ q.T).float()
+
+
+def test_a_candidates_score_does_not_jump_when_only_its_damping_would_change():
+    """Candidate 0 is nudged across a doubling of the damping it would need on its own (its own λ changes 2x);
+    candidate 1 needs more. Scored at the shared λ, candidate 0's score moves continuously (by the nudge), where a
+    per-candidate damping would move its log π by about log 2."""
+    model = tiny_llama(hidden=96)
+    cfg = Setup(rank=4, mode="kpm", damping_start=1e-5)  # small start: a 96-wide statistic can need doublings
+    targets = resolve_targets(model, cfg.lora)
+    cands = collect_candidates(model, padded_batches(random_samples(4, seed=2), 2), 2, cfg.corda, targets)
+    key = cands[0].layer_keys()[targets[0].name]
+    d = cands[0].sums[key].shape[0]
+
+    def own(bulk, seed=0):
+        c = _spiked_sum(d, bulk, seed).double()
+        return corda_fast.find_damping(c / c.diagonal().mean(), start=1e-5)
+
+    bulks = torch.logspace(1, -4, 200, dtype=torch.float64).tolist()
+    lams = [own(b) for b in bulks]
+    jump = next(i for i in range(1, len(bulks)) if lams[i] > lams[i - 1])  # crossing a doubling
+    lo, hi = bulks[jump - 1], bulks[jump]
+    assert lams[jump] == 2 * lams[jump - 1]
+    other = bulks[-1] / 10
+    assert own(other, 1) > lams[jump]  # candidate 1 needs a larger λ
+    cands[1].sums[key] = _spiked_sum(d, other, 1) * cands[1].n_samples[key]
+    got = {}
+    for bulk in (lo, hi):
+        cands[0].sums[key] = _spiked_sum(d, bulk, 0) * cands[0].n_samples[key]
+        sc = score_candidates(cands, targets, cfg.corda)
+        got[bulk] = (sc.layers[targets[0].name][0].log_pi, sc.damping[key])
+    assert got[lo][1] == got[hi][1] == own(other, 1)  # one λ for both candidates, unchanged by the nudge
+    nudge = abs(math.log(lo / hi))  # the nudge of the bulk, in log units
+    assert abs(got[hi][0] - got[lo][0]) <= nudge
+    assert math.log(2) > 5 * nudge  # the test is sharp: a per-candidate damping would have jumped by ~log 2
 
 
 def test_identical_candidates_change_nothing():
