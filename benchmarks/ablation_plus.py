@@ -15,10 +15,10 @@ Variants, one choice changed at a time from ``default`` (interleaved, N = 4, sel
 no cap): ``adapter`` (selection sum), ``current`` (score_at), ``cap4`` (ranks ≤ 4× uniform),
 ``contiguous``, ``mixed``, ``n2``, ``n8``, ``n1`` (no selection: CorDA's statistic, all the data, with the
 allocation); ``raw`` (no normalisation of the candidates) and ``frobenius`` (the stable rank as the selection
-sum) are compared at the plan level only. KPM is calibrated on knowledge and judged by retention (knowledge perplexity) and task NLL after
-fine-tuning on the task; IPM is calibrated on the task and judged by its early (first quarter of the steps) and
-final (last quarter) training loss. Variants whose plan equals one already trained (same statistics per layer, same ranks) reuse its
-result, since the run is then identical.
+sum) are compared at the plan level only. KPM is calibrated on knowledge and judged by retention (knowledge
+perplexity) and task NLL after fine-tuning on the task; IPM is calibrated on the task and judged by its early
+(first quarter of the steps) and final (last quarter) training loss. Variants whose plan equals one already
+trained (same statistics per layer, same ranks) reuse its result, since the run is then identical.
 
 Writes ``benchmarks/results/ablation_plus.json`` (environment, plans, runs) and ``ablation_plus.png``;
 ``python benchmarks/report.py`` renders the table into docs/corda_plus.md.
