@@ -1,7 +1,8 @@
 """CorDA++ ablation on SmolLM2-135M, offline, on CPU: which of the open choices matter, against CorDA and LoRA.
 
-One adapter budget (uniform rank ``--rank`` on the 7 projections, alpha = rank), ``--seeds`` seeds; a seed draws
-its own calibration windows and its own training order. Per seed the calibration data are run once per source
+One adapter budget (uniform rank ``--rank`` on the 7 projections, alpha = rank). The calibration data are drawn
+once; every initialisation is fine-tuned with ``--seeds`` seeds (training order, and LoRA's random A). The
+calibration data are run once per source
 (``knowledge``: documentation prose, ``task``: sorting lines; the corpora of ``quality_smollm2.py``) into 8
 statistics, one per calibration batch, windows sorted by their position in the corpus, so batch ``i`` holds the
 ``i``-th eighth of the draw. Every candidate set below is a sum of those (exact: statistics add):
@@ -17,13 +18,13 @@ no cap): ``adapter`` (selection sum), ``current`` (score_at), ``cap4`` (ranks �
 allocation); ``raw`` (no normalisation of the candidates) and ``frobenius`` (the stable rank as the selection
 sum) are compared at the plan level only. KPM is calibrated on knowledge and judged by retention (knowledge
 perplexity) and task NLL after fine-tuning on the task; IPM is calibrated on the task and judged by its early
-(first quarter of the steps) and final (last quarter) training loss. Variants whose plan equals one already
+(the third of the steps after the first) and final (last third) training loss. Variants whose plan equals one already
 trained (same statistics per layer, same ranks) reuse its result, since the run is then identical.
 
 Writes ``benchmarks/results/ablation_plus.json`` (environment, plans, runs) and ``ablation_plus.png``;
 ``python benchmarks/report.py`` renders the table into docs/corda_plus.md.
 
-    python benchmarks/ablation_plus.py                      # ~60 min on 2 cores
+    python benchmarks/ablation_plus.py                      # ~55 min on 2 cores
     python benchmarks/ablation_plus.py --quick              # smoke: 1 seed, 2 steps
 """
 
@@ -152,8 +153,8 @@ def fine_tune(pm, data, args, seed) -> dict:
     t = time.perf_counter()
     losses = train(pm, data, args, seed)
     after = evaluate(pm, data)
-    q = max(1, len(losses) // 4)
-    return {"seed": seed, "losses": losses, "early_loss": statistics.mean(losses[:q]),
+    q = max(1, len(losses) // 3)  # step 1 is the same for every method (the model at init is the original)
+    return {"seed": seed, "losses": losses, "early_loss": statistics.mean(losses[1:1 + q]),
             "final_loss": statistics.mean(losses[-q:]), **after, "seconds": round(time.perf_counter() - t, 1)}
 
 
@@ -168,11 +169,11 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=256)
-    p.add_argument("--eval-windows", type=int, default=6)
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--eval-windows", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--train-len", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--modes", nargs="+", default=["kpm", "ipm"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 steps, tiny calibration")
@@ -194,67 +195,79 @@ def main():
             "task_eval": batches_of(consecutive(t_eval, args.eval_windows, 256), 8), "task_train": t_train}
     calib_batch = args.calib_samples // 8
     result = {"environment": environment(), "config": vars(args), "variants": {k: list(v) for k, v in VARIANTS.items()},
-              "seeds": {}}
-    for seed in args.seeds:
-        rng = random.Random(1000 + seed)
-        batches = {"knowledge": batches_of(sorted_windows(k_train, args.calib_samples, args.calib_len, rng), calib_batch),
-                   "task": batches_of(sorted_windows(t_train, args.calib_samples, args.calib_len, rng), calib_batch)}
-        base = load_base(model_dir)
-        lora_spec, cfg = api.configure(mode="kpm", rank=args.rank, lora_alpha=args.rank, target_modules=TARGETS,
-                                       corda_config=corda_fast.CordaConfig(show_progress=False))
-        targets = resolve_targets(base, lora_spec)
-        t = time.perf_counter()
-        groups = {src: collect_candidates(base, b, 8, cfg, targets) for src, b in batches.items()}
-        out = {"calibration_seconds": round(time.perf_counter() - t, 1), "modes": {}}
-        print(f"seed {seed}: calibrated both sources in {out['calibration_seconds']} s", flush=True)
-        from peft import LoraConfig, get_peft_model
+              "modes": {}, "lora": []}
+    rng = random.Random(1000)
+    batches = {"knowledge": batches_of(sorted_windows(k_train, args.calib_samples, args.calib_len, rng), calib_batch),
+               "task": batches_of(sorted_windows(t_train, args.calib_samples, args.calib_len, rng), calib_batch)}
+    base = load_base(model_dir)
+    lora_spec, cfg = api.configure(mode="kpm", rank=args.rank, lora_alpha=args.rank, target_modules=TARGETS,
+                                   corda_config=corda_fast.CordaConfig(show_progress=False))
+    targets = resolve_targets(base, lora_spec)
+    t = time.perf_counter()
+    groups = {src: collect_candidates(base, b, 8, cfg, targets) for src, b in batches.items()}
+    result["calibration_seconds"] = round(time.perf_counter() - t, 1)
+    print(f"calibrated both sources in {result['calibration_seconds']} s", flush=True)
+    from peft import LoraConfig, get_peft_model
 
+    for seed in args.seeds:
         torch.manual_seed(seed)
         pm = get_peft_model(load_base(model_dir), LoraConfig(r=args.rank, lora_alpha=args.rank,
                                                               target_modules=TARGETS, init_lora_weights=True))
-        out["lora"] = fine_tune(pm, data, args, seed)
-        print(f"  lora: {out['lora']['task_nll']:.4f} {out['lora']['knowledge_ppl']:.3f}", flush=True)
-        for mode in args.modes:
-            own_src, other_src = ("knowledge", "task") if mode == "kpm" else ("task", "knowledge")
-            own, other = groups[own_src], groups[other_src]
-            res = {"plans": {}, "runs": {}, "score_seconds": {}}
-            pm, rep = build(model_dir, mode, batches[own_src], args, None, None, None, True,
-                            corda_stats=merge(own, list(range(8))))
-            res["runs"]["corda"] = fine_tune(pm, data, args, seed)
-            print(f"  {mode} corda: {res['runs']['corda']}"[:160], flush=True)
-            scored = {}
-            done = {}  # plan signature -> variant trained with it
-            for name in args.variants:
-                set_name, change, normalize, trained = VARIANTS[name]
-                if set_name not in scored:
-                    cands, prov = candidate_set(set_name, own, other)
-                    t = time.perf_counter()
-                    scored[set_name] = (cands, prov, score_candidates(cands, targets, cfg.replace(
-                        mode=mode, plus=corda_fast.PlusConfig(candidates=len(cands)))))
-                    res["score_seconds"][set_name] = round(time.perf_counter() - t, 1)
-                cands, prov, scores = scored[set_name]
-                pconf = corda_fast.PlusConfig(candidates=len(cands), **change)
-                pl = decide(cands, scores, targets, cfg.replace(mode=mode, plus=pconf), normalize=normalize)
-                summary = plan_summary(pl, prov, res["plans"].get("default"))
-                res["plans"][name] = summary
-                if not trained:
-                    continue
-                sig = json.dumps(summary["signature"])
-                if sig in done:
-                    res["runs"][name] = {**res["runs"][done[sig]], "same_plan_as": done[sig]}
-                    continue
-                pm, rep = build(model_dir, mode, batches[own_src], args, cands, scores, pconf, normalize)
-                res["runs"][name] = fine_tune(pm, data, args, seed)
-                done[sig] = name
-                r = res["runs"][name]
-                print(f"  {mode} {name}: task {r['task_nll']:.4f} ppl {r['knowledge_ppl']:.3f} early "
-                      f"{r['early_loss']:.4f} final {r['final_loss']:.4f} ranks {summary['rank_min']}.."
-                      f"{summary['rank_max']} ({r['seconds']} s)", flush=True)
-                del pm
-            out["modes"][mode] = res
-        result["seeds"][str(seed)] = out
+        result["lora"].append(fine_tune(pm, data, args, seed))
+        print(f"lora seed {seed}: {result['lora'][-1]['task_nll']:.4f} {result['lora'][-1]['knowledge_ppl']:.3f}",
+              flush=True)
+    for mode in args.modes:
+        own_src, other_src = ("knowledge", "task") if mode == "kpm" else ("task", "knowledge")
+        own, other = groups[own_src], groups[other_src]
+        res = {"plans": {}, "runs": {}, "score_seconds": {}}
+        result["modes"][mode] = res
+
+        def run_seeds(name, pm):
+            """Fine-tune one initialisation once per seed, from the same initial adapter."""
+            init_state = {k: v.clone() for k, v in pm.state_dict().items() if "lora_" in k}
+            runs = []
+            for seed in args.seeds:
+                pm.load_state_dict(init_state, strict=False)
+                runs.append(fine_tune(pm, data, args, seed))
+                r = runs[-1]
+                print(f"  {mode} {name} seed {seed}: task {r['task_nll']:.4f} ppl {r['knowledge_ppl']:.3f} early "
+                      f"{r['early_loss']:.4f} final {r['final_loss']:.4f} ({r['seconds']} s)", flush=True)
+            return runs
+
+        pm, rep = build(model_dir, mode, batches[own_src], args, None, None, None, True,
+                        corda_stats=merge(own, list(range(8))))
+        res["runs"]["corda"] = run_seeds("corda", pm)
+        del pm
+        scored = {}
+        done = {}  # plan signature -> variant trained with it
+        for name in args.variants:
+            set_name, change, normalize, trained = VARIANTS[name]
+            if set_name not in scored:
+                cands, prov = candidate_set(set_name, own, other)
+                t = time.perf_counter()
+                scored[set_name] = (cands, prov, score_candidates(cands, targets, cfg.replace(
+                    mode=mode, plus=corda_fast.PlusConfig(candidates=len(cands)))))
+                res["score_seconds"][set_name] = round(time.perf_counter() - t, 1)
+            cands, prov, scores = scored[set_name]
+            pconf = corda_fast.PlusConfig(candidates=len(cands), **change)
+            pl = decide(cands, scores, targets, cfg.replace(mode=mode, plus=pconf), normalize=normalize)
+            summary = plan_summary(pl, prov, res["plans"].get("default"))
+            res["plans"][name] = summary
+            print(f"  {mode} {name}: ranks {summary['rank_min']}..{summary['rank_max']}, same candidate / rank as "
+                  f"default {summary.get('same_candidate_as_default')} / {summary.get('same_rank_as_default')}",
+                  flush=True)
+            if not trained:
+                continue
+            sig = json.dumps(summary["signature"])
+            if sig in done:
+                res["runs"][name] = [{**r, "same_plan_as": done[sig]} for r in res["runs"][done[sig]]]
+                continue
+            pm, rep = build(model_dir, mode, batches[own_src], args, cands, scores, pconf, normalize)
+            res["runs"][name] = run_seeds(name, pm)
+            done[sig] = name
+            del pm
         result["seconds_total"] = round(time.perf_counter() - t_start, 1)
-        with open(args.out, "w") as f:  # after every seed: a partial run is still readable
+        with open(args.out, "w") as f:  # after every mode: a partial run is still readable
             json.dump(result, f, indent=1)
     result["summary"] = summarize(result)
     with open(args.out, "w") as f:
@@ -268,24 +281,22 @@ def _spread(values):
 
 
 def summarize(result: dict) -> dict:
-    """Per mode and method: median (min-max) over seeds of every measure, and the plan facts of seed 0."""
-    seeds = list(result["seeds"].values())
+    """Per mode and method: median (min-max) over seeds of every measure, and the plan facts."""
     out = {}
-    for mode in seeds[0]["modes"]:
+    for mode, res in result["modes"].items():
         rows = {}
-        names = ["lora", "corda"] + [v for v in result["variants"] if v in seeds[0]["modes"][mode]["plans"]]
-        for name in names:
-            runs = [s["lora"] if name == "lora" else s["modes"][mode]["runs"].get(name) for s in seeds]
-            runs = [r for r in runs if r is not None]
+        for name in ["lora", "corda"] + [v for v in result["variants"] if v in res["plans"]]:
+            runs = result["lora"] if name == "lora" else res["runs"].get(name, [])
             row = {m: _spread([r[m] for r in runs]) for m in ("task_nll", "knowledge_ppl", "early_loss", "final_loss")
                    } if runs else {}
-            if name not in ("lora", "corda"):
-                plans = [s["modes"][mode]["plans"][name] for s in seeds]
-                row["plan"] = {k: plans[0][k] for k in ("rank_min", "rank_max", "rank_by_kind", "candidates_chosen")}
-                if "same_candidate_as_default" in plans[0]:
-                    row["plan"]["same_candidate_as_default"] = _spread([p["same_candidate_as_default"] for p in plans])
-                    row["plan"]["same_rank_as_default"] = _spread([p["same_rank_as_default"] for p in plans])
-                    row["plan"]["layers"] = plans[0]["layers"]
+            if name in res["plans"]:
+                p = res["plans"][name]
+                row["plan"] = {k: p[k] for k in ("rank_min", "rank_max", "rank_by_kind", "candidates_chosen")}
+                for k in ("same_candidate_as_default", "same_rank_as_default", "layers"):
+                    if k in p:
+                        row["plan"][k] = p[k]
+                if runs and "same_plan_as" in runs[0]:
+                    row["same_plan_as"] = runs[0]["same_plan_as"]
             rows[name] = row
         out[mode] = rows
     return out
@@ -309,8 +320,8 @@ def markdown(result: dict) -> str:
         for name, r in table.items():
             plan = r.get("plan", {})
             ranks = f"{plan['rank_min']}–{plan['rank_max']}" if plan else "uniform"
-            same = (f"{plan['same_candidate_as_default']['median']:.0f} / {plan['same_rank_as_default']['median']:.0f}"
-                    f" of {plan['layers']}" if "same_candidate_as_default" in plan else "")
+            same = (f"{plan['same_candidate_as_default']} / {plan['same_rank_as_default']} of {plan['layers']}"
+                    if "same_candidate_as_default" in plan else "")
             label = name if r.get("task_nll") else f"{name} (plan only)"
             if mode == "kpm":
                 rows.append(f"| {label} | {cell(r.get('task_nll'), '.4f')} | {cell(r.get('knowledge_ppl'), '.3f')} | "
@@ -322,7 +333,8 @@ def markdown(result: dict) -> str:
     rows.append(f"\nSmolLM2-135M-Instruct (float32), rank {c['rank']} budget on 7 projections, alpha = rank; "
                 f"calibration {c['calib_samples']} × {c['calib_len']} tokens per source in 8 batches; "
                 f"{c['steps']} AdamW steps (lr {c['lr']}, batch {c['batch_size']} × {c['train_len']} tokens); "
-                f"median (min–max) over seeds {c['seeds']}; {env['cpu_count']} CPUs, torch {env['torch']}, peft "
+                f"median (min–max) over fine-tuning seeds {c['seeds']} (data order; LoRA's A) from one calibration "
+                f"draw; {env['cpu_count']} CPUs, torch {env['torch']}, peft "
                 f"{env['peft']}, commit {env['corda_fast_commit']}, {env['date']}; "
                 f"{result['seconds_total']:.0f} s in all.")
     return "\n".join(rows)
@@ -356,8 +368,8 @@ def plot(result: dict, path: str) -> None:
             x, y = r["early_loss"], r["final_loss"]
             ax.errorbar(x["median"], y["median"], xerr=[[x["median"] - x["min"]], [x["max"] - x["median"]]],
                         yerr=[[y["median"] - y["min"]], [y["max"] - y["median"]]], fmt="o", label=name)
-        ax.set_xlabel("training loss, steps 1-5 (lower = faster start)")
-        ax.set_ylabel("training loss, last 5 steps")
+        ax.set_xlabel("early training loss (lower = faster start)")
+        ax.set_ylabel("final training loss")
         ax.set_title("IPM: median and min-max over seeds")
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -87,8 +87,16 @@ class InitReport:
         if self.plus is not None:
             chosen = [l.candidate for l in self.plus.layers]
             lines.insert(1, f"CorDA++: {len({*chosen})} of {len(self.plus.layers[0].scores)} candidates chosen, "
-                            f"budget {self.plus.budget} → {self.plus.realised} adapter parameters")
+                            f"budget {self.plus.budget} → {self.plus.realised} adapter parameters; ranks per module: "
+                            + ", ".join(f"{kind} {_rank_range(hist)}"
+                                        for kind, hist in self.plus.rank_histogram().items()))
         return "\n".join(lines)
+
+
+def _rank_range(hist: dict) -> str:
+    """``mean (min–max)`` of a ``{rank: count}`` histogram."""
+    n = sum(hist.values())
+    return f"{sum(r * c for r, c in hist.items()) / n:.1f} ({min(hist)}–{max(hist)})"
 
 
 @dataclass

@@ -49,8 +49,9 @@ def _corda_config(args, distributed: bool):
 
     plus = None
     if args.method == "corda++":
-        plus = corda_fast.PlusConfig(candidates=args.candidates, budget=args.budget, min_rank=args.min_rank,
-                                     max_rank=args.max_rank)
+        given = {"candidates": args.candidates, "max_rank_factor": args.max_rank_factor}
+        plus = corda_fast.PlusConfig(budget=args.budget, min_rank=args.min_rank, max_rank=args.max_rank,
+                                     **{k: v for k, v in given.items() if v is not None})
     calibration = corda_fast.CalibrationConfig(
         covariance_cache=args.covariance_cache, overwrite_cache=args.overwrite_cache,
         streaming={"off": False, "on": True, "auto": "auto"}[args.streaming],
@@ -208,9 +209,10 @@ def _result(args, model_dir: str, report, world: int, t_load: float, drift: floa
         with open(os.path.join(work, "corda_plus.md"), "w", encoding="utf-8") as f:
             f.write(p.table() + "\n")
         result["plus"] = {
-            "candidates": args.candidates, "budget": p.budget, "realised": p.realised, "table": table,
+            "candidates": len(p.layers[0].scores) if p.layers else 0, "budget": p.budget, "realised": p.realised, "table": table,
             "layers": [{"name": l.name, "compactness": l.compactness, "candidate": l.candidate, "scores": l.scores,
                         "rank": l.rank, "alpha": l.alpha} for l in p.layers],
+            "rank_histogram": {kind: {str(r): n for r, n in h.items()} for kind, h in p.rank_histogram().items()},
         }
         try:
             p.plot(os.path.join(work, "corda_plus.png"))
@@ -251,6 +253,10 @@ def format_result(r: dict) -> str:
             f"parameters); candidates chosen {chosen} of {p['candidates']}",
             f"                per-layer table {p['table']}" + (f", plot {p['plot']}" if p.get("plot") else ""),
         ]
+        for kind, hist in p.get("rank_histogram", {}).items():
+            counts = {int(r): n for r, n in hist.items()}
+            spread = " ".join(f"{r}×{n}" for r, n in counts.items())
+            lines.append(f"                {kind:10s} ranks {spread}"[:200])
     lines += [
         "  time        : " + ", ".join(f"{k} {v:.2f}s" for k, v in r["seconds"].items()),
         f"  drift @init : max|Δlogit| = {r['drift_at_init']['max_abs_logit_diff']:.3g} "
@@ -323,11 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="calibrate and decompose one block at a time (bounded statistic memory)")
         q.add_argument("--method", choices=["corda", "corda++"], default="corda",
                        help="corda++: per-layer covariance selection and rank allocation under --budget")
-        q.add_argument("--candidates", type=_positive, default=4, help="CorDA++ candidate statistics per layer")
+        q.add_argument("--candidates", type=_positive, default=None,
+                       help="CorDA++ candidate statistics per layer (default: PlusConfig's)")
         q.add_argument("--budget", type=_positive, default=None,
                        help="CorDA++ adapter parameter budget (default: that of the uniform --rank)")
         q.add_argument("--min-rank", type=_positive, default=1, help="CorDA++ per-layer minimum rank")
         q.add_argument("--max-rank", type=_positive, default=None, help="CorDA++ per-layer maximum rank")
+        q.add_argument("--max-rank-factor", type=float, default=None,
+                       help="CorDA++ per-layer cap as a multiple of --rank (default: PlusConfig's)")
         q.add_argument("--device", default="cpu", help="cpu | cuda | auto (with --distributed: this rank's GPU)")
         big = q.add_argument_group("models bigger than the device or than memory")
         big.add_argument("--device-map", default=None,

@@ -192,15 +192,40 @@ class PlusPlan:
     realised: int
     seconds: dict = field(default_factory=dict)
 
+    def rank_histogram(self) -> dict:
+        """``{module kind: {rank: number of layers}}``, the kind being the last component of the layer name."""
+        out: dict = {}
+        for l in self.layers:
+            kind = out.setdefault(l.name.rsplit(".", 1)[-1], {})
+            kind[l.rank] = kind.get(l.rank, 0) + 1
+        return {k: dict(sorted(v.items())) for k, v in out.items()}
+
+    def histogram_table(self) -> str:
+        """The allocation per module kind as a markdown table: layers, mean / min / max rank, and the number of
+        layers per rank range (powers of two)."""
+        edges = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+        labels = [f"{a}" if b - a == 1 else f"{a}–{b - 1}" for a, b in zip(edges, edges[1:])] + [f"≥{edges[-1]}"]
+        rows = ["| module | layers | mean | min | max | " + " | ".join(labels) + " |",
+                "|---|---:|---:|---:|---:|" + "---:|" * len(labels)]
+        for kind, hist in self.rank_histogram().items():
+            ranks = [r for r, n in hist.items() for _ in range(n)]
+            counts = [0] * len(labels)
+            for r in ranks:
+                counts[sum(r >= e for e in edges) - 1] += 1
+            rows.append(f"| {kind} | {len(ranks)} | {sum(ranks) / len(ranks):.1f} | {min(ranks)} | {max(ranks)} | "
+                        + " | ".join(str(c) if c else "" for c in counts) + " |")
+        return "\n".join(rows)
+
     def table(self) -> str:
-        """A markdown table of the per-layer decisions."""
+        """A markdown table of the per-layer decisions, then the rank histogram per module kind."""
         rows = ["| layer | shape | π (compactness) | candidate | scores | rank (uniform) |",
                 "|---|---|---:|---:|---|---:|"]
         for l in self.layers:
             sc = ", ".join(f"{v:.4g}" for v in l.scores)
             rows.append(f"| {l.name} | {l.d_out}×{l.d_in} | {l.compactness:.4g} | {l.candidate} | {sc} | "
                         f"{l.rank} ({l.uniform_rank}) |")
-        rows.append(f"\nbudget {self.budget} adapter parameters, realised {self.realised}")
+        rows.append(f"\nbudget {self.budget} adapter parameters, realised {self.realised}\n")
+        rows.append(self.histogram_table())
         return "\n".join(rows)
 
     def plot(self, path: str) -> str:

@@ -79,6 +79,14 @@ def test_init_corda_plus_writes_table_and_plot(model_dir, tmp_path, capsys):
     assert all(2 <= r <= 20 for r in ranks) and len(set(ranks)) > 1
     assert report["plus"]["realised"] <= report["plus"]["budget"]
     assert (out / "corda_plus.md").read_text().count("| model.layers.") == 14
+    hist = report["plus"]["rank_histogram"]  # per module kind: {rank: layers}, adding up to the table
+    by_kind = {}
+    for l in report["plus"]["layers"]:
+        by_kind.setdefault(l["name"].rsplit(".", 1)[-1], []).append(l["rank"])
+    assert {k: {int(r): n for r, n in h.items()} for k, h in hist.items()} == {
+        k: {r: v.count(r) for r in sorted(set(v))} for k, v in by_kind.items()}
+    assert "| q_proj | 2 |" in (out / "corda_plus.md").read_text()  # the histogram table, 2 layers per kind
+    assert "q_proj     ranks" in printed
     assert (out / "corda_plus.png").stat().st_size > 1000
     assert report["drift_at_init"]["relative"] < 1e-5
 

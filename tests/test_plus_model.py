@@ -241,6 +241,22 @@ def test_explicit_budget_and_min_max_rank():
     ranks = {l["name"]: l["rank"] for l in report.layers}
     assert all(2 <= r <= 5 for r in ranks.values())
     assert budget - max(step.values()) < sum(step[n] * r for n, r in ranks.items()) <= budget
+    q = [r for n, r in ranks.items() if n.endswith("q_proj")]
+    assert f"q_proj {sum(q) / len(q):.1f} ({min(q)}–{max(q)})" in report.summary()
+
+
+def test_max_rank_factor_caps_each_layer_at_a_multiple_of_its_uniform_rank():
+    model = tiny_llama()
+    batches = padded_batches(random_samples(8), 2)
+    free = init(tiny_llama(), batches, mode="kpm", rank=4, plus=True, candidates=2, return_report=True)[1]
+    assert max(l["rank"] for l in free.layers) > 8  # uncapped, the allocation concentrates
+    pm, report = init(model, batches, mode="kpm", rank=4, plus=True, candidates=2, max_rank_factor=2.0,
+                      return_report=True)
+    ranks = [l["rank"] for l in report.layers]
+    assert max(ranks) <= 8 and len(set(ranks)) > 1
+    step = {l.name: l.d_in + l.d_out for l in report.plus.layers}
+    assert report.plus.realised <= report.plus.budget
+    assert report.plus.budget - report.plus.realised < max(step.values())  # the cap leaves room: budget still used
 
 
 @pytest.mark.parametrize("kwargs,err,match", [
