@@ -71,18 +71,18 @@ SETS = {  # candidate set -> (source, groups of the 8 per-batch statistics)
     "eight": ("own", [[i] for i in range(8)]),
     "one": ("own", [list(range(8))]),
 }
-VARIANTS = {  # name -> (candidate set, PlusConfig changes, normalise, trained)
-    "default": ("interleaved4", {}, True, True),
-    "adapter": ("interleaved4", {"selection_sum": "adapter"}, True, True),
-    "frobenius": ("interleaved4", {"selection_sum": "frobenius"}, True, False),
-    "current": ("interleaved4", {"score_at": "current"}, True, True),
-    "cap4": ("interleaved4", {"max_rank_factor": 4.0}, True, True),
-    "raw": ("interleaved4", {}, False, False),
-    "contiguous": ("contiguous4", {}, True, True),
-    "mixed": ("mixed4", {}, True, True),
-    "n2": ("interleaved2", {}, True, True),
-    "n8": ("eight", {}, True, True),
-    "n1": ("one", {}, True, True),
+VARIANTS = {  # name -> (candidate set, PlusConfig changes, plus.decide's arguments, trained)
+    "default": ("interleaved4", {}, {}, True),
+    "adapter": ("interleaved4", {}, {"selection_sum": "adapter"}, True),
+    "frobenius": ("interleaved4", {}, {"selection_sum": "frobenius"}, False),
+    "current": ("interleaved4", {}, {"score_at": "current"}, True),
+    "cap4": ("interleaved4", {"max_rank_factor": 4.0}, {}, True),
+    "raw": ("interleaved4", {}, {"normalize": False}, False),
+    "contiguous": ("contiguous4", {}, {}, True),
+    "mixed": ("mixed4", {}, {}, True),
+    "n2": ("interleaved2", {}, {}, True),
+    "n8": ("eight", {}, {}, True),
+    "n1": ("one", {}, {}, True),
 }
 
 
@@ -131,14 +131,14 @@ def plan_summary(p, provenance, default=None) -> dict:
     return out
 
 
-def build(model_dir, mode, batches, args, cands, scores, pconf, normalize, corda_stats=None):
+def build(model_dir, mode, batches, args, cands, scores, pconf, choices, corda_stats=None):
     """A CorDA / CorDA++ PeftModel on a fresh base from precomputed statistics (no recalibration): the
     statistics stages of ``init_adapters`` are swapped for the precomputed ones, everything after runs as is."""
     saved = api.collect_candidates, api.plan, api.collect_covariance
     try:
         api.collect_candidates = lambda *a, **k: []
         api.plan = lambda _c, targets, config, use_rslora=False: decide(cands, scores, targets, config,
-                                                                        use_rslora=use_rslora, normalize=normalize)
+                                                                        use_rslora=use_rslora, **choices)
         api.collect_covariance = lambda *a, **k: corda_stats
         config = corda_fast.CordaConfig(plus=pconf, show_progress=False)
         pm, report = corda_fast.init_adapters(load_base(model_dir), batches, mode=mode, rank=args.rank,
@@ -234,14 +234,14 @@ def main():
                       f"{r['early_loss']:.4f} final {r['final_loss']:.4f} ({r['seconds']} s)", flush=True)
             return runs
 
-        pm, rep = build(model_dir, mode, batches[own_src], args, None, None, None, True,
+        pm, rep = build(model_dir, mode, batches[own_src], args, None, None, None, {},
                         corda_stats=merge(own, list(range(8))))
         res["runs"]["corda"] = run_seeds("corda", pm)
         del pm
         scored = {}
         done = {}  # plan signature -> variant trained with it
         for name in args.variants:
-            set_name, change, normalize, trained = VARIANTS[name]
+            set_name, change, choices, trained = VARIANTS[name]
             if set_name not in scored:
                 cands, prov = candidate_set(set_name, own, other)
                 t = time.perf_counter()
@@ -250,7 +250,7 @@ def main():
                 res["score_seconds"][set_name] = round(time.perf_counter() - t, 1)
             cands, prov, scores = scored[set_name]
             pconf = corda_fast.PlusConfig(candidates=len(cands), **change)
-            pl = decide(cands, scores, targets, cfg.replace(mode=mode, plus=pconf), normalize=normalize)
+            pl = decide(cands, scores, targets, cfg.replace(mode=mode, plus=pconf), **choices)
             summary = plan_summary(pl, prov, res["plans"].get("default"))
             res["plans"][name] = summary
             print(f"  {mode} {name}: ranks {summary['rank_min']}..{summary['rank_max']}, same candidate / rank as "
@@ -262,7 +262,7 @@ def main():
             if sig in done:
                 res["runs"][name] = [{**r, "same_plan_as": done[sig]} for r in res["runs"][done[sig]]]
                 continue
-            pm, rep = build(model_dir, mode, batches[own_src], args, cands, scores, pconf, normalize)
+            pm, rep = build(model_dir, mode, batches[own_src], args, cands, scores, pconf, choices)
             res["runs"][name] = run_seeds(name, pm)
             done[sig] = name
             del pm

@@ -305,6 +305,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def _add_plus_args(q) -> None:
+    """The CorDA++ flags of ``init`` / ``demo``."""
+    q.add_argument("--method", choices=["corda", "corda++"], default="corda",
+                   help="corda++: per-layer covariance selection and rank allocation under --budget")
+    q.add_argument("--candidates", type=_positive, default=None,
+                   help="CorDA++ candidate statistics per layer (default: PlusConfig's)")
+    q.add_argument("--budget", type=_positive, default=None,
+                   help="CorDA++ adapter parameter budget (default: that of the uniform --rank)")
+    q.add_argument("--min-rank", type=_positive, default=1, help="CorDA++ per-layer minimum rank")
+    q.add_argument("--max-rank", type=_positive, default=None, help="CorDA++ per-layer maximum rank")
+    q.add_argument("--max-rank-factor", type=float, default=None,
+                   help="CorDA++ per-layer cap as a multiple of --rank (default: PlusConfig's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m corda_fast", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -327,16 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recalibrate and overwrite an existing --covariance-cache (made from other data)")
         q.add_argument("--streaming", choices=["off", "on", "auto"], default="off",
                        help="calibrate and decompose one block at a time (bounded statistic memory)")
-        q.add_argument("--method", choices=["corda", "corda++"], default="corda",
-                       help="corda++: per-layer covariance selection and rank allocation under --budget")
-        q.add_argument("--candidates", type=_positive, default=None,
-                       help="CorDA++ candidate statistics per layer (default: PlusConfig's)")
-        q.add_argument("--budget", type=_positive, default=None,
-                       help="CorDA++ adapter parameter budget (default: that of the uniform --rank)")
-        q.add_argument("--min-rank", type=_positive, default=1, help="CorDA++ per-layer minimum rank")
-        q.add_argument("--max-rank", type=_positive, default=None, help="CorDA++ per-layer maximum rank")
-        q.add_argument("--max-rank-factor", type=float, default=None,
-                       help="CorDA++ per-layer cap as a multiple of --rank (default: PlusConfig's)")
+        _add_plus_args(q)
         q.add_argument("--device", default="cpu", help="cpu | cuda | auto (with --distributed: this rank's GPU)")
         big = q.add_argument_group("models bigger than the device or than memory")
         big.add_argument("--device-map", default=None,

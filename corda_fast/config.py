@@ -25,8 +25,6 @@ PRECISIONS = ("float32", "float64")
 SVD_METHODS = ("auto", "gram", "svd")
 UNUSED_TARGET_POLICIES = ("error", "skip")
 QUANTIZED_RESIDUALS = ("requantize", "keep")
-PLUS_SELECTION_SUMS = ("all", "adapter", "frobenius")
-PLUS_SCORE_AT = ("next", "current")
 PLUS_ALPHA = ("scaling", "alpha")
 
 
@@ -201,27 +199,23 @@ class PlusConfig(_Replace):
 
     Args:
         candidates: candidate statistics per layer; calibration batch ``i`` feeds candidate ``i mod candidates`` (so
-            the loader needs at least that many batches). 1 disables selection.
+            the loader needs at least that many batches). 1 (the default, chosen by the ablation in
+            docs/corda_plus.md) disables selection: the allocation runs on CorDA's statistic of all the data; more
+            candidates trade task learning for retention in KPM and did not change IPM's convergence.
         budget: total adapter parameters ``Σ (d_in + d_out)·r_l``; ``None`` = the count of the uniform rank (and
             ``rank_pattern``) on the same layers.
         min_rank / max_rank: per-layer bounds of the allocated rank (``max_rank`` is also capped by
             ``min(d_in, d_out)``).
         max_rank_factor: a per-layer cap as a multiple of the layer's uniform rank (``None``: no such cap).
-        selection_sum: the selection score sums ``σ/σ_max`` over ``"all"`` components or the ``rank`` adapted ones
-            (``"adapter"``), or is the stable rank ``Σσ²/σ_max²`` (``"frobenius"``: no candidate spectra needed).
-        score_at: the allocation score of a layer at rank ``r`` uses the ``"next"`` component (the one an increment
-            would adapt) or the ``"current"`` one.
         alpha: ``"scaling"`` keeps every layer's LoRA scaling at the uniform configuration's (``alpha_l = s·r_l``,
             or ``s·√r_l`` with rsLoRA); ``"alpha"`` keeps ``lora_alpha`` (PEFT's plain ``rank_pattern``).
     """
 
-    candidates: int = 4
+    candidates: int = 1
     budget: Optional[int] = None
     min_rank: int = 1
     max_rank: Optional[int] = None
     max_rank_factor: Optional[float] = None
-    selection_sum: str = "all"
-    score_at: str = "next"
     alpha: str = "scaling"
 
     def __post_init__(self):
@@ -234,8 +228,6 @@ class PlusConfig(_Replace):
             _fail(f"{own}.max_rank", self.max_rank, f"None or an int >= min_rank ({self.min_rank})")
         if self.max_rank_factor is not None and not (_is_number(self.max_rank_factor) and self.max_rank_factor >= 1):
             _fail(f"{own}.max_rank_factor", self.max_rank_factor, "None or a number >= 1")
-        _check_choice(own, "selection_sum", self.selection_sum, PLUS_SELECTION_SUMS)
-        _check_choice(own, "score_at", self.score_at, PLUS_SCORE_AT)
         _check_choice(own, "alpha", self.alpha, PLUS_ALPHA)
 
 

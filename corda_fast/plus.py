@@ -1,7 +1,8 @@
 """CorDA++ building blocks: compactness metric, covariance selection score, dynamic rank allocation.
 
-The definitions (``docs/corda_plus.md``) leave some choices open; each is an option of
-:class:`~corda_fast.config.PlusConfig` or of :func:`decide`, and ``benchmarks/ablation_plus.py`` measures them:
+The definitions (``docs/corda_plus.md``) leave some choices open; those that mattered in
+``benchmarks/ablation_plus.py`` are options of :class:`~corda_fast.config.PlusConfig`, the others arguments of
+:func:`decide`:
 
 - compactness ``π(C_f) = √(d_out·λ_max(C_f)) / λ_min(C_f)`` (extreme eigenvalues of the damped covariance) — the
   bound ``‖ΔY‖₁ ≤ π·σ`` on the output change from discarding a component of singular value σ. All candidates of one
@@ -379,10 +380,17 @@ def candidate_score(s: CandidateScore, selection_sum: str, rank: int, mode: str,
 
 @torch.no_grad()
 def decide(candidates: list[CovarianceStats], scores: CandidateScores, targets: list, config,
-           use_rslora: bool = False, normalize: bool = True) -> PlusPlan:
+           use_rslora: bool = False, selection_sum: str = "all", score_at: str = "current",
+           normalize: bool = True) -> PlusPlan:
     """Selection (per layer the candidate with the lowest :func:`candidate_score`; ties → the lowest index; a group
     in which the layer never ran cannot be chosen), :func:`allocate_ranks` under ``config.plus.budget`` (default:
-    the uniform ranks' count) and the PEFT patterns."""
+    the uniform ranks' count) and the PEFT patterns.
+
+    ``selection_sum`` (:func:`candidate_score`), ``score_at`` (:func:`allocate_ranks`) and ``normalize`` are the
+    transcription's open choices; ``benchmarks/ablation_plus.py`` found no reason to offer them (docs/corda_plus.md):
+    ``"adapter"`` sums learned less in both modes, ``score_at="next"`` gave KPM the same result and IPM more
+    forgetting than the literal ``"current"``, raw covariances changed few choices and make ``π`` scale-dependent.
+    They stay arguments here for the ablation, not options of :class:`~corda_fast.config.PlusConfig`."""
     pconf = config.plus or PlusConfig()
     t0 = time.perf_counter()
     layers, chosen = [], []
@@ -390,7 +398,7 @@ def decide(candidates: list[CovarianceStats], scores: CandidateScores, targets: 
         if t.name not in scores.layers:
             continue
         per = scores.layers[t.name]
-        sel = [math.inf if v is None else candidate_score(v, pconf.selection_sum, t.rank, config.mode, normalize)
+        sel = [math.inf if v is None else candidate_score(v, selection_sum, t.rank, config.mode, normalize)
                for v in per]
         best = min(range(len(sel)), key=lambda i: (sel[i], i))
         key = scores.layer_keys[t.name]
@@ -399,7 +407,7 @@ def decide(candidates: list[CovarianceStats], scores: CandidateScores, targets: 
         chosen.append((t, best, per[best]))
     spectra = [LayerSpectrum(t.name, s.sigma, s.log_pi, t.d_in, t.d_out) for t, g, s in chosen]
     budget = pconf.budget if pconf.budget is not None else sum((l.d_in + l.d_out) * l.uniform_rank for l in layers)
-    ranks = allocate_ranks(spectra, budget, pconf.min_rank, pconf.max_rank, config.mode, pconf.score_at,
+    ranks = allocate_ranks(spectra, budget, pconf.min_rank, pconf.max_rank, config.mode, score_at,
                            layer_caps=_caps(layers, pconf))
     rank_pattern, alpha_pattern = _patterns(layers, ranks, {t.name: t for t in targets}, pconf, use_rslora)
     realised = allocation_cost(spectra, ranks)
