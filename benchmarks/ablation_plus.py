@@ -315,20 +315,23 @@ def markdown(result: dict) -> str:
             rows += ["| KPM (knowledge-calibrated) | task NLL ↓ | knowledge ppl ↓ | ranks (min–max) | same candidate / "
                      "rank as default |", "|---|---:|---:|---:|---:|"]
         else:
-            rows += ["", "| IPM (task-calibrated) | early loss ↓ | final loss ↓ | task NLL ↓ | ranks (min–max) | "
-                     "same candidate / rank as default |", "|---|---:|---:|---:|---:|---:|"]
+            rows += ["", "| IPM (task-calibrated) | early loss ↓ | final loss ↓ | task NLL ↓ | knowledge ppl | "
+                     "ranks (min–max) | same candidate / rank as default |", "|---|---:|---:|---:|---:|---:|---:|"]
         for name, r in table.items():
             plan = r.get("plan", {})
             ranks = f"{plan['rank_min']}–{plan['rank_max']}" if plan else "uniform"
             same = (f"{plan['same_candidate_as_default']} / {plan['same_rank_as_default']} of {plan['layers']}"
                     if "same_candidate_as_default" in plan else "")
             label = name if r.get("task_nll") else f"{name} (plan only)"
+            if r.get("same_plan_as"):
+                label += f" (= {r['same_plan_as']}'s plan)"
             if mode == "kpm":
                 rows.append(f"| {label} | {cell(r.get('task_nll'), '.4f')} | {cell(r.get('knowledge_ppl'), '.3f')} | "
                             f"{ranks} | {same} |")
             else:
                 rows.append(f"| {label} | {cell(r.get('early_loss'), '.4f')} | {cell(r.get('final_loss'), '.4f')} | "
-                            f"{cell(r.get('task_nll'), '.4f')} | {ranks} | {same} |")
+                            f"{cell(r.get('task_nll'), '.4f')} | {cell(r.get('knowledge_ppl'), '.1f')} | {ranks} | "
+                            f"{same} |")
     env = result["environment"]
     rows.append(f"\nSmolLM2-135M-Instruct (float32), rank {c['rank']} budget on 7 projections, alpha = rank; "
                 f"calibration {c['calib_samples']} × {c['calib_len']} tokens per source in 8 batches; "
