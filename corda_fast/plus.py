@@ -13,8 +13,9 @@ The definitions (``docs/corda_plus.md``) leave some choices open; those that mat
   candidates are compared after scaling each to unit mean diagonal, since ``π(cC) = π(C)/√c`` while the σ-ratios
   are scale-free;
 - rank allocation: every layer starts at ``min_rank``; the layer with the lowest score
-  ``log π · σ_{−(r+1)} / Σ_{k≤R−r−1} σ_k`` (the next component's relative weight) gets the next rank, until the
-  budget is used (a heap over layers and prefix sums of the spectra: O(steps · log layers)).
+  ``log π · σ_{−r} / Σ_{k≤R−r} σ_k`` (the relative weight of the component last taken, as transcribed; ``"next"``
+  uses the component the next step would take) gets the next rank, until the budget is used (a heap over layers
+  and prefix sums of the spectra: O(steps · log layers)).
 
 :func:`plan` runs the whole CorDA++ preprocessing between calibration (``calibrate.collect_candidates``: the
 candidate statistics of one forward pass) and decomposition: :func:`score_candidates` (damping, compactness and
@@ -72,7 +73,7 @@ class LayerSpectrum:
 
 
 def allocate_ranks(layers: list[LayerSpectrum], budget: int, min_rank: int = 1,
-                   max_rank: Optional[int] = None, mode: str = "kpm", score_at: str = "next",
+                   max_rank: Optional[int] = None, mode: str = "kpm", score_at: str = "current",
                    layer_caps: Optional[dict] = None) -> dict[str, int]:
     """Dynamic rank allocation under a parameter budget.
 
