@@ -41,17 +41,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 import torch  # noqa: E402
-from quality_smollm2 import (  # noqa: E402
-    TARGETS,
-    batches_of,
-    consecutive,
-    evaluate,
-    knowledge_text,
-    load_base,
-    split_tokens,
-    task_text,
-    train,
-)
 
 import corda_fast  # noqa: E402
 import corda_fast.api as api  # noqa: E402
@@ -61,7 +50,21 @@ from corda_fast.plus import decide, score_candidates  # noqa: E402
 from corda_fast.stats import CovarianceStats  # noqa: E402
 from corda_fast.targets import resolve_targets  # noqa: E402
 
-from common import environment  # noqa: E402
+from common import (  # noqa: E402
+    LLAMA_TARGETS,
+    batches_of,
+    consecutive,
+    environment,
+    evaluate,
+    knowledge_text,
+    load_base,
+    split_tokens,
+    spread,
+    task_text,
+    train,
+)
+
+TARGETS = LLAMA_TARGETS
 
 SETS = {  # candidate set -> (source, groups of the 8 per-batch statistics)
     "interleaved4": ("own", [[0, 4], [1, 5], [2, 6], [3, 7]]),
@@ -276,10 +279,6 @@ def main():
     print(markdown(result))
 
 
-def _spread(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
 def summarize(result: dict) -> dict:
     """Per mode and method: median (min-max) over seeds of every measure, and the plan facts."""
     out = {}
@@ -287,7 +286,7 @@ def summarize(result: dict) -> dict:
         rows = {}
         for name in ["lora", "corda"] + [v for v in result["variants"] if v in res["plans"]]:
             runs = result["lora"] if name == "lora" else res["runs"].get(name, [])
-            row = {m: _spread([r[m] for r in runs]) for m in ("task_nll", "knowledge_ppl", "early_loss", "final_loss")
+            row = {m: spread([r[m] for r in runs]) for m in ("task_nll", "knowledge_ppl", "early_loss", "final_loss")
                    } if runs else {}
             if name in res["plans"]:
                 p = res["plans"][name]
@@ -349,31 +348,22 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = result["summary"]
+    panels = {  # mode: (x measure, y measure, x label, y label)
+        "kpm": ("task_nll", "knowledge_ppl", "task NLL after fine-tuning (lower = learned more)",
+                "knowledge perplexity after fine-tuning (lower = forgot less)"),
+        "ipm": ("early_loss", "final_loss", "early training loss (lower = faster start)", "final training loss"),
+    }
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    if "kpm" in s:
-        ax = axes[0]
-        for name, r in s["kpm"].items():
-            if not r.get("task_nll"):
+    for ax, (mode, (mx, my, lx, ly)) in zip(axes, panels.items()):
+        for name, r in result["summary"].get(mode, {}).items():
+            if not r.get(mx):
                 continue
-            x, y = r["task_nll"], r["knowledge_ppl"]
+            x, y = r[mx], r[my]
             ax.errorbar(x["median"], y["median"], xerr=[[x["median"] - x["min"]], [x["max"] - x["median"]]],
                         yerr=[[y["median"] - y["min"]], [y["max"] - y["median"]]], fmt="o", label=name)
-        ax.set_xlabel("task NLL after fine-tuning (lower = learned more)")
-        ax.set_ylabel("knowledge perplexity after fine-tuning (lower = forgot less)")
-        ax.set_title("KPM: median and min-max over seeds")
-        ax.legend(fontsize=7)
-    if "ipm" in s:
-        ax = axes[1]
-        for name, r in s["ipm"].items():
-            if not r.get("early_loss"):
-                continue
-            x, y = r["early_loss"], r["final_loss"]
-            ax.errorbar(x["median"], y["median"], xerr=[[x["median"] - x["min"]], [x["max"] - x["median"]]],
-                        yerr=[[y["median"] - y["min"]], [y["max"] - y["median"]]], fmt="o", label=name)
-        ax.set_xlabel("early training loss (lower = faster start)")
-        ax.set_ylabel("final training loss")
-        ax.set_title("IPM: median and min-max over seeds")
+        ax.set_xlabel(lx)
+        ax.set_ylabel(ly)
+        ax.set_title(f"{mode.upper()}: median and min-max over seeds")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -25,7 +25,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import environment  # noqa: E402
+from common import environment, spread  # noqa: E402
 
 CONFIGS = {  # name: extra demo arguments
     "corda": [],
@@ -48,10 +48,6 @@ def worker(out: str, extra: list[str]) -> None:
                    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
 
 
-def _spread(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=2)
@@ -72,8 +68,8 @@ def main():
     summary = {}
     for name, rs in runs.items():
         stages = sorted({k for r in rs for k in r["seconds"]})
-        summary[name] = {"wall": _spread([r["wall"] for r in rs]),
-                         "peak_rss_mib": _spread([r["peak_rss_mib"] for r in rs]),
+        summary[name] = {"wall": spread([r["wall"] for r in rs]),
+                         "peak_rss_mib": spread([r["peak_rss_mib"] for r in rs]),
                          "stages": {k: statistics.median(r["seconds"].get(k, 0.0) for r in rs) for k in stages}}
     result = {"environment": environment(), "repeats": args.repeats, "runs": runs, "summary": summary}
     with open(args.out, "w") as f:

@@ -1,4 +1,5 @@
-"""What every benchmark shares: the environment record and the SmolLM2 calibration batches.
+"""What every benchmark shares: the environment record, the SmolLM2 calibration batches, and the corpora,
+evaluation and fine-tuning loop of the quality benchmarks (``quality_smollm2.py``, ``ablation_plus.py``).
 
 Benchmarks import this module (``import common``: a script's own folder is on ``sys.path``) and the installed
 ``corda_fast`` package; never the command line or each other.
@@ -6,10 +7,15 @@ Benchmarks import this module (``import common``: a script's own folder is on ``
 
 from __future__ import annotations
 
+import math
 import os
 import platform
+import random
+import statistics
 import subprocess
 import time
+
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -44,3 +50,87 @@ def smollm2_batches(tok, samples: int, seq_len: int, batch_size: int, seed: int 
     from corda_fast import demo
 
     return demo.make_batches(tok, [demo.builtin_text()], False, samples, seq_len, batch_size, seed)
+
+
+# ------------------------------------------------------------------ corpora, evaluation, fine-tuning (quality)
+def knowledge_text() -> str:
+    """The prose lines of the documentation topics (indented code blocks and doctest lines dropped)."""
+    from corda_fast.demo import builtin_text
+
+    lines = builtin_text().split("\n")
+    return "\n".join(l for l in lines if l.strip() and not l.startswith((" ", "\t")) and ">>>" not in l)
+
+
+def task_text(n_lines: int = 12000, seed: int = 0) -> str:
+    """Lines ``sort: <4-9 numbers in 0..99> => <the same, sorted>``."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_lines):
+        xs = [rng.randrange(100) for _ in range(rng.randint(4, 9))]
+        out.append("sort: " + " ".join(map(str, xs)) + " => " + " ".join(map(str, sorted(xs))))
+    return "\n".join(out)
+
+
+def split_tokens(tok, text: str, limit: int):
+    ids = tok(text)["input_ids"][:limit]
+    cut = int(len(ids) * 0.9)
+    return ids[:cut], ids[cut:]
+
+
+def windows(ids, n, length, rng):
+    return [ids[s:s + length] for s in (rng.randrange(0, len(ids) - length) for _ in range(n))]
+
+
+def consecutive(ids, n, length):
+    return [ids[i * length:(i + 1) * length] for i in range(min(n, len(ids) // length))]
+
+
+def batches_of(wins, bs):
+    return [{"input_ids": torch.tensor(wins[i:i + bs])} for i in range(0, len(wins), bs)]
+
+
+@torch.no_grad()
+def mean_nll(model, eval_batches) -> float:
+    model.eval()
+    tot, n = 0.0, 0
+    for b in eval_batches:
+        ids = b["input_ids"]
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                reduction="sum")
+        tot += float(nll)
+        n += ids[:, 1:].numel()
+    return tot / n
+
+
+def evaluate(model, data) -> dict:
+    k = mean_nll(model, data["knowledge_eval"])
+    t = mean_nll(model, data["task_eval"])
+    return {"knowledge_ppl": math.exp(k), "knowledge_nll": k, "task_nll": t}
+
+
+def load_base(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def train(pm, data, args, seed) -> list[float]:
+    rng = random.Random(seed)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    pm.train()
+    losses = []
+    for _ in range(args.steps):
+        ids = torch.tensor(windows(data["task_train"], args.batch_size, args.train_len, rng))
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    pm.eval()
+    return losses
+
+
+def spread(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
