@@ -116,13 +116,13 @@ def main():
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     targets, stats = make_problem(shapes, args.layers_per_shape, args.device)
-    from corda_fast.ops import native
+    from corda_fast import ops
 
-    usable = native.HAVE_NATIVE and (args.device != "cuda" or "cuda" in native.BUILD)
+    usable = ops.why_not("batched_decompose", "native", args.device) is None
     variants = ["peft-loop", "torch"] + (["native"] if usable else [])
     result = {"environment": {**environment(), "device": args.device,
                               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-                              "extension": native.status()},
+                              "extension": ops.extension_status()},
               "config": vars(args), "modes": {}}
     for mode in args.modes:
         times = {v: [] for v in variants}

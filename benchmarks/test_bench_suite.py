@@ -26,11 +26,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 import corda_fast  # noqa: E402
 from corda_fast import ops  # noqa: E402
-from corda_fast.ops import (  # noqa: E402
-    decompose_layer,
-    find_damping,
-    native,  # noqa: E402
-)
+from corda_fast.ops import decompose_layer, find_damping  # noqa: E402
+
+HAVE_NATIVE = ops.available()["native"]
 
 FULL = os.environ.get("CORDA_FAST_BENCH") == "full"
 D = 1536 if FULL else 48
@@ -47,7 +45,7 @@ def bench(benchmark):
         from common import environment
 
         _ENV.update(environment())
-    benchmark.extra_info.update({"mode": "full" if FULL else "smoke", "extension": native.status(), **_ENV})
+    benchmark.extra_info.update({"mode": "full" if FULL else "smoke", "extension": ops.extension_status(), **_ENV})
     return benchmark
 
 
@@ -74,7 +72,7 @@ def test_xtx(bench, variant):
 
 @pytest.mark.parametrize("variant", ["torch_loop", "native_batch"])
 def test_damping(bench, variant):
-    if variant == "native_batch" and not native.HAVE_NATIVE:
+    if variant == "native_batch" and not HAVE_NATIVE:
         pytest.skip("native extension not built")
     bench.group = "damping"
     d = LAYER_SHAPES[0][1]
@@ -82,7 +80,7 @@ def test_damping(bench, variant):
     bench.extra_info.update(shape=list(covs.shape), baseline="torch_loop")
     probes = torch.randn(d, 16, generator=torch.Generator().manual_seed(0))
     if variant == "native_batch":
-        lam = bench(lambda: native.kernels().damped_cholesky(covs, probes, 0.01, 0.05, 40)[2])
+        lam = bench(lambda: ops.damped_cholesky(covs, probes, 0.01, 0.05, 40, kernel="native")[2])
         assert lam.tolist() == [find_damping(c) for c in covs]
     else:
         bench(lambda: [torch.linalg.cholesky(c + torch.eye(d, dtype=c.dtype) * c.diagonal().mean() * find_damping(c))
@@ -101,7 +99,7 @@ def _layers():
 
 @pytest.mark.parametrize("variant", ["peft_loop", "torch_loop", "native_batch"])
 def test_decompose(bench, variant):
-    if variant == "native_batch" and not native.HAVE_NATIVE:
+    if variant == "native_batch" and not HAVE_NATIVE:
         pytest.skip("native extension not built")
     bench.group = "decompose"
     layers = _layers()
@@ -126,8 +124,8 @@ def test_decompose(bench, variant):
             groups.setdefault(tuple(w.shape), []).append((w, cf, chol))
         for items in groups.values():
             w, cf, chol = (torch.stack(t) for t in zip(*items))
-            a = native.kernels().batched_decompose(w, cf, chol, torch.ones(len(items), dtype=torch.float64), RANK,
-                                                   False, "gram")[0]
+            a = ops.batched_decompose(w, cf, chol, torch.ones(len(items), dtype=torch.float64), RANK, False, "gram",
+                                      kernel="native")[0]
             out.extend(a.unbind(0))
         return out
 

@@ -275,7 +275,7 @@ def run_env() -> dict:
     import torch
 
     import corda_fast
-    from corda_fast.ops import native, registry
+    from corda_fast import ops
 
     info = {"corda_fast": corda_fast.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
@@ -284,12 +284,13 @@ def run_env() -> dict:
             info[pkg] = __import__(pkg).__version__
         except Exception as exc:  # not installed / broken
             info[pkg] = f"unavailable ({type(exc).__name__})"
-    info["extension"] = native.status()
-    info["kernels_available"] = registry.available()
-    info["kernels_cpu"] = registry.describe("cpu")
+    info["extension"] = ops.extension_status()
+    info["kernels_available"] = ops.available()
+    info["kernels_registered"] = ops.registrations()
+    info["kernels_cpu"] = ops.describe("cpu")
     if torch.cuda.is_available():
-        info["kernels_cuda"] = registry.describe("cuda")
-    info[registry.BACKEND_ENV] = os.environ.get(registry.BACKEND_ENV, "auto")
+        info["kernels_cuda"] = ops.describe("cuda")
+    info[ops.BACKEND_ENV] = os.environ.get(ops.BACKEND_ENV, "auto")
     info["smollm2"] = demo.smollm2_package_dir() or "not installed"
     return info
 

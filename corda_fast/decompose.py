@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, ops
 from .config import CordaConfig
-from .ops.linalg import DampingError, _degenerate_error, _not_converged_error, damp, decompose_layer, find_damping
+from .ops import DampingError, damp, decompose_layer, degenerate_error, find_damping, not_converged_error
 from .stats import CovarianceStats
 from .targets import Target
 
@@ -162,9 +162,9 @@ def _check_lambdas(lam: list, chunk: list, by_key: dict, stats: CovarianceStats,
         names = [t.name for t in by_key[key]]
         value = lam[i]
         if value == -1.0:
-            raise _degenerate_error(f"layer(s) {names}", float(torch.diagonal(stats.covariance(key, work)).mean()))
+            raise degenerate_error(f"layer(s) {names}", float(torch.diagonal(stats.covariance(key, work)).mean()))
         if value != value:
-            raise _not_converged_error(f"layer(s) {names}", damping.max_iter,
+            raise not_converged_error(f"layer(s) {names}", damping.max_iter,
                                        damping.start * 2 ** (damping.max_iter - 1), "", damping.tol)
 
 

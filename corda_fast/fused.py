@@ -132,8 +132,9 @@ def fuse(model: nn.Module, backend: Optional[str] = None) -> FuseReport:
     if backend is not None and backend not in ("torch", "triton"):
         raise ValueError(f"fuse(backend={backend!r}): expected 'torch', 'triton' or None")
     if backend == "triton":
-        if not ops.available()["triton"]:
-            raise ops.BackendError("fuse(backend='triton'): Triton cannot run here (no CUDA device, no interpreter)")
+        why = ops.why_not("lowrank_gemm", "triton")
+        if why is not None:
+            raise ops.BackendError(f"fuse(backend='triton'): Triton cannot run here: {why}")
     from peft.tuners.lora.layer import LoraLayer
 
     lora_linear, fused_cls = PeftLoraLinear, FusedLoraLinear

@@ -27,4 +27,15 @@ struct DecomposeBatch {
 DecomposeBatch prepare_decompose(const at::Tensor& w, const at::Tensor& cf, const at::Tensor& chol,
                                  const at::Tensor& scaling, int64_t rank, const std::string& method);
 
+// A batch of same-shaped layers (W (n, d_out, d_in), C_f, L (n, d_in, d_in), scaling (n,)) -> (A (n, r, d_in),
+// B (n, d_out, r), S (n, r)) in W's dtype: layers in parallel on CPU threads, or on a pool of CUDA streams.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_decompose_cpu(const at::Tensor& w, const at::Tensor& cf,
+                                                                     const at::Tensor& chol, const at::Tensor& scaling,
+                                                                     int64_t rank, bool ipm, const std::string& method);
+#ifdef CORDA_FAST_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_decompose_cuda(const at::Tensor& w, const at::Tensor& cf,
+                                                                      const at::Tensor& chol, const at::Tensor& scaling,
+                                                                      int64_t rank, bool ipm, const std::string& method);
+#endif
+
 }  // namespace corda

@@ -14,7 +14,6 @@
 #include "corda_ops.h"
 
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
@@ -227,8 +226,7 @@ DecomposeBatch prepare_decompose(const at::Tensor& w, const at::Tensor& cf, cons
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_decompose_cpu(const at::Tensor& w, const at::Tensor& cf,
                                                                      const at::Tensor& chol, const at::Tensor& scaling,
-                                                                     int64_t rank, bool ipm, c10::string_view method) {
-  const std::string meth(method);
+                                                                     int64_t rank, bool ipm, const std::string& meth) {
   auto out = prepare_decompose(w, cf, chol, scaling, rank, meth);
   auto &a = out.a, &bm = out.bm, &s = out.s;
   const double* scp = out.scaling_host.data_ptr<double>();
@@ -246,17 +244,3 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_decompose_cpu(const at::T
 }
 
 }  // namespace corda
-
-// The kernels live in their own namespace: the public ops (corda_fast::damped_cholesky, corda_fast::batched_decompose)
-// are defined in Python with the pure-torch reference as their default kernel (corda_fast/ops/linalg.py); native.py
-// registers these as their CUDA kernels and calls the CPU ones when CORDA_FAST_BACKEND forces "native".
-TORCH_LIBRARY(corda_fast_native, m) {
-  m.def("damped_cholesky(Tensor covs, Tensor probes, float start, float tol, int max_iter) -> (Tensor, Tensor, Tensor)");
-  m.def("batched_decompose(Tensor w, Tensor cf, Tensor chol, Tensor scaling, int rank, bool ipm, str method) -> "
-        "(Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(corda_fast_native, CPU, m) {
-  m.impl("damped_cholesky", &corda::damped_cholesky);
-  m.impl("batched_decompose", &corda::batched_decompose_cpu);
-}

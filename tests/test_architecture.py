@@ -108,6 +108,49 @@ def test_lower_layers_never_reach_peft(module):
     assert not users, f"{module} reaches PEFT through {users}"
 
 
+ROOT = os.path.dirname(PKG)
+# what reaches a compiled kernel without the registry: a backend module, the extension, its functions
+BACKEND_CALL = re.compile(r"ops\.backends|ops\._C\b|from \.+ import _C|corda_fast_native|triton_xtx|\.kernels\(\)|"
+                          r"registry\.register\(")
+# the two test files that test the Triton kernels themselves (tile layout, autotuner, ahead-of-time compilation)
+KERNEL_TESTS = {"test_triton_kernel.py", "test_triton_compile.py"}
+
+
+def _python_files(folder: str):
+    for root, _, files in os.walk(os.path.join(ROOT, folder)):
+        for f in files:
+            if f.endswith(".py"):
+                yield os.path.join(root, f)
+
+
+def test_no_backend_call_outside_ops():
+    """One dispatch: outside ``corda_fast/ops/`` nothing imports a backend module or the extension, or registers a
+    kernel (tests of the Triton kernels' own internals excepted, by name)."""
+    ops_dir = os.path.join(PKG, "ops") + os.sep
+    found = []
+    for folder in ("corda_fast", "benchmarks", "examples", "tests"):
+        for path in _python_files(folder):
+            if path.startswith(ops_dir) or os.path.basename(path) in KERNEL_TESTS or path == os.path.abspath(__file__):
+                continue
+            for i, line in enumerate(open(path, encoding="utf-8"), 1):
+                if BACKEND_CALL.search(line):
+                    found.append(f"{os.path.relpath(path, ROOT)}:{i}: {line.strip()}")
+    assert not found, found
+
+
+def test_kernels_register_only_in_backends():
+    """``registry.register`` / ``registry.unavailable`` are called from ``ops/backends/`` only, and every op is
+    defined (``registry.define``) next to its reference, once."""
+    defined, registering = [], []
+    for path in _python_files(os.path.join("corda_fast", "ops")):
+        text = open(path, encoding="utf-8").read()
+        defined += re.findall(r'registry\.define\("(\w+)"', text)
+        if re.search(r"registry\.(register|unavailable)\(", text):
+            registering.append(os.path.relpath(path, PKG))
+    assert sorted(defined) == sorted(set(defined)) and len(defined) == 4, defined
+    assert registering and all(p.startswith(os.path.join("ops", "backends")) for p in registering), registering
+
+
 def test_streaming_uses_calibrations_public_interface():
     src = open(os.path.join(PKG, "streaming.py"), encoding="utf-8").read()
     tree = ast.parse(src)

@@ -13,12 +13,12 @@ from torch import nn
 import corda_fast
 from corda_fast import ops
 from corda_fast.fused import FusedLoraLinear, fused_lora_linear
-from corda_fast.ops import triton_xtx
 
 from helpers import init, padded_batches, random_samples, rel_max, tiny_gpt2, tiny_llama
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not triton_xtx.available(), reason="triton cannot run here (no CUDA, no interpreter)"))]
+NO_TRITON = ops.why_not("lowrank_gemm", "triton") is not None
+BACKENDS = ["torch", pytest.param("triton", marks=[pytest.mark.interpreter, pytest.mark.skipif(
+    NO_TRITON, reason="triton cannot run here (no CUDA, no interpreter)")])]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.float64: 1e-12, torch.bfloat16: 3e-2}
 
@@ -60,7 +60,8 @@ def test_lowrank_gemm_strided_and_no_bias(backend):
     assert rel_max(got, ref) < TOL[torch.float32]
 
 
-@pytest.mark.skipif(not triton_xtx.available(), reason="triton cannot run here")
+@pytest.mark.interpreter
+@pytest.mark.skipif(NO_TRITON, reason="triton cannot run here")
 def test_lowrank_gemm_triton_tiles():
     # more than one tile in each output dim (interpreter tiles are 64) and a rank spanning two r-steps (64 + 6)
     (x, w, bb, a, b), (xc, wc, bc, ac, bcc) = _operands(130, 70, 140, 70, torch.float32, seed=5)
@@ -328,8 +329,8 @@ def _train(model, batches, steps):
     return losses
 
 
-@pytest.mark.parametrize("backend,steps", [("torch", 20), pytest.param("triton", 20, marks=pytest.mark.skipif(
-    not triton_xtx.available(), reason="triton cannot run here"))])
+@pytest.mark.parametrize("backend,steps", [("torch", 20), pytest.param("triton", 20, marks=[
+    pytest.mark.interpreter, pytest.mark.skipif(NO_TRITON, reason="triton cannot run here")])])
 def test_training_curve_fused_equals_unfused(backend, steps):
     model = tiny_llama(hidden=64, seed=1)
     batches = padded_batches(random_samples(8, lo=6, hi=14, seed=4), batch_size=4)

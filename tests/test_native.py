@@ -1,5 +1,6 @@
-"""The native kernels (csrc/, ``torch.ops.corda_fast_native``): each against the float64 torch reference, opcheck,
-and decompose() through them.
+"""The native kernels (csrc/, registered as the ``"native"`` backend of ``corda_fast::damped_cholesky`` and
+``corda_fast::batched_decompose``): each against the float64 torch reference, output layout against the op's fake,
+and decompose() through them. They are reached as any caller reaches them: ``ops.<op>(..., kernel="native")``.
 
 Skipped only where the extension is not built; ``scripts/test.sh`` sets ``CORDA_FAST_REQUIRE_NATIVE=1`` when a
 C++ compiler is present, so in CI a silently missing build fails instead of skipping.
@@ -15,17 +16,32 @@ import torch
 
 import corda_fast
 from corda_fast import DampingError, find_damping
-from corda_fast.ops import native
+from corda_fast import ops as public_ops
 
 from helpers import Setup, padded_batches, random_samples, reference_factors, rel, tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-if os.environ.get("CORDA_FAST_REQUIRE_NATIVE") == "1" and not native.HAVE_NATIVE:
-    raise RuntimeError(f"CORDA_FAST_REQUIRE_NATIVE=1 but the extension is not built: {native.status()}")
-pytestmark = pytest.mark.skipif(not native.HAVE_NATIVE, reason=f"native extension {native.status()}")
+HAVE_NATIVE = public_ops.available()["native"]
+if os.environ.get("CORDA_FAST_REQUIRE_NATIVE") == "1" and not HAVE_NATIVE:
+    raise RuntimeError(f"CORDA_FAST_REQUIRE_NATIVE=1 but the extension is not built: {public_ops.extension_status()}")
+pytestmark = pytest.mark.skipif(not HAVE_NATIVE, reason=f"native extension {public_ops.extension_status()}")
+NATIVE_CUDA = public_ops.why_not("batched_decompose", "native", "cuda") is None
 
-ops = native.kernels() if native.HAVE_NATIVE else None
+
+class _Native:
+    """The native kernels through the public ops, forced."""
+
+    @staticmethod
+    def damped_cholesky(*args):
+        return public_ops.damped_cholesky(*args, kernel="native")
+
+    @staticmethod
+    def batched_decompose(*args):
+        return public_ops.batched_decompose(*args, kernel="native")
+
+
+ops = _Native()
 PROBES = {}
 
 
@@ -143,13 +159,25 @@ def test_bad_arguments_raise_clear_errors():
         ops.batched_decompose(w, cf, chol, torch.ones(1, dtype=torch.float64), 2, True, "qr")
 
 
-def test_opcheck_every_op():
+def _layout(outputs):
+    return [(tuple(t.shape), t.dtype, t.device.type) for t in outputs]
+
+
+def test_native_outputs_match_the_ops_fake():
+    """What the op's fake promises (torch.compile traces the op by it) is what the native kernel returns."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     c = torch.stack([cov(9, 40, seed=s) for s in range(2)])
     cf, chol, _ = ops.damped_cholesky(c, probes(9), 0.01, 0.05, 40)
     w = torch.randn(2, 7, 9, dtype=torch.float64)
-    torch.library.opcheck(ops.damped_cholesky.default, (c, probes(9), 0.01, 0.05, 40))
-    torch.library.opcheck(ops.batched_decompose.default,
-                          (w, cf, chol, torch.tensor([1.0, 0.5], dtype=torch.float64), 3, False, "gram"))
+    sc = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    got = [_layout(ops.damped_cholesky(c, probes(9), 0.01, 0.05, 40)),
+           _layout(ops.batched_decompose(w, cf, chol, sc, 3, False, "gram"))]
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (c, probes(9), w, cf, chol, sc)]
+        want = [_layout(torch.ops.corda_fast.damped_cholesky(fake[0], fake[1], 0.01, 0.05, 40)),
+                _layout(torch.ops.corda_fast.batched_decompose(fake[2], fake[3], fake[4], fake[5], 3, False, "gram"))]
+    assert got == want
 
 
 @pytest.mark.parametrize("mode", ["ipm", "kpm"])
@@ -188,12 +216,12 @@ def test_forced_native_kernel_that_cannot_run_raises(monkeypatch):
     from corda_fast.ops import BackendError, registry
 
     monkeypatch.setenv("CORDA_FAST_BACKEND", "maybe")
-    with pytest.raises(BackendError, match="'maybe' is not a kernel"):
+    with pytest.raises(BackendError, match="'maybe' is not a backend"):
         registry.choose("batched_decompose", "cpu")
     monkeypatch.setenv("CORDA_FAST_BACKEND", "native")
     assert registry.choose("batched_decompose", "cpu") == "native"
-    if "cuda" not in native.BUILD:
-        with pytest.raises(BackendError, match="not CUDA"):
+    if not NATIVE_CUDA:
+        with pytest.raises(BackendError, match="not cuda"):
             registry.choose("batched_decompose", "cuda")
 
 
@@ -206,7 +234,7 @@ def test_public_ops_on_cuda_run_the_native_kernels():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", ["gram", "svd"])
 def test_cuda_ops_match_cpu(method):
-    assert "cuda" in native.BUILD
+    assert NATIVE_CUDA
     cs = torch.stack([cov(257, 600, seed=s) for s in range(5)])
     ws = torch.randn(5, 130, 257, dtype=torch.float64)
     sc = torch.ones(5, dtype=torch.float64)

@@ -41,9 +41,12 @@ def test_one_variable_chooses_every_kernel(monkeypatch):
     from corda_fast.ops import registry
 
     monkeypatch.delenv(ops.BACKEND_ENV, raising=False)
-    assert all(registry.choose(op, "cpu") == "torch" for op in registry.OPS)  # the reference is the CPU default
+    ops_ = list(ops.describe())
+    assert ops_ == ["xtx_accumulate", "damped_cholesky", "batched_decompose", "lowrank_gemm"] or \
+        sorted(ops_) == sorted(["xtx_accumulate", "damped_cholesky", "batched_decompose", "lowrank_gemm"])
+    assert all(registry.choose(op, "cpu") == "torch" for op in ops_)  # the reference is the CPU default
     monkeypatch.setenv(ops.BACKEND_ENV, "torch")
-    assert all(registry.choose(op, "cuda") == "torch" for op in registry.OPS)
+    assert all(registry.choose(op, "cuda") == "torch" for op in ops_)
     monkeypatch.setenv(ops.BACKEND_ENV, "warp-drive")
     with pytest.raises(ops.BackendError, match="warp-drive"):
         ops.xtx_accumulate(torch.zeros(2, 2), torch.ones(3, 2), torch.ones(3))

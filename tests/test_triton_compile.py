@@ -16,7 +16,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from corda_fast.ops import lowrank, triton_xtx
+from corda_fast.ops.backends import triton as kernels
 
 target = GPUTarget("cuda", 90, 32)
 out = {}
@@ -29,7 +29,7 @@ for dt, precision, bias in (("bf16", "ieee", True), ("fp16", "ieee", False), ("f
     consts = dict(HAS_BIAS=bias, UPCAST=False, PRECISION=precision, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
                   BLOCK_R=16, GROUP_M=8)
     sig.update({k: "constexpr" for k in consts})
-    k = triton.compile(ASTSource(fn=lowrank._lowrank_gemm_kernel, signature=sig, constexprs=consts), target=target,
+    k = triton.compile(ASTSource(fn=kernels._lowrank_gemm_kernel, signature=sig, constexprs=consts), target=target,
                        options={"num_warps": 8, "num_stages": 3})
     out[f"lowrank_{dt}_{precision}"] = {"cubin": len(k.asm["cubin"]), "wgmma": "wgmma" in k.asm["ptx"]}
 xs = ["x_ptr", "s_ptr", "acc_ptr", "n_tokens", "d", "stride_xt", "stride_xd", "stride_s", "stride_am", "stride_an"]
@@ -37,7 +37,7 @@ for dt in ("bf16", "fp32"):
     sig = dict(zip(xs, [f"*{dt}", "*fp32", "*fp32"] + ["i32"] * 7))
     consts = dict(BLOCK=128, BLOCK_T=64)
     sig.update({k: "constexpr" for k in consts})
-    k = triton.compile(ASTSource(fn=triton_xtx._xtx_tile_kernel, signature=sig, constexprs=consts), target=target,
+    k = triton.compile(ASTSource(fn=kernels._xtx_tile_kernel, signature=sig, constexprs=consts), target=target,
                        options={"num_warps": 8, "num_stages": 3})
     out[f"xtx_{dt}"] = {"cubin": len(k.asm["cubin"])}
 print(json.dumps(out))

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from corda_fast import ops
-from corda_fast.ops import triton_xtx
+from corda_fast.ops.backends import triton as triton_xtx  # this file tests the kernel itself (tiles, autotuner)
 
 from helpers import Setup, rel
 
-pytestmark = pytest.mark.skipif(not triton_xtx.available(), reason="triton cannot run here (no CUDA, no interpreter)")
 # Under the interpreter the kernel runs on CPU tensors; compiled, it needs CUDA tensors.
 DEVICE = "cpu" if triton_xtx.INTERPRETING else "cuda"
+pytestmark = [pytest.mark.interpreter, pytest.mark.skipif(
+    ops.why_not("xtx_accumulate", "triton", DEVICE) is not None, reason="triton cannot run here (no CUDA, no interpreter)")]
 
 TOL = {torch.float32: 1e-6, torch.float16: 1e-6, torch.bfloat16: 1e-6}  # 16-bit products are exact in fp32
 
@@ -114,10 +115,10 @@ def test_autotuning_trials_do_not_add_into_the_accumulator():
         t = float(next(ticks) % 3 + 1)
         return [t, t, t]
 
-    kernel = triton.autotune(configs=triton_xtx._configs(True), key=["d"], restore_value=["acc_ptr"],
+    kernel = triton.autotune(configs=triton_xtx._xtx_configs(True), key=["d"], restore_value=["acc_ptr"],
                              do_bench=fake_bench)(triton_xtx._xtx_tile_kernel)
     x, s, acc = torch.randn(100, 70), torch.rand(100), torch.ones(70, 70)
     kernel[lambda m: (triton.cdiv(70, m["BLOCK"]), triton.cdiv(70, m["BLOCK"]))](
         x, s, acc, 100, 70, x.stride(0), x.stride(1), s.stride(0), acc.stride(0), acc.stride(1))
-    assert next(ticks) == len(triton_xtx._configs(True))  # every candidate was tried
+    assert next(ticks) == len(triton_xtx._xtx_configs(True))  # every candidate was tried
     assert rel(ops.symmetrize(acc), reference(torch.ones(70, 70), x, s)) < 1e-6

@@ -1,12 +1,14 @@
 """The statistic op: ``corda_fast::xtx_accumulate(Tensor(a!) acc, Tensor x, Tensor row_scale) -> ()``.
 
 Its pure-torch reference (below) is the op's default kernel, the CPU path and the test oracle; the Triton kernel
-(``triton_xtx.py``) registers itself for CUDA. Also the per-sample scales and the final symmetrisation.
+(``backends/triton.py``) registers itself for CUDA. Also the per-sample scales and the final symmetrisation.
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import registry
 
 
 def triangle_blocks(d: int) -> int:
@@ -73,3 +75,6 @@ xtx_accumulate_op = torch.library.custom_op(
 @xtx_accumulate_op.register_fake
 def _xtx_accumulate_fake(acc, x, row_scale):  # in place on acc, no outputs
     return None
+
+
+registry.define("xtx_accumulate", xtx_accumulate_op, xtx_accumulate_torch)

@@ -1,7 +1,7 @@
 """Reference kernels of the decomposition ops: damping search, damped covariance, one layer's CorDA factors.
 
 These pure-torch functions are the CPU path of :func:`corda_fast.decompose` and the oracle the native kernels
-(``native.py``, ``csrc/``) are tested against. Two ops are defined on them, each with one schema:
+(``backends/native.py``, ``csrc/``) are tested against. Two ops are defined on them, each with one schema:
 
 - ``corda_fast::damped_cholesky(covs (n, d, d), probes (d, p), start, tol, max_iter) -> (C_f, L, λ)``: per
   statistic the damping rule of :func:`find_damping`, the damped covariance and its lower Cholesky factor;
@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import torch
 
+from . import registry
+
 
 class DampingError(RuntimeError):
     """The damping loop hit its iteration cap (or the statistic is degenerate)."""
 
 
-def _degenerate_error(what: str, mean_diag: float) -> DampingError:
+def degenerate_error(what: str, mean_diag: float) -> DampingError:
     return DampingError(
         f"the covariance of {what} has mean diagonal {mean_diag}: its input was all zeros or non-finite "
         "on the calibration data. Exclude that layer or use other calibration data."
     )
 
 
-def _not_converged_error(what: str, max_iter: int, last_lam: float, residual: str, tol: float) -> DampingError:
+def not_converged_error(what: str, max_iter: int, last_lam: float, residual: str, tol: float) -> DampingError:
     return DampingError(
         f"damping of {what} did not converge after {max_iter} doublings (last λ={last_lam:.3g}, "
         f"‖C_f C_f⁻¹ − I‖{residual} ≥ {tol}); the statistic is degenerate — check the calibration data."
@@ -64,7 +66,7 @@ def find_damping(cov: torch.Tensor, start: float = 0.01, tol: float = 0.05, max_
     c = cov.float()
     mean_diag = torch.diagonal(c).mean()
     if not bool(torch.isfinite(mean_diag)) or float(mean_diag) <= 0:
-        raise _degenerate_error(what, float(mean_diag))
+        raise degenerate_error(what, float(mean_diag))
     eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     lam = start
     err = float("nan")
@@ -85,7 +87,7 @@ def find_damping(cov: torch.Tensor, start: float = 0.01, tol: float = 0.05, max_
             if err < tol:
                 return lam
         lam *= 2
-    raise _not_converged_error(what, max_iter, lam / 2, f"={err:.3g}", tol)
+    raise not_converged_error(what, max_iter, lam / 2, f"={err:.3g}", tol)
 
 
 def _kept(n: int, rank: int, mode: str) -> slice:
@@ -198,3 +200,7 @@ def _damped_cholesky_fake(covs, probes, start, tol, max_iter):
 def _batched_decompose_fake(w, cf, chol, scaling, rank, ipm, method):
     b, d_out, d_in = w.shape
     return w.new_empty(b, rank, d_in), w.new_empty(b, d_out, rank), w.new_empty(b, rank)
+
+
+registry.define("damped_cholesky", damped_cholesky_op, damped_cholesky_reference)
+registry.define("batched_decompose", batched_decompose_op, batched_decompose_reference)

@@ -14,7 +14,6 @@
 #include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <vector>
 
@@ -60,11 +59,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decompose_one_cuda(const at::Tens
   return decompose_one(w, cf, chol, rank, ipm, scaling, "gram");
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_decompose_cuda(const at::Tensor& w, const at::Tensor& cf,
                                                                       const at::Tensor& chol,
                                                                       const at::Tensor& scaling, int64_t rank,
-                                                                      bool ipm, c10::string_view method) {
-  const std::string meth(method);
+                                                                      bool ipm, const std::string& meth) {
   c10::cuda::CUDAGuard guard(w.device());
   auto out = prepare_decompose(w, cf, chol, scaling, rank, meth);
   auto &a = out.a, &bm = out.bm, &s = out.s;
@@ -95,11 +95,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_decompose_cuda(const at::
   return {a, bm, s};
 }
 
-}  // namespace
-
 }  // namespace corda
-
-TORCH_LIBRARY_IMPL(corda_fast_native, CUDA, m) {
-  m.impl("damped_cholesky", &corda::damped_cholesky);
-  m.impl("batched_decompose", &corda::batched_decompose_cuda);
-}
