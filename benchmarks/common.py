@@ -30,8 +30,8 @@ def environment() -> dict:
 
     try:
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        commit = "unknown"
+    except Exception:  # a copy of the tree without .git (the GPU machine): gpu_suite.sh passes it on
+        commit = os.environ.get("CORDA_FAST_COMMIT", "unknown")
     return {"device": "cpu", "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "corda_fast_commit": commit,
