@@ -34,7 +34,7 @@ def run(model, stats, targets, **kw):
     kw.pop("rank")  # carried by the targets
     cfg = corda_fast.CordaConfig(mode="kpm", show_progress=False, **kw)
     t = time.perf_counter()
-    f = corda_fast.decompose(stats, targets, cfg)
+    f = corda_fast.stages.decompose(stats, targets, cfg)
     secs = time.perf_counter() - t
     out = {}
     for tg in targets:
@@ -57,15 +57,15 @@ def main():
     model, tok = load_model(materialize_smollm2())
     batches, _ = make_batches(tok, [builtin_text()], False, args.samples, args.seq_len, 8)
     cfg = corda_fast.CordaConfig(mode="kpm", show_progress=False)
-    targets = corda_fast.resolve_targets(model, corda_fast.LoraSpec(r=args.rank, target_modules=TARGETS))
-    s32 = corda_fast.collect_covariance(model, batches, cfg, targets)
-    s64 = corda_fast.collect_covariance(model, batches, cfg.replace(precision="float64"), targets)
+    targets = corda_fast.stages.resolve_targets(model, corda_fast.LoraSpec(r=args.rank, target_modules=TARGETS))
+    s32 = corda_fast.stages.collect_covariance(model, batches, cfg, targets)
+    s64 = corda_fast.stages.collect_covariance(model, batches, cfg.replace(precision="float64"), targets)
     t = time.perf_counter()
     ref = {}
     for tg in targets:  # textbook float64 CorDA-KPM
         key = s64.key_of(tg.name)
         c = s64.covariance(key, torch.float64)
-        lam = corda_fast.find_damping(c)
+        lam = corda_fast.stages.find_damping(c)
         c_f = c + torch.eye(c.shape[0], dtype=torch.float64) * torch.diagonal(c).mean() * lam
         w = tg.weight_matrix().detach().double()
         u, sv, vh = torch.linalg.svd(w @ c_f, full_matrices=False)

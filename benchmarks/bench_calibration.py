@@ -80,7 +80,7 @@ def main():
     model, batches, name = build(args)
     dev = args.device
     cfg = corda_fast.CordaConfig(show_progress=False)
-    targets = corda_fast.resolve_targets(model, corda_fast.LoraSpec(target_modules=TARGETS), check_rank=False)
+    targets = corda_fast.stages.resolve_targets(model, corda_fast.LoraSpec(target_modules=TARGETS), check_rank=False)
     samples = [b["input_ids"][j][b["attention_mask"][j].bool()] for b in batches for j in range(len(b["input_ids"]))]
     body = getattr(model, model.base_model_prefix)
 
@@ -95,10 +95,10 @@ def main():
         return 0
 
     def v_ours():
-        return corda_fast.collect_covariance(model, batches, cfg, targets).nbytes()
+        return corda_fast.stages.collect_covariance(model, batches, cfg, targets).nbytes()
 
     def v_ours_f64():
-        return corda_fast.collect_covariance(model, batches, cfg.replace(precision="float64"),
+        return corda_fast.stages.collect_covariance(model, batches, cfg.replace(precision="float64"),
                                              targets).nbytes()
 
     def v_ours_streaming():

@@ -3,8 +3,8 @@
 Same statistics and weights for every variant, in one run:
   - ``peft-loop``  one layer at a time as PEFT's ``collect_eigens_for_layer``: damping trials with an explicit
                    LU inverse, ``torch.linalg.inv`` + full thin SVD of ``W·C_f`` + full ``V̂ = (Vᵀ C_f⁻¹)ᵀ``, crop r;
-  - ``native``     ``corda_fast.decompose`` through the extension (``CORDA_FAST_BACKEND=native``);
-  - ``torch``      ``corda_fast.decompose`` on the pure-torch path (``CORDA_FAST_BACKEND=torch``).
+  - ``native``     ``corda_fast.stages.decompose`` through the extension (``CORDA_FAST_BACKEND=native``);
+  - ``torch``      ``corda_fast.stages.decompose`` on the pure-torch path (``CORDA_FAST_BACKEND=torch``).
 Each variant's ``s·B·A`` is compared with a float64 textbook run (reconstruction error, median and max over
 layers). Statistics come from random activations with a decaying spectrum (condition ~1e6), so KPM's smallest
 components are as hard as on real models.
@@ -49,7 +49,7 @@ def make_problem(shapes, per_shape, device, seed=0):
             sums[name] = (x.T @ x).to(device)
             n[name], members[name] = tokens, [name]
             w = (torch.randn(d_out, d_in, generator=g) / d_in ** 0.5).to(device)
-            targets.append(corda_fast.Target(name, _Layer(w), False, d_in, d_out, 0, 0.0, 1.0))
+            targets.append(corda_fast.stages.Target(name, _Layer(w), False, d_in, d_out, 0, 0.0, 1.0))
     stats = CovarianceStats(sums, n, dict(n), members, "none", "synthetic")
     return targets, stats
 
@@ -98,7 +98,7 @@ def run_ours(stats, targets, rank, mode, native, device):
     for t in targets:
         t.rank = rank
     cfg = corda_fast.CordaConfig(mode=mode, show_progress=False)
-    f = corda_fast.decompose(stats, targets, cfg)
+    f = corda_fast.stages.decompose(stats, targets, cfg)
     if device == "cuda":
         torch.cuda.synchronize()
     return {n: (x.B.cpu(), x.A.cpu(), x.damping) for n, x in f.items()}

@@ -3,61 +3,49 @@
 Public API (re-exports only)::
 
     peft_model = corda_fast.init_adapters(model, loader, mode="kpm", rank=16)
+
+The pipeline's stages one by one (calibration, decomposition, building) are in :mod:`corda_fast.stages`.
 """
 
-from . import distributed
+from . import distributed, stages
 from ._version import __version__
 from .api import InitReport, init_adapters
-from .calibrate import CalibrationError, collect_candidates, collect_covariance
+from .calibrate import CalibrationError
 from .compat import patch_peft, patched_peft, preprocess_corda
 from .config import CalibrationConfig, CordaConfig, CordaConfigError, DampingConfig, LoraSpec, PlusConfig
 from .data import calibration_batches, pad_batches
-from .decompose import DampingError, LayerFactors, decompose, find_damping
-from .export import TrainerArtifacts, save_for_trainers
-from .fused import FusedLoraLinear, FuseReport, fuse, fused_lora_linear, unfuse
-from .peft_bridge import build_peft_model, residual_state_dict, save_as_lora, save_initial_adapter, save_residual_base
-from .stats import CacheError, CovarianceStats, model_fingerprint
-from .targets import Target, TargetError, resolve_targets
+from .decompose import DampingError
+from .export import save_for_trainers
+from .fused import fuse, unfuse
+from .peft_bridge import save_as_lora, save_initial_adapter, save_residual_base
+from .stats import CacheError
+from .targets import TargetError
 
 __all__ = [
     "__version__",
     "init_adapters",
     "InitReport",
+    "CordaConfig",
+    "CalibrationConfig",
+    "DampingConfig",
+    "PlusConfig",
+    "LoraSpec",
+    "calibration_batches",
+    "pad_batches",
     "preprocess_corda",
     "patch_peft",
     "patched_peft",
-    "CordaConfig",
-    "DampingConfig",
-    "CalibrationConfig",
-    "PlusConfig",
-    "LoraSpec",
-    "CordaConfigError",
-    "collect_covariance",
-    "collect_candidates",
-    "pad_batches",
-    "calibration_batches",
-    "CovarianceStats",
-    "model_fingerprint",
-    "decompose",
-    "find_damping",
-    "LayerFactors",
-    "build_peft_model",
     "save_initial_adapter",
-    "save_as_lora",
     "save_residual_base",
+    "save_as_lora",
     "save_for_trainers",
-    "TrainerArtifacts",
-    "residual_state_dict",
-    "resolve_targets",
-    "Target",
     "fuse",
     "unfuse",
-    "fused_lora_linear",
-    "FusedLoraLinear",
-    "FuseReport",
-    "distributed",
-    "TargetError",
+    "CordaConfigError",
     "CalibrationError",
     "CacheError",
     "DampingError",
+    "TargetError",
+    "stages",
+    "distributed",
 ]

@@ -26,6 +26,7 @@ from . import distributed, offload
 from .calibrate import collect_candidates, collect_covariance, data_fingerprint, model_device
 from .config import CordaConfig, CordaConfigError, LoraSpec
 from .decompose import LayerFactors, decompose, decompose_sharded
+from .fingerprint import model_fingerprint
 from .fused import fuse
 from .peft_bridge import build_with_undo, save_initial_adapter
 from .plus import plan
@@ -303,7 +304,7 @@ def run_source(source: str, model: nn.Module, loader: Any, targets: list[Target]
     else:
         cache = config.calibration.covariance_cache
         if source == "cache":
-            stats = CovarianceStats.load(cache, model=model, targets=targets, normalization=config.normalization)
+            stats = CovarianceStats.load(cache, model_fingerprint(model), targets, config.normalization)
             logger.info("loaded covariance statistics from %s", cache)
         else:
             stats = collect_covariance(model, loader, config, targets)

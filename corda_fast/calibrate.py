@@ -14,7 +14,6 @@ here: :class:`Collector`, :func:`forward_runner`, :func:`iter_batches`, :func:`f
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import time
@@ -27,7 +26,8 @@ from tqdm.auto import tqdm
 
 from . import distributed, offload, ops
 from .config import CordaConfig, LoraSpec
-from .stats import CovarianceStats, model_fingerprint
+from .fingerprint import combine_digests, model_fingerprint, sample_digests
+from .stats import CovarianceStats
 from .targets import Target, resolve_targets
 
 logger = logging.getLogger(__name__)
@@ -153,6 +153,8 @@ class Collector:
         if key in self._layout_cache:
             return self._layout_cache[key]
         mask = self.mask
+        if self.batch_lead is None:  # no known layout (float inputs of a run_model() forward): one sample per call
+            lead_shape = (int(torch.Size(lead_shape).numel()),)
         if len(lead_shape) == 1:
             lead_shape, mask = self._flat_layout(lead_shape[0], mask)
         n_seq, seq_len = lead_shape[0], int(torch.Size(lead_shape[1:]).numel())
@@ -330,31 +332,12 @@ def batch_lead(kwargs: dict) -> tuple:
     return tuple(x.shape[:2])
 
 
-def _digest_batch(digests: list, kwargs: dict, mask: Optional[torch.Tensor]) -> None:
-    """Append one digest per sample of a batch: its real tokens (or embeddings) and which of them enter the
-    statistics. Sorted and combined (:func:`_combine_digest`), they fingerprint the data whatever its order,
-    batching, padding side or split over ranks — as the statistics themselves."""
-    x = (kwargs["input_ids"] if "input_ids" in kwargs else kwargs["inputs_embeds"]).detach().cpu()
-    attn = kwargs.get("attention_mask")
-    real = (attn.detach().cpu() != 0) if torch.is_tensor(attn) and tuple(attn.shape) == tuple(x.shape[:2]) \
-        else torch.ones(x.shape[:2], dtype=torch.bool)
-    for r in range(x.shape[0]):
-        keep = None if mask is None else (mask[r][real[r]] != 0)
-        if keep is not None and not bool(keep.any()):
-            continue  # enters no statistic (a sampler's padding repeat, a fully masked sample)
-        h = hashlib.sha256(f"{x.dtype}:{tuple(x.shape[2:])}".encode())
-        h.update(x[r][real[r]].contiguous().view(torch.uint8).numpy().tobytes())
-        if keep is not None:
-            h.update(keep.numpy().tobytes())
-        digests.append(h.digest())
-
-
 def iter_batches(loader, config: CordaConfig, device: torch.device, what: str, digest=None):
     """``(index, model kwargs on device, host copy of the mask or None)`` for each loader batch, with progress
     and ``config.calibration.max_batches``. Rows that a ``DistributedSampler`` repeated to pad its last round are
     masked out of the returned mask (they still run through the model, but enter no statistic). With ``digest`` (a
-    list), one digest per sample is appended to it (:func:`_digest_batch`). Raises :class:`CalibrationError` naming the batch
-    for a batch without a (batch, sequence) shape or with no element."""
+    list), one digest per sample is appended to it (:func:`fingerprint.sample_digests`). Raises
+    :class:`CalibrationError` naming the batch for a batch without a (batch, sequence) shape or with no element."""
     total = None
     try:
         total = len(loader)
@@ -381,7 +364,7 @@ def iter_batches(loader, config: CordaConfig, device: torch.device, what: str, d
                 mask = torch.ones(lead, dtype=torch.long) if mask is None else mask.clone()
                 mask[repeated] = 0
         if digest is not None:
-            _digest_batch(digest, kwargs, mask)
+            sample_digests(digest, kwargs, mask)
         if config.show_progress:  # statistics tokens per second, from the host mask (no device sync)
             tokens += int(mask.sum()) if mask is not None else math.prod(batch_lead(kwargs))
             bar.set_postfix(tokens=tokens, tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
@@ -430,14 +413,7 @@ def data_fingerprint(loader: Any, config: CordaConfig) -> Optional[str]:
     digests: list = []
     for _ in iter_batches(loader, config, torch.device("cpu"), "checking data against the cache", digest=digests):
         pass
-    return _combine_digest(digests, distributed.is_active(config.calibration.distributed))
-
-
-def _combine_digest(digests: list, multi: bool) -> str:
-    """The fingerprint of the samples' digests (every rank's, when distributed): order-independent."""
-    if multi:
-        digests = [d for rank in distributed.gather_objects(digests) for d in rank]
-    return hashlib.sha256(b"".join(sorted(digests))).hexdigest()
+    return combine_digests(digests, distributed.is_active(config.calibration.distributed))
 
 
 def finish_statistics(collector: Collector, targets: list[Target], config: CordaConfig, fingerprint: str,
@@ -564,19 +540,17 @@ def _run_batches(collector: Collector, model: nn.Module, loader: Any, config: Co
 
 
 def _run_callable(collector: Collector, model: nn.Module, run_model) -> int:
-    """Calibrate through a ``run_model()`` callable. Each forward of ``model`` inside it is one batch whose
-    ``attention_mask`` (and ``(batch, seq)`` shape) is honoured, so it may run padded batches of any size; layer
-    calls outside a forward of ``model`` count as one sample per call, as PEFT counts them."""
+    """Calibrate through a ``run_model()`` callable. Each forward of ``model`` inside it is one batch: with token ids
+    (``input_ids=``, or an integer first argument) or ``inputs_embeds=`` with a 2-D ``attention_mask``, its layout is
+    known — each row is one sample and its mask is honoured, so it may run padded batches of any size; a forward on
+    float inputs (an MLP, a vision encoder, embeddings passed positionally) is one sample, as PEFT counts it. Layer
+    calls outside a forward of ``model`` count as one sample per call."""
     collector.opaque_data = True
     state = {"forwards": 0}
 
     def before(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
-        mask = kwargs.get("attention_mask")
-        lead = tuple(ids.shape[:2]) if torch.is_tensor(ids) and ids.dim() >= 2 else None
-        if mask is not None and lead is not None and tuple(mask.shape) != lead:
-            mask = None  # not a token mask of this input (e.g. a 4-D attention bias): every token counts
-        collector.start_batch(state["forwards"], None if mask is None else mask.detach().cpu(), lead)
+        lead, mask = forward_layout(args, kwargs)
+        collector.start_batch(state["forwards"], mask, lead)
 
     def after(module, args, kwargs, output):
         collector.record_finite()
@@ -596,6 +570,27 @@ def _run_callable(collector: Collector, model: nn.Module, run_model) -> int:
             h.remove()
     collector.check_finite()
     return 1
+
+
+def forward_layout(args: tuple, kwargs: dict) -> tuple[Optional[tuple], Optional[torch.Tensor]]:
+    """``((batch, sequence) or None, host mask or None)`` of one model forward's arguments: the layout is known from
+    token ids (``input_ids=`` or an integer first positional argument) or from ``inputs_embeds=`` with a 2-D
+    ``attention_mask`` of its leading shape; a mask that does not fit the layout (e.g. a 4-D attention bias) is
+    dropped (every token counts). Float inputs alone give no layout: the call is one sample."""
+    ids = kwargs.get("input_ids")
+    if ids is None and args and torch.is_tensor(args[0]) and not args[0].is_floating_point() \
+            and not args[0].is_complex():
+        ids = args[0]
+    mask = kwargs.get("attention_mask")
+    mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+    lead = None
+    if torch.is_tensor(ids) and ids.dim() >= 2:
+        lead = tuple(ids.shape[:2])
+    elif torch.is_tensor(kwargs.get("inputs_embeds")) and mask is not None:
+        lead = tuple(kwargs["inputs_embeds"].shape[:2])
+    if mask is None or lead is None or tuple(mask.shape) != lead:
+        return lead, None
+    return lead, mask.detach().cpu()
 
 
 def _collect(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target],
@@ -628,7 +623,7 @@ def _collect(model: nn.Module, loader: Any, config: CordaConfig, targets: list[T
             "`candidates`."
         )
     fingerprint = model_fingerprint(model)
-    data = None if collector.opaque_data else _combine_digest(collector.data_digest, multi)
+    data = None if collector.opaque_data else combine_digests(collector.data_digest, multi)
     out = []
     for g in range(groups):
         stats = finish_statistics(collector, targets, config, fingerprint, n_batches, t0, group=g)

@@ -17,6 +17,7 @@ Nothing here imports PEFT or the rest of the package; accelerate is only needed 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -152,6 +153,28 @@ _TRIM = None
 
 
 # ---------------------------------------------------------------------------------------------------- residual store
+def offloaded_identity(module: nn.Module, local: str, sample: Callable[[torch.Tensor], bytes]) -> bytes:
+    """Identity of a tensor an accelerate hook holds for ``module`` (its parameter is on ``meta``) without loading it:
+    ``sample(tensor)`` when it is in host memory, else the file it is read from (path, tensor name, size, mtime)."""
+    for hook in getattr(getattr(module, "_hf_hook", None), "hooks", None) or [getattr(module, "_hf_hook", None)]:
+        wm = getattr(hook, "weights_map", None)
+        if wm is None:
+            continue
+        dataset, key = getattr(wm, "dataset", wm), getattr(wm, "prefix", "") + local
+        state = dataset if isinstance(dataset, dict) else getattr(dataset, "state_dict", None) or {}
+        if key in state:
+            return sample(state[key])
+        entry = dict(getattr(dataset, "index", {}).get(key, {}))
+        path = entry.get("safetensors_file") or os.path.join(getattr(dataset, "save_folder", "") or "", key + ".dat")
+        try:
+            st = os.stat(path)
+            entry.update(size=st.st_size, mtime=st.st_mtime_ns)
+        except OSError:
+            pass
+        return json.dumps({"path": path, **entry}, sort_keys=True, default=str).encode()
+    return b"meta"
+
+
 class ResidualStore:
     """A folder of safetensors files, one per layer, holding residual weights of disk-offloaded layers. The folder
     is a new subfolder of ``parent``, made on the first write (nothing is created before)."""

@@ -8,7 +8,6 @@ imports nothing else of the package, so every stage can depend on it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -16,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +101,10 @@ class CovarianceStats:
         logger.info("saved covariance statistics of %d inputs (%d layers) to %s", len(keys), len(self.layer_names()), path)
 
     @classmethod
-    def load(cls, path: str, model: Optional[nn.Module] = None, targets: Optional[list] = None,
+    def load(cls, path: str, model_fingerprint: Optional[str] = None, targets: Optional[list] = None,
              normalization: Optional[str] = None) -> "CovarianceStats":
-        """Load a cache written by :meth:`save`, validated against ``model`` / ``targets`` / ``normalization``.
+        """Load a cache written by :meth:`save`, validated against the model (its ``model_fingerprint``, from
+        ``corda_fast.stages.model_fingerprint``) / ``targets`` / ``normalization``.
 
         Raises :class:`CacheError` naming the mismatched field (another model, a missing layer, a shape or
         normalisation mismatch, non-finite values).
@@ -129,8 +128,8 @@ class CovarianceStats:
         except Exception as exc:  # a truncated / hand-edited file: name it
             raise CacheError(f"covariance cache '{path}' cannot be read ({type(exc).__name__}: {exc}); delete it or "
                              "pass another path.") from exc
-        if model is not None:
-            fp = model_fingerprint(model)
+        if model_fingerprint is not None:
+            fp = model_fingerprint
             if fp != stats.model_fingerprint:
                 raise CacheError(
                     f"covariance cache '{path}' was collected on another model (model_fingerprint "
@@ -188,77 +187,3 @@ def read_cache_metadata(path: str) -> dict:
     if missing:
         raise CacheError(f"covariance cache '{path}' lacks {missing}; delete it or pass another path.")
     return meta
-
-
-_VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset",
-                    "_attn_implementation_internal", "name_or_path")
-
-
-def _config_text(model: nn.Module) -> str:
-    """The model's configuration as text: a transformers config (without fields that name the checkpoint's location
-    or the library version), else the module tree (types and their ``extra_repr``)."""
-    config = getattr(model, "config", None)
-    to_dict = getattr(config, "to_dict", None)
-    if callable(to_dict):
-        try:
-            d = {k: v for k, v in to_dict().items() if k not in _VOLATILE_CONFIG}
-            return json.dumps(d, sort_keys=True, default=str)
-        except Exception:  # an exotic config: fall back to the module tree
-            pass
-    return "\n".join(f"{n}:{type(m).__name__}({m.extra_repr()})" for n, m in model.named_modules())
-
-
-def _offloaded_identity(module: nn.Module, local: str) -> bytes:
-    """Identity of a tensor an accelerate hook holds for ``module`` (its parameter is on ``meta``) without loading it:
-    a strided sample when it is in host memory, else the file it is read from (path, tensor name, size, mtime)."""
-    for hook in getattr(getattr(module, "_hf_hook", None), "hooks", None) or [getattr(module, "_hf_hook", None)]:
-        wm = getattr(hook, "weights_map", None)
-        if wm is None:
-            continue
-        dataset, key = getattr(wm, "dataset", wm), getattr(wm, "prefix", "") + local
-        state = dataset if isinstance(dataset, dict) else getattr(dataset, "state_dict", None) or {}
-        if key in state:
-            return _sample(state[key])
-        entry = dict(getattr(dataset, "index", {}).get(key, {}))
-        path = entry.get("safetensors_file") or os.path.join(getattr(dataset, "save_folder", "") or "", key + ".dat")
-        try:
-            st = os.stat(path)
-            entry.update(size=st.st_size, mtime=st.st_mtime_ns)
-        except OSError:
-            pass
-        return json.dumps({"path": path, **entry}, sort_keys=True, default=str).encode()
-    return b"meta"
-
-
-def _sample(data: torch.Tensor) -> bytes:
-    flat = data.detach().reshape(-1)
-    step = max(1, flat.numel() // 64)
-    return flat[::step][:64].to(torch.float64).cpu().numpy().tobytes()
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A cheap identity of a model's configuration *and* weights (class, config — e.g. the activation function —,
-    every parameter's name, shape, dtype and a strided sample of its values; for a weight an accelerate hook keeps
-    offloaded, its sample if in host memory, else the identity of the file it is read from). Statistics depend on
-    every upstream weight and on how the model computes, so all of them count."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    h.update(_config_text(model).encode())
-    seen: set = set()  # a tied parameter counts once, under its first name (as named_parameters() gives it)
-    for mod_name, module in model.named_modules():
-        for local, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            name = f"{mod_name}.{local}" if mod_name else local
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            data = p.data
-            if data.device.type == "meta":
-                h.update(_offloaded_identity(module, local))
-                continue
-            if type(data) is not torch.Tensor:  # quantized tensor subclass (torchao): hash its values
-                data = data.dequantize() if callable(getattr(data, "dequantize", None)) else None
-                if data is None:
-                    h.update(type(p.data).__name__.encode())
-                    continue
-            h.update(_sample(data))
-    return h.hexdigest()

@@ -33,7 +33,8 @@ from .calibrate import (
     model_device,
 )
 from .config import CordaConfig
-from .stats import CovarianceStats, model_fingerprint
+from .fingerprint import model_fingerprint
+from .stats import CovarianceStats
 from .targets import Target
 
 logger = logging.getLogger(__name__)

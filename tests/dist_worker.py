@@ -74,7 +74,7 @@ def main():
                                           **kw)
             torch.save(adapted_tensors(pm), os.path.join(out, f"{name}_rank{rank}.pt"))
             if not kw:  # the reduced statistics themselves
-                stats = corda_fast.collect_covariance(tiny_llama(hidden=64), batches,
+                stats = corda_fast.stages.collect_covariance(tiny_llama(hidden=64), batches,
                                                       *Setup().stage)
                 torch.save(stats_dict(stats), os.path.join(out, f"{name}_stats_rank{rank}.pt"))
         # CorDA++: 8 samples, 2 batches per rank; candidate group = local batch index mod 2, which is what one
@@ -89,7 +89,7 @@ def main():
         loader = sampler_loader(random_samples(7, seed=12), rank, world)
         pm = init(tiny_llama(hidden=64), loader, rank=4, mode="kpm")
         torch.save(adapted_tensors(pm), os.path.join(out, f"sampler_rank{rank}.pt"))
-        stats = corda_fast.collect_covariance(tiny_llama(hidden=64), sampler_loader(random_samples(7, seed=12), rank,
+        stats = corda_fast.stages.collect_covariance(tiny_llama(hidden=64), sampler_loader(random_samples(7, seed=12), rank,
                                                                                     world),
                                               *Setup().stage)
         torch.save(stats_dict(stats), os.path.join(out, f"sampler_stats_rank{rank}.pt"))

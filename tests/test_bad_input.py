@@ -48,7 +48,7 @@ def test_poison_on_padding_is_ignored():
     # the first layer's q_proj sees NaN rows only at padded positions, which never enter a statistic
     # (later layers get NaN everywhere: attention multiplies the padded NaN values by zero weights)
     cfg = Setup(target_modules=["model.layers.0.self_attn.q_proj"])
-    stats = corda_fast.collect_covariance(model, batches, cfg.corda, cfg.lora)
+    stats = corda_fast.stages.collect_covariance(model, batches, cfg.corda, cfg.lora)
     assert all(bool(torch.isfinite(s).all()) for s in stats.sums.values())
 
 
@@ -171,14 +171,14 @@ def test_shortcut_validation_names_field():
 def test_failure_while_building_restores_model():
     model = tiny_llama()
     cfg = Setup(rank=4)
-    targets = corda_fast.resolve_targets(model, cfg.lora)
-    stats = corda_fast.collect_covariance(model, padded_batches(random_samples(4), 2), cfg.corda, targets)
-    factors = corda_fast.decompose(stats, targets, cfg.corda)
+    targets = corda_fast.stages.resolve_targets(model, cfg.lora)
+    stats = corda_fast.stages.collect_covariance(model, padded_batches(random_samples(4), 2), cfg.corda, targets)
+    factors = corda_fast.stages.decompose(stats, targets, cfg.corda)
     last = targets[-1].name
     factors[last].A = factors[last].A[:2]  # corrupt one layer's factors: PEFT's shapes will not match
     before = model_state(model)
     with pytest.raises(RuntimeError, match=last.replace(".", r"\.")):
-        corda_fast.build_peft_model(model, factors, targets, cfg.corda, cfg.lora)
+        corda_fast.stages.build_peft_model(model, factors, targets, cfg.corda, cfg.lora)
     assert_model_unchanged(model, before)
 
 

@@ -39,7 +39,7 @@ class TwoLinear(nn.Module):
 def test_hook_maths_matches_float64_formula(normalization):
     model = TwoLinear().double().float()
     xs = [torch.randn(n, 7) - 0.3 for n in (1, 4, 9)]  # mostly negative: |signed max| != max|x|
-    stats = corda_fast.collect_covariance(model, [x.unsqueeze(0) for x in xs],
+    stats = corda_fast.stages.collect_covariance(model, [x.unsqueeze(0) for x in xs],
                                           *Setup(target_modules=["a", "b"], normalization=normalization).stage)
     ref = reference_covariance([x.double() for x in xs], normalization)
     got = stats.covariance(stats.key_of("a"))
@@ -53,16 +53,16 @@ def test_hook_maths_matches_float64_formula(normalization):
 
 def test_shared_input_detected_at_run_time():
     model = TwoLinear()
-    stats = corda_fast.collect_covariance(model, [torch.randn(2, 6, 7)], *Setup(target_modules=["a", "b", "c"]).stage)
+    stats = corda_fast.stages.collect_covariance(model, [torch.randn(2, 6, 7)], *Setup(target_modules=["a", "b", "c"]).stage)
     assert stats.key_of("a") == stats.key_of("b") != stats.key_of("c")
     assert len(stats.sums) == 2
-    off = corda_fast.collect_covariance(model, [torch.randn(2, 6, 7)],
+    off = corda_fast.stages.collect_covariance(model, [torch.randn(2, 6, 7)],
                                         *Setup(target_modules=["a", "b", "c"], share_inputs=False).stage)
     assert len(off.sums) == 3
 
 
 def test_llama_sharing_groups(llama):
-    stats = corda_fast.collect_covariance(llama, [torch.randint(0, 300, (2, 9))], *Setup().stage)
+    stats = corda_fast.stages.collect_covariance(llama, [torch.randint(0, 300, (2, 9))], *Setup().stage)
     groups = sorted(sorted(n.split(".")[-1] for n in v) for v in stats.members.values())
     assert groups.count(["k_proj", "q_proj", "v_proj"]) == 2
     assert groups.count(["gate_proj", "up_proj"]) == 2
@@ -85,8 +85,8 @@ def test_padding_invariance(side, make, llama):
     model = {"llama": lambda: llama, "gpt2": tiny_gpt2, "bert": tiny_bert}[make]()
     samples = random_samples(7, lo=3, hi=30)
     cfg = Setup()
-    ref = corda_fast.collect_covariance(model, [s.unsqueeze(0) for s in samples], *cfg.stage)
-    got = corda_fast.collect_covariance(model, padded_batches(samples, 4, side=side), *cfg.stage)
+    ref = corda_fast.stages.collect_covariance(model, [s.unsqueeze(0) for s in samples], *cfg.stage)
+    got = corda_fast.stages.collect_covariance(model, padded_batches(samples, 4, side=side), *cfg.stage)
     assert got.members == ref.members
     for k in ref.sums:
         assert got.n_samples[k] == ref.n_samples[k] == 7
@@ -96,7 +96,7 @@ def test_padding_invariance(side, make, llama):
 
 def test_statistics_equal_float64_capture(llama):
     samples = random_samples(5)
-    stats = corda_fast.collect_covariance(llama, padded_batches(samples, 2), *Setup().stage)
+    stats = corda_fast.stages.collect_covariance(llama, padded_batches(samples, 2), *Setup().stage)
     names = stats.layer_names()
     inputs = capture_inputs(llama, names, samples)
     for name in names:
@@ -110,9 +110,9 @@ def test_all_padding_row_and_loader_forms(llama):
     ids = torch.cat([batches[0]["input_ids"], torch.zeros(1, batches[0]["input_ids"].shape[1], dtype=torch.long)])
     mask = torch.cat([batches[0]["attention_mask"], torch.zeros(1, ids.shape[1], dtype=torch.long)])
     cfg = Setup()
-    ref = corda_fast.collect_covariance(llama, batches, *cfg.stage)
+    ref = corda_fast.stages.collect_covariance(llama, batches, *cfg.stage)
     for loader in ([{"input_ids": ids, "attention_mask": mask}], [(ids, mask)]):
-        got = corda_fast.collect_covariance(llama, loader, *cfg.stage)
+        got = corda_fast.stages.collect_covariance(llama, loader, *cfg.stage)
         for k in ref.sums:
             assert got.n_samples[k] == 4
             assert rel(got.covariance(k), ref.covariance(k)) < 1e-6
@@ -121,20 +121,20 @@ def test_all_padding_row_and_loader_forms(llama):
 def test_callable_loader_like_peft(llama):
     samples = random_samples(3)
     cfg = Setup()
-    ref = corda_fast.collect_covariance(llama, [s.unsqueeze(0) for s in samples], *cfg.stage)
-    got = corda_fast.collect_covariance(llama, lambda: [llama(s.unsqueeze(0)) for s in samples], *cfg.stage)
+    ref = corda_fast.stages.collect_covariance(llama, [s.unsqueeze(0) for s in samples], *cfg.stage)
+    got = corda_fast.stages.collect_covariance(llama, lambda: [llama(s.unsqueeze(0)) for s in samples], *cfg.stage)
     for k in ref.sums:
         assert rel(got.covariance(k), ref.covariance(k)) < 1e-6
 
 
 def test_max_batches(llama):
     batches = padded_batches(random_samples(6), 2)
-    got = corda_fast.collect_covariance(llama, batches, *Setup(max_batches=2).stage)
+    got = corda_fast.stages.collect_covariance(llama, batches, *Setup(max_batches=2).stage)
     assert max(got.n_samples.values()) == 4
 
 
 def test_float64_accumulation_option(llama):
-    stats = corda_fast.collect_covariance(llama, padded_batches(random_samples(3), 3),
+    stats = corda_fast.stages.collect_covariance(llama, padded_batches(random_samples(3), 3),
                                           *Setup(precision="float64").stage)
     assert all(s.dtype == torch.float64 for s in stats.sums.values())
 

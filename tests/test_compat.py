@@ -95,7 +95,7 @@ def test_every_peft_corda_field(tmp_path, caplog):
     base = tiny_llama(seed=5)
     samples = random_samples(8, lo=5, hi=30, seed=23)
     cache = tmp_path / "eigens.pt"
-    cov = tmp_path / "cov.safetensors"
+    cov = tmp_path / "cov.pt"
     with caplog.at_level(logging.INFO, logger="corda_fast"):
         first = peft_flow_ours(copy.deepcopy(base), samples, "kpm", cache_file=str(cache), covariance_file=str(cov),
                                verbose=True, use_float16_for_covariance=True, prune_temporary_fields=False)
@@ -113,28 +113,33 @@ def test_every_peft_corda_field(tmp_path, caplog):
     again = get_peft_model(model, lc)
     name = "model.layers.1.mlp.down_proj"
     assert torch.equal(lora_delta(again, name), lora_delta(first, name))
-    # covariance_file: corda_fast's statistics are reused (same adapters), PEFT's own format is refused by name
+    # covariance_file (PEFT's format): the covariances are reused, the same adapters come out
     model = copy.deepcopy(base)
     lc = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights="corda",
                     corda_config=CordaConfig(corda_method="kpm", covariance_file=str(cov)))
     corda_fast.preprocess_corda(model, lc, run_model=lambda: pytest.fail("calibrated although covariance_file exists"))
     assert rel(lora_delta(get_peft_model(model, lc), name), lora_delta(first, name)) < 1e-6
-    foreign = tmp_path / "peft_cov.pt"
+    # corda_fast's own safetensors statistics cache at that path is read too
+    stats = corda_fast.stages.collect_covariance(copy.deepcopy(base), padded_batches(samples, 1),
+                                                 corda_fast.CordaConfig(show_progress=False),
+                                                 corda_fast.LoraSpec.from_peft(lc))
+    ours = tmp_path / "cov.safetensors"
+    stats.save(str(ours))
+    lc.corda_config.covariance_file = str(ours)
+    model = copy.deepcopy(base)
+    corda_fast.preprocess_corda(model, lc, run_model=lambda: pytest.fail("calibrated although covariance_file exists"))
+    assert rel(lora_delta(get_peft_model(model, lc), name), lora_delta(first, name)) < 1e-6
+    # a file that is neither, or is made for other layers, is refused by name
+    foreign = tmp_path / "other_cov.pt"
     torch.save({"x": torch.eye(2)}, foreign)
     lc.corda_config.covariance_file = str(foreign)
-    with pytest.raises(corda_fast.CacheError, match="not a corda_fast statistics cache"):
+    with pytest.raises(corda_fast.CacheError, match="has no entry for layer 'model.layers.0.self_attn.q_proj'"):
         corda_fast.preprocess_corda(copy.deepcopy(base), lc, run_model=lambda: None)
-    # prune_temporary_fields: nothing but `eigens` is ever left on a module
-    model = copy.deepcopy(base)
-    attrs = {n: set(vars(m)) for n, m in model.named_modules()}
-    lc = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights="corda",
-                    corda_config=CordaConfig(corda_method="ipm", prune_temporary_fields=False))
-    batches = padded_batches(samples, 2)
-    corda_fast.preprocess_corda(model, lc, run_model=lambda: [model(**{k: b[k] for k in ("input_ids",
-                                                                                             "attention_mask")})
-                                                               for b in batches])
-    added = {n: set(vars(m)) - attrs[n] for n, m in model.named_modules() if set(vars(m)) - attrs[n]}
-    assert added and all(v == {"eigens"} for v in added.values())
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a tensor file")
+    lc.corda_config.covariance_file = str(junk)
+    with pytest.raises(corda_fast.CacheError, match="neither PEFT's covariance file nor"):
+        corda_fast.preprocess_corda(copy.deepcopy(base), lc, run_model=lambda: None)
 
 
 def test_init_adapters_takes_the_mode_from_peft_corda_config():

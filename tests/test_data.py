@@ -149,11 +149,11 @@ def test_response_mask_statistic_equals_float64_reference_with_left_and_right_pa
     ref = _reference_response_statistic(model, right, name)
     cfg = Setup(target_modules=[name], share_inputs=False)
     for batches in (right, left):
-        stats = corda_fast.collect_covariance(model, batches, *cfg.stage)
+        stats = corda_fast.stages.collect_covariance(model, batches, *cfg.stage)
         assert rel(stats.covariance(name), ref) < 1e-5
     no_labels = [{k: v for k, v in b.items() if k != "labels"} for b in right]
-    ignored = corda_fast.collect_covariance(model, right, *Setup(target_modules=[name], use_label_mask=False).stage)
-    plain = corda_fast.collect_covariance(model, no_labels, *cfg.stage)
+    ignored = corda_fast.stages.collect_covariance(model, right, *Setup(target_modules=[name], use_label_mask=False).stage)
+    plain = corda_fast.stages.collect_covariance(model, no_labels, *cfg.stage)
     assert torch.equal(ignored.sums[name], plain.sums[name]) and rel(plain.covariance(name), ref) > 1e-3
 
 

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from corda_fast import DampingError, find_damping
+from corda_fast import DampingError
 from corda_fast.decompose import decompose_layer
+from corda_fast.stages import find_damping
 
 from helpers import reference_damping, reference_factors, rel
 

@@ -70,7 +70,7 @@ def test_two_rank_statistics_equal_one_process_on_the_union(two_rank_results, na
     s0 = torch.load(two_rank_results / f"{name}_stats_rank0.pt")
     s1 = torch.load(two_rank_results / f"{name}_stats_rank1.pt")
     n, bs, seed, _ = _reference(name)
-    ref = corda_fast.collect_covariance(tiny_llama(hidden=64), padded_batches(random_samples(n, seed=seed), bs),
+    ref = corda_fast.stages.collect_covariance(tiny_llama(hidden=64), padded_batches(random_samples(n, seed=seed), bs),
                                         *Setup().stage)
     assert s0["members"] == ref.members and s0["n_samples"] == ref.n_samples == s1["n_samples"]
     assert s0["n_tokens"] == ref.n_tokens and sum(ref.n_samples.values()) == n * len(ref.sums)

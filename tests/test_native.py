@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import corda_fast
-from corda_fast import DampingError, find_damping
+from corda_fast import DampingError
 from corda_fast import ops as public_ops
+from corda_fast.stages import find_damping
 
 from helpers import Setup, padded_batches, random_samples, reference_factors, rel, tiny_llama
 
@@ -185,12 +186,12 @@ def test_native_outputs_match_the_ops_fake():
 def test_decompose_native_equals_torch_path(mode, precision, monkeypatch):
     model = tiny_llama()
     cfg = Setup(mode=mode, rank=5, precision=precision)
-    targets = corda_fast.resolve_targets(model, cfg.lora)
-    stats = corda_fast.collect_covariance(model, padded_batches(random_samples(6), 3), cfg.corda, targets)
+    targets = corda_fast.stages.resolve_targets(model, cfg.lora)
+    stats = corda_fast.stages.collect_covariance(model, padded_batches(random_samples(6), 3), cfg.corda, targets)
     monkeypatch.setenv("CORDA_FAST_BACKEND", "native")
-    got = corda_fast.decompose(stats, targets, cfg.corda)
+    got = corda_fast.stages.decompose(stats, targets, cfg.corda)
     monkeypatch.setenv("CORDA_FAST_BACKEND", "torch")
-    ref = corda_fast.decompose(stats, targets, cfg.corda)
+    ref = corda_fast.stages.decompose(stats, targets, cfg.corda)
     assert list(got) == list(ref) == [t.name for t in targets]
     tol = 1e-10 if precision == "float64" else 1e-5
     for name in ref:
@@ -203,13 +204,13 @@ def test_decompose_native_equals_torch_path(mode, precision, monkeypatch):
 def test_native_decompose_raises_like_the_torch_path(monkeypatch):
     model = tiny_llama()
     cfg = Setup(rank=2)
-    targets = corda_fast.resolve_targets(model, cfg.lora)
-    stats = corda_fast.collect_covariance(model, padded_batches(random_samples(4), 2), cfg.corda, targets)
+    targets = corda_fast.stages.resolve_targets(model, cfg.lora)
+    stats = corda_fast.stages.collect_covariance(model, padded_batches(random_samples(4), 2), cfg.corda, targets)
     key = next(iter(stats.sums))
     stats.sums[key] = torch.zeros_like(stats.sums[key])
     monkeypatch.setenv("CORDA_FAST_BACKEND", "native")
     with pytest.raises(DampingError, match=r"mean diagonal 0\.0"):
-        corda_fast.decompose(stats, targets, cfg.corda)
+        corda_fast.stages.decompose(stats, targets, cfg.corda)
 
 
 def test_forced_native_kernel_that_cannot_run_raises(monkeypatch):

@@ -155,7 +155,7 @@ def test_statistics_equal_peft_covariance():
                      corda_config=PeftCordaConfig(corda_method="ipm"))
     model = copy.deepcopy(base)
     calib_cov_distribution(model, cfg, lambda: [model(s.unsqueeze(0)) for s in samples], None, None)
-    stats = corda_fast.collect_covariance(base, padded_batches(samples, 3, side="right"),
+    stats = corda_fast.stages.collect_covariance(base, padded_batches(samples, 3, side="right"),
                                           *Setup(target_modules=TARGETS).stage)
     for n, m in model.named_modules():
         if hasattr(m, "covariance_matrix"):

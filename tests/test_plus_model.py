@@ -55,7 +55,7 @@ def _reference_scores(cand_stats, target):
         key = stats.layer_keys()[target.name]
         c = stats.sums[key].double() / stats.n_samples[key]
         covs.append(c / c.diagonal().mean())
-    lam = max(corda_fast.find_damping(c) for c in covs)
+    lam = max(corda_fast.stages.find_damping(c) for c in covs)
     out = []
     for c in covs:
         c_f = c + torch.eye(c.shape[0], dtype=torch.float64) * lam
@@ -107,7 +107,7 @@ def test_a_candidates_score_does_not_jump_when_only_its_damping_would_change():
 
     def own(bulk, seed=0):
         c = _spiked_sum(d, bulk, seed).double()
-        return corda_fast.find_damping(c / c.diagonal().mean(), start=1e-5)
+        return corda_fast.stages.find_damping(c / c.diagonal().mean(), start=1e-5)
 
     bulks = torch.logspace(1, -4, 200, dtype=torch.float64).tolist()
     lams = [own(b) for b in bulks]

@@ -87,7 +87,7 @@ def logits(model, ids):
 def test_bnb4_factors_equal_those_of_the_dequantized_float_model(quant_type, double):
     """Same statistics, same factors: the 4-bit layers are dequantized exactly as they compute (bitsandbytes' CPU
     eval path repacks the weights in place on the first forward; the dequantization reads them either way)."""
-    from corda_fast import collect_covariance, decompose, resolve_targets
+    from corda_fast.stages import collect_covariance, decompose, resolve_targets
 
     model = bnb4_llama(quant_type, double)
     cfg = Setup(rank=4, mode="kpm", target_modules=TARGETS)

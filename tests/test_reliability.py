@@ -177,15 +177,15 @@ def test_inputs_without_a_sequence_axis_are_one_sample_per_row():
     model = tiny_bert()
     samples = random_samples(3, seed=4)
     cfg = Setup(target_modules=["pooler.dense"], normalization="absmax")
-    batched = corda_fast.collect_covariance(model, padded_batches(samples, 3), *cfg.stage)
-    single = corda_fast.collect_covariance(model, [padded_batches([s], 1)[0] for s in samples], *cfg.stage)
+    batched = corda_fast.stages.collect_covariance(model, padded_batches(samples, 3), *cfg.stage)
+    single = corda_fast.stages.collect_covariance(model, [padded_batches([s], 1)[0] for s in samples], *cfg.stage)
     key = next(iter(batched.sums))
     assert batched.n_samples[key] == single.n_samples[key] == 3
     assert rel(batched.covariance(key), single.covariance(key)) < 1e-6
     with_pad = padded_batches(samples, 3)[0]
     with_pad = {k: torch.cat([v, v[:1]]) for k, v in with_pad.items() if k != "labels"}
     with_pad["attention_mask"][-1] = 0  # a fourth, all-padding row
-    padded = corda_fast.collect_covariance(model, [with_pad], *cfg.stage)
+    padded = corda_fast.stages.collect_covariance(model, [with_pad], *cfg.stage)
     assert padded.n_samples[key] == 3 and rel(padded.covariance(key), single.covariance(key)) < 1e-6
 
 

@@ -31,7 +31,7 @@ def batches_of(samples, bs=4):
 
 def textbook_kpm(model, stats, name, rank, scaling):
     c = stats.covariance(stats.key_of(name), torch.float64)
-    lam = corda_fast.find_damping(c)
+    lam = corda_fast.stages.find_damping(c)
     c_f = c + torch.eye(c.shape[0], dtype=torch.float64) * torch.diagonal(c).mean() * lam
     w = model.get_submodule(name).weight.detach().double()
     u, sv, vh = torch.linalg.svd(w @ c_f, full_matrices=False)
@@ -44,7 +44,7 @@ def test_float64_option_accuracy_and_default_beats_peft_arithmetic(smollm2):
     model, samples = smollm2
     batches = batches_of(samples)
     kw = dict(mode="kpm", rank=16, target_modules=TARGETS)
-    ref_stats = corda_fast.collect_covariance(model, batches, *Setup(precision="float64", **kw).stage)
+    ref_stats = corda_fast.stages.collect_covariance(model, batches, *Setup(precision="float64", **kw).stage)
     f64 = init(copy.deepcopy(model), batches, precision="float64", **kw)
     default = init(copy.deepcopy(model), batches, **kw)
     svd32 = init(copy.deepcopy(model), batches, svd_method="svd", **kw)
@@ -79,14 +79,15 @@ def test_parity_with_peft_and_identity(smollm2):
         peft_model = get_peft_model(peft_model, cfg)
         ours = init(copy.deepcopy(model), batches_of(samples), mode=mode, rank=16,
                                         target_modules=TARGETS)
-        ref_stats = corda_fast.collect_covariance(model, [s.unsqueeze(0) for s in samples], *Setup(
+        ref_stats = corda_fast.stages.collect_covariance(model, [s.unsqueeze(0) for s in samples], *Setup(
             precision="float64", target_modules=TARGETS).stage)
         for n in [n for n, _ in model.named_modules() if n and __import__("re").fullmatch(TARGETS, n)]:
             if mode == "kpm":
                 d_ref, _ = textbook_kpm(model, ref_stats, n, 16, 1.0)
             else:
                 c = ref_stats.covariance(ref_stats.key_of(n), torch.float64)
-                c_f = c + torch.eye(c.shape[0], dtype=torch.float64) * torch.diagonal(c).mean() * corda_fast.find_damping(c)
+                lam = corda_fast.stages.find_damping(c)
+                c_f = c + torch.eye(c.shape[0], dtype=torch.float64) * torch.diagonal(c).mean() * lam
                 w = model.get_submodule(n).weight.detach().double()
                 u, sv, vh = torch.linalg.svd(w @ c_f, full_matrices=False)
                 d_ref = u[:, :16] @ torch.diag(sv[:16]) @ (vh @ torch.linalg.inv(c_f))[:16]

@@ -27,8 +27,8 @@ def test_streaming_statistics_equal_all_at_once(make):
     model = {"llama": lambda: tiny_llama(layers=4), "gpt2": tiny_gpt2, "bert": tiny_bert}[make]()
     batches = padded_batches(random_samples(7, lo=3, hi=30), 3, side="left")
     cfg = Setup()
-    targets = corda_fast.resolve_targets(model, cfg.lora, check_rank=False)
-    full = corda_fast.collect_covariance(model, batches, cfg.corda, targets)
+    targets = corda_fast.stages.resolve_targets(model, cfg.lora, check_rank=False)
+    full = corda_fast.stages.collect_covariance(model, batches, cfg.corda, targets)
     streamed = collect_covariance_streaming(model, batches, cfg.corda, targets)
     assert streamed.members == full.members
     for k in full.sums:
@@ -40,8 +40,8 @@ def test_streaming_adapters_equal_and_peak_memory_is_one_block():
     batches = padded_batches(random_samples(8), 4)
     cfg = Setup()
     model = tiny_llama(layers=4)
-    targets = corda_fast.resolve_targets(model, cfg.lora, check_rank=False)
-    full = corda_fast.collect_covariance(model, batches, cfg.corda, targets)
+    targets = corda_fast.stages.resolve_targets(model, cfg.lora, check_rank=False)
+    full = corda_fast.stages.collect_covariance(model, batches, cfg.corda, targets)
     peak = max(s.nbytes() for s in iter_block_statistics(model, batches, cfg.corda, targets))
     assert peak * 4 == full.nbytes()  # 4 identical blocks: one block's worth at a time
 
@@ -59,9 +59,9 @@ def test_streaming_cpu_cache_device():
     batches = padded_batches(random_samples(4), 2)
     cfg = Setup()
     model = tiny_llama()
-    targets = corda_fast.resolve_targets(model, cfg.lora, check_rank=False)
+    targets = corda_fast.stages.resolve_targets(model, cfg.lora, check_rank=False)
     a = collect_covariance_streaming(model, batches, cfg.corda, targets, cache_device="cpu")
-    b = corda_fast.collect_covariance(model, batches, cfg.corda, targets)
+    b = corda_fast.stages.collect_covariance(model, batches, cfg.corda, targets)
     for k in b.sums:
         assert rel(a.covariance(k), b.covariance(k)) <= 1e-6
 

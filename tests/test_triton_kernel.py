@@ -75,14 +75,14 @@ def test_forced_triton_backend_through_calibration(monkeypatch, llama):
     batches = padded_batches(random_samples(3, lo=4, hi=9), 3, side="left")
     cfg = Setup(target_modules=["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"],
 )
-    ref = corda_fast.collect_covariance(llama, batches, *cfg.stage)
+    ref = corda_fast.stages.collect_covariance(llama, batches, *cfg.stage)
     monkeypatch.setenv(ops.BACKEND_ENV, "triton")
-    got = corda_fast.collect_covariance(llama, batches, *cfg.stage)
+    got = corda_fast.stages.collect_covariance(llama, batches, *cfg.stage)
     assert got.meta["backend"] == "triton" and ref.meta["backend"] == "torch"
     for k in ref.sums:
         assert rel(got.covariance(k), ref.covariance(k)) < 1e-6
     with pytest.raises(ops.BackendError, match="float32"):
-        corda_fast.collect_covariance(llama, batches, cfg.corda.replace(precision="float64"), cfg.lora)
+        corda_fast.stages.collect_covariance(llama, batches, cfg.corda.replace(precision="float64"), cfg.lora)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -93,8 +93,8 @@ def test_auto_backend_on_cuda_is_triton(llama):
 
     batches = padded_batches(random_samples(4), 2)
     cfg = Setup()
-    cpu = corda_fast.collect_covariance(llama, batches, *cfg.stage)
-    gpu = corda_fast.collect_covariance(llama.cuda(), batches, *cfg.stage)
+    cpu = corda_fast.stages.collect_covariance(llama, batches, *cfg.stage)
+    gpu = corda_fast.stages.collect_covariance(llama.cuda(), batches, *cfg.stage)
     assert gpu.meta["backend"] == "triton"
     for k in cpu.sums:
         assert rel(gpu.covariance(k).cpu(), cpu.covariance(k)) < 1e-5  # different GPU/CPU forward rounding
