@@ -96,67 +96,38 @@ def forward_runner(model: nn.Module, targets: list[Target]) -> Callable[[dict], 
 
 
 # ---------------------------------------------------------------------------------------------------- hooks
-class Collector:
-    """Holds the per-batch token layout and the accumulators; its hooks do the work."""
+class TokenLayout:
+    """Which rows of a layer's input are real tokens and which sample each belongs to, for the current batch.
 
-    def __init__(self, targets: list[Target], config: CordaConfig, device: torch.device, groups: int = 1):
-        self.config = config
-        self.device = device
-        self.dtype = config.dtype
-        self.backend = ops.choose("xtx_accumulate", device, self.dtype)
-        self.names = {id(t.module): t.name for t in targets}
-        # One (sums, n_samples, n_tokens) triple per candidate group (CorDA++); batch i feeds group i mod groups.
-        # The hooks only ever see the current group's dicts.
-        self.groups = [({}, {}, {}) for _ in range(groups)]
-        self.sums: dict[str, torch.Tensor]
-        self.n_samples: dict[str, int]
-        self.n_tokens: dict[str, int]
-        self.use_group(0)
-        self.members: dict[str, list[str]] = {}
-        self.assigned: dict[str, str] = {}  # layer name -> statistic key
-        self.order: list[str] = []  # statistic keys in first-execution order
-        self.recent: list[tuple[torch.Tensor, str]] = []  # last few inputs seen this batch (strong refs, tiny window)
+    Built from the host copy of the batch's mask (no device→host sync inside hooks) and its ``(batch, sequence)``
+    shape; computed once per batch and input shape, index tensors copied to the input's device."""
+
+    def __init__(self):
         self.batch_index = 0
-        self.first_batch = True
-        self._layout_cache: dict = {}
         self.mask: Optional[torch.Tensor] = None
-        self.batch_lead: Optional[tuple] = None
-        self.pending: list = []  # (batch index, keys, device flags) not yet checked
-        self.data_digest: list = []  # one digest per calibration sample (the cache records their fingerprint)
-        self.opaque_data = False  # a run_model() callable: the data cannot be fingerprinted
+        self.lead: Optional[tuple] = None
+        self._cache: dict = {}
 
-    # -- per batch -------------------------------------------------------------------------------------------
-    def use_group(self, group: int):
-        self.sums, self.n_samples, self.n_tokens = self.groups[group]
-
-    def start_batch(self, index: int, mask: Optional[torch.Tensor], lead: Optional[tuple] = None):
-        """Begin batch ``index``: its host mask (or None) and its ``(batch, sequence)`` shape (or None when unknown,
-        as for a ``run_model()`` callable)."""
+    def start(self, index: int, mask: Optional[torch.Tensor], lead: Optional[tuple]) -> None:
         self.batch_index = index
-        self.use_group(index % len(self.groups))
         self.mask = mask
-        self.batch_lead = tuple(lead) if lead is not None else (tuple(mask.shape) if mask is not None else None)
-        self._layout_cache = {}
-        self.recent.clear()
+        self.lead = tuple(lead) if lead is not None else (tuple(mask.shape) if mask is not None else None)
+        self._cache = {}
 
-    def end_batch(self):
-        self.recent.clear()
-        self.first_batch = False
-        self.mask = None
-        self._layout_cache = {}
-
-    def _layout(self, lead_shape: tuple, device) -> tuple[Optional[torch.Tensor], torch.Tensor, int, int]:
+    def rows(self, lead_shape: tuple, device) -> tuple[Optional[torch.Tensor], torch.Tensor, int, int]:
         """(row index of real tokens or None, sample id per real row, #samples with ≥1 real token, #real rows)
-        for activations whose leading dims are ``lead_shape``; computed once per batch from the host copy of the
-        mask (no device→host sync inside hooks), index tensors copied to ``device``."""
+        for activations whose leading dims are ``lead_shape``."""
         key = (lead_shape, str(device))
-        if key in self._layout_cache:
-            return self._layout_cache[key]
+        if key not in self._cache:
+            self._cache[key] = self._rows(lead_shape, device)
+        return self._cache[key]
+
+    def _rows(self, lead_shape: tuple, device):
         mask = self.mask
-        if self.batch_lead is None:  # no known layout (float inputs of a run_model() forward): one sample per call
+        if self.lead is None:  # no known layout (float inputs of a run_model() forward): one sample per call
             lead_shape = (int(torch.Size(lead_shape).numel()),)
         if len(lead_shape) == 1:
-            lead_shape, mask = self._flat_layout(lead_shape[0], mask)
+            lead_shape, mask = self._flat(lead_shape[0], mask)
         n_seq, seq_len = lead_shape[0], int(torch.Size(lead_shape[1:]).numel())
         if mask is not None and bool(mask.all()):  # nothing to drop: no index copies
             mask = None
@@ -167,34 +138,51 @@ class Collector:
             )
         if mask is None:
             sample = torch.arange(n_seq).repeat_interleave(seq_len)
-            out = (None, sample.to(device, non_blocking=True), n_seq, n_seq * seq_len)
-        else:
-            flat = mask.reshape(-1) != 0
-            rows = flat.nonzero().squeeze(1)
-            real = flat.reshape(n_seq, seq_len).any(1)
-            # renumber samples densely so empty (all-padding) sequences take no slot
-            remap = torch.cumsum(real.to(torch.int64), 0) - 1
-            sample = remap.index_select(0, torch.div(rows, seq_len, rounding_mode="floor"))
-            out = (rows.to(device, non_blocking=True), sample.to(device, non_blocking=True), int(real.sum()),
-                   int(rows.numel()))
-        self._layout_cache[key] = out
-        return out
+            return None, sample.to(device, non_blocking=True), n_seq, n_seq * seq_len
+        flat = mask.reshape(-1) != 0
+        rows = flat.nonzero().squeeze(1)
+        real = flat.reshape(n_seq, seq_len).any(1)
+        remap = torch.cumsum(real.to(torch.int64), 0) - 1  # dense sample ids: all-padding sequences take no slot
+        sample = remap.index_select(0, torch.div(rows, seq_len, rounding_mode="floor"))
+        return rows.to(device, non_blocking=True), sample.to(device, non_blocking=True), int(real.sum()), \
+            int(rows.numel())
 
-    def _flat_layout(self, n: int, mask: Optional[torch.Tensor]) -> tuple[tuple, Optional[torch.Tensor]]:
+    def _flat(self, n: int, mask: Optional[torch.Tensor]) -> tuple[tuple, Optional[torch.Tensor]]:
         """(leading shape, mask) for a layer input of shape ``(n, d)``: the batch's tokens flattened (``n = batch ·
         sequence``), one row per sample (``n = batch``: no sequence axis, e.g. a BERT pooler — each row is normalised
-        alone and rows of all-padding samples are dropped), or, when the batch's shape is unknown (a ``run_model()``
-        callable), one sample per call, as PEFT counts it."""
-        lead = self.batch_lead
+        alone and rows of all-padding samples are dropped), or, when the batch's shape is unknown (float inputs of a
+        ``run_model()`` callable), one sample per call, as PEFT counts it."""
+        lead = self.lead
         if lead is not None and n == lead[0] * lead[1]:
             return tuple(lead), mask
         if lead is not None and n == lead[0]:
             return (n, 1), None if mask is None else mask.reshape(n, -1).any(1, keepdim=True)
         return (1, n), None
 
-    def _accumulate(self, key: str, x: torch.Tensor):
+
+class Accumulators:
+    """The statistic sums and counts, one set per candidate group (CorDA++: batch ``i`` feeds group
+    ``i mod groups``; the hooks only ever see the current group's), and the finiteness checks."""
+
+    def __init__(self, config: CordaConfig, device: torch.device, groups: int = 1):
+        self.config = config
+        self.device = device
+        self.dtype = config.dtype
+        self.backend = ops.choose("xtx_accumulate", device, self.dtype)
+        self.groups = [({}, {}, {}) for _ in range(groups)]  # (sums, n_samples, n_tokens) per group
+        self.sums: dict[str, torch.Tensor]
+        self.n_samples: dict[str, int]
+        self.n_tokens: dict[str, int]
+        self.use_group(0)
+        self.pending: list = []  # (batch index, keys, device flags) not yet checked
+
+    def use_group(self, group: int) -> None:
+        self.sums, self.n_samples, self.n_tokens = self.groups[group]
+
+    def add(self, key: str, x: torch.Tensor, layout: TokenLayout) -> None:
+        """Add the real rows of ``x`` (``(..., d)``), each scaled by its sample's normalisation, into ``key``."""
         d = x.shape[-1]
-        rows, sample, n_seq, n_rows = self._layout(tuple(x.shape[:-1]), x.device)
+        rows, sample, n_seq, n_rows = layout.rows(tuple(x.shape[:-1]), x.device)
         if n_rows == 0:
             return
         x2 = x.reshape(-1, d)
@@ -210,18 +198,45 @@ class Collector:
         self.n_samples[key] += n_seq
         self.n_tokens[key] += n_rows
 
-    def _find_recent(self, x: torch.Tensor) -> Optional[str]:
-        for seen, key in self.recent:
-            if seen is x:
-                return key
-        return None
+    def record_finite(self, batch: int, keys: list[str]) -> None:
+        """Queue, on the device, whether the diagonal of every touched accumulator is still finite after batch
+        ``batch`` (a NaN/Inf activation, or an all-zero sample under per-sample normalisation, poisons it)."""
+        keys = [k for k in keys if k in self.sums]
+        if keys:
+            flags = torch.stack([torch.isfinite(self.sums[k].diagonal()).all() for k in keys])
+            self.pending.append((batch, keys, flags))
 
-    def hook(self, module: nn.Module, args, kwargs):
-        name = self.names[id(module)]
-        x = args[0] if args else next(iter(kwargs.values()))
+    def first_poisoned(self) -> Optional[tuple[int, list[str]]]:
+        """One host sync for all queued batches: ``(batch, poisoned keys)`` of the first bad one, or None."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return None
+        all_ok = torch.stack([flags.all() for _, _, flags in pending]).cpu()
+        if bool(all_ok.all()):
+            return None
+        batch, keys, flags = pending[int((~all_ok).nonzero()[0])]
+        return batch, [k for k, ok in zip(keys, flags.cpu().tolist()) if not ok]
+
+
+class SharedInputs:
+    """Which layers read the very same input tensor: detected on the first batch from the last few inputs seen
+    (strong references, a tiny window), then checked on every batch. ``order`` lists statistic keys in
+    first-execution order, ``members[key]`` the layers reading it (the first computes it)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.members: dict[str, list[str]] = {}
+        self.assigned: dict[str, str] = {}  # layer name -> statistic key
+        self.order: list[str] = []
+        self.recent: list[tuple[torch.Tensor, str]] = []
+        self.first_batch = True
+
+    def key_of(self, name: str, x: torch.Tensor, batch: int) -> str:
+        """The statistic ``name``'s input feeds (a new one on its first call, unless a recent input is the same
+        tensor on the first batch). Raises when a layer that shared its input stops doing so."""
         key = self.assigned.get(name)
-        if key is None:  # first call: share a recent input's statistic (first batch only) or open its own
-            shared = self._find_recent(x) if self.first_batch and self.config.calibration.share_inputs else None
+        if key is None:
+            shared = self._recent_key(x) if self.first_batch and self.enabled else None
             key = shared or name
             if shared is None:
                 self.members[key] = [name]
@@ -229,101 +244,77 @@ class Collector:
             else:
                 self.members[key].append(name)
             self.assigned[name] = key
-        if key != name:
-            if self._find_recent(x) != key:
-                raise CalibrationError(
-                    f"layer '{name}' shared its input with '{key}' in the first batch but not in batch "
-                    f"{self.batch_index}; calibrate with share_inputs=False for this model."
-                )
-            return None
-        self._accumulate(key, x)
+        if key != name and self._recent_key(x) != key:
+            raise CalibrationError(
+                f"layer '{name}' shared its input with '{key}' in the first batch but not in batch {batch}; "
+                "calibrate with share_inputs=False for this model."
+            )
+        return key
+
+    def remember(self, x: torch.Tensor, key: str) -> None:
         self.recent.append((x, key))
         if len(self.recent) > 4:
             self.recent.pop(0)
+
+    def _recent_key(self, x: torch.Tensor) -> Optional[str]:
+        return next((key for seen, key in self.recent if seen is x), None)
+
+
+class Collector:
+    """Calibration's forward pre-hook and per-batch bookkeeping, over its parts: :class:`TokenLayout` (which rows
+    count), :class:`Accumulators` (sums, counts, finiteness), :class:`SharedInputs` (one statistic per distinct
+    input), and the data's sample digests (``fingerprint``)."""
+
+    def __init__(self, targets: list[Target], config: CordaConfig, device: torch.device, groups: int = 1):
+        self.names = {id(t.module): t.name for t in targets}
+        self.layout = TokenLayout()
+        self.acc = Accumulators(config, device, groups)
+        self.shared = SharedInputs(config.calibration.share_inputs)
+        self.data_digest: list = []  # one digest per calibration sample (the cache records their fingerprint)
+        self.opaque_data = False  # a run_model() callable: the data cannot be fingerprinted
+
+    def start_batch(self, index: int, mask: Optional[torch.Tensor], lead: Optional[tuple] = None):
+        """Begin batch ``index``: its host mask (or None) and its ``(batch, sequence)`` shape (or None when unknown,
+        as for float inputs of a ``run_model()`` callable)."""
+        self.acc.use_group(index % len(self.acc.groups))
+        self.layout.start(index, mask, lead)
+        self.shared.recent.clear()
+
+    def end_batch(self):
+        self.shared.recent.clear()
+        self.shared.first_batch = False
+        self.layout.start(self.layout.batch_index, None, None)
+
+    def hook(self, module: nn.Module, args, kwargs):
+        name = self.names[id(module)]
+        x = args[0] if args else next(iter(kwargs.values()))
+        key = self.shared.key_of(name, x, self.layout.batch_index)
+        if key == name:
+            self.acc.add(key, x, self.layout)
+            self.shared.remember(x, key)
         return None
 
     def record_finite(self):
-        """Queue, on the device, whether the diagonal of every touched accumulator is still finite after this
-        batch (a NaN/Inf activation, or an all-zero sample under per-sample normalisation, poisons it). No sync:
-        :meth:`check_finite` reads the queue."""
-        keys = [k for k in self.order if k in self.sums]
-        if keys:
-            flags = torch.stack([torch.isfinite(self.sums[k].diagonal()).all() for k in keys])
-            self.pending.append((self.batch_index, keys, flags))
+        self.acc.record_finite(self.layout.batch_index, self.shared.order)
 
     def check_finite(self):
-        """One host sync for all queued batches; raises naming the first poisoned batch and layer."""
-        pending, self.pending = self.pending, []
-        if not pending:
+        """Raises naming the first poisoned batch and layer (one host sync for all queued batches)."""
+        bad = self.acc.first_poisoned()
+        if bad is None:
             return
-        all_ok = torch.stack([flags.all() for _, _, flags in pending]).cpu()
-        if bool(all_ok.all()):
-            return
-        batch, keys, flags = pending[int((~all_ok).nonzero()[0])]
-        bad = [k for k, ok in zip(keys, flags.cpu().tolist()) if not ok]
-        first = bad[0]
+        batch, keys = bad
         raise CalibrationError(
-            f"non-finite activations reached the statistics of layer '{first}' (input shared by "
-            f"{self.members[first]}) in calibration batch {batch}"
-            + (f"; {len(bad) - 1} later layer(s) too" if len(bad) > 1 else "")
+            f"non-finite activations reached the statistics of layer '{keys[0]}' (input shared by "
+            f"{self.shared.members[keys[0]]}) in calibration batch {batch}"
+            + (f"; {len(keys) - 1} later layer(s) too" if len(keys) > 1 else "")
             + ". Check the model and data for NaN/Inf (or an all-zero sample under normalization='peft')."
         )
 
-
-    # -- over ranks ------------------------------------------------------------------------------------------
     def sync_ranks(self, n_batches: int, group=None) -> int:
-        """Collective: merge every rank's statistic layout into this collector and sum its accumulators and counts
-        over ranks, in place (a rank on which some layer never ran gets zero sums for it). Returns the total number
-        of batches over ranks."""
-        dims = {}
-        for sums, _, _ in self.groups:
-            dims.update({k: int(v.shape[0]) for k, v in sums.items()})
-        layout = {"batches": n_batches, "order": list(self.order), "members": self.members,
-                  "assigned": self.assigned, "dims": dims}
-        everyone = distributed.gather_objects(layout, group)
-        order, members, assigned, all_dims = _merge_layouts(everyone)
-        self.order[:] = order
-        self.members.clear()
-        self.members.update(members)
-        self.assigned.clear()
-        self.assigned.update(assigned)
-        for sums, n_samples, n_tokens in self.groups:
-            keys = [k for k in order if k in all_dims]
-            for k in keys:
-                if k not in sums:
-                    sums[k] = torch.zeros(all_dims[k], all_dims[k], dtype=self.dtype, device=self.device)
-                    n_samples[k] = n_tokens[k] = 0
-                distributed.all_reduce_sum(sums[k], group)
-            counts = torch.tensor([[n_samples[k], n_tokens[k]] for k in keys], dtype=torch.int64,
-                                  device=distributed.comm_device(group)).reshape(-1, 2)
-            distributed.all_reduce_sum(counts, group)
-            for k, (ns, nt) in zip(keys, counts.tolist()):
-                n_samples[k], n_tokens[k] = int(ns), int(nt)
-        return sum(lay["batches"] for lay in everyone)
-
-
-def _merge_layouts(everyone: list[dict]) -> tuple[list, dict, dict, dict]:
-    """``(order, members, assigned, dims)`` merged over ranks, the same on every rank (rank order)."""
-    order, members, assigned, all_dims = [], {}, {}, {}
-    for r, lay in enumerate(everyone):
-        for k in lay["order"]:
-            if k not in members:
-                order.append(k)
-                members[k] = []
-            for name in lay["members"].get(k, []):
-                if name not in members[k]:
-                    members[k].append(name)
-        for name, k in lay["assigned"].items():
-            if assigned.setdefault(name, k) != k:
-                raise distributed.DistributedError(
-                    f"layer '{name}' shares its input with '{assigned[name]}' on one rank and with '{k}' on rank "
-                    f"{r}: the ranks run different models?")
-        for k, d in lay["dims"].items():
-            if all_dims.setdefault(k, d) != d:
-                raise distributed.DistributedError(
-                    f"the input of '{k}' is {all_dims[k]} wide on one rank and {d} on rank {r}: the ranks run "
-                    "different models?")
-    return order, members, assigned, all_dims
+        """Collective: sum every rank's statistics into this collector (``distributed.merge_statistics``).
+        Returns the total number of batches over ranks."""
+        return distributed.merge_statistics(self.acc.groups, self.shared.order, self.shared.members,
+                                            self.shared.assigned, n_batches, self.acc.dtype, self.acc.device, group)
 
 
 def batch_lead(kwargs: dict) -> tuple:
@@ -420,28 +411,29 @@ def finish_statistics(collector: Collector, targets: list[Target], config: Corda
                       n_batches: int, t0: float, group: int = 0) -> CovarianceStats:
     """The :class:`CovarianceStats` of a finished collector's candidate ``group`` (unused targets handled per
     ``config``)."""
-    collector.use_group(group)
+    acc, shared = collector.acc, collector.shared
+    acc.use_group(group)
     unused = [t.name for t in targets
-              if t.name not in collector.assigned or collector.n_samples.get(collector.assigned[t.name], 0) == 0]
+              if t.name not in shared.assigned or acc.n_samples.get(shared.assigned[t.name], 0) == 0]
     if unused:
-        where = f" in candidate group {group} (batches {group}, {group} + {len(collector.groups)}, ...)" \
-            if len(collector.groups) > 1 else ""
+        where = f" in candidate group {group} (batches {group}, {group} + {len(acc.groups)}, ...)" \
+            if len(acc.groups) > 1 else ""
         msg = (f"{len(unused)} targeted layer(s) saw no calibration token{where}: {unused[:5]}"
                + (" ..." if len(unused) > 5 else ""))
         if config.calibration.unused_targets == "error":
             raise CalibrationError(msg + ". Exclude them (exclude_modules) or set unused_targets='skip'.")
         logger.warning("%s; they get no adapter (unused_targets='skip').", msg)
-    keys = [k for k in collector.order if collector.n_samples.get(k, 0) > 0]
+    keys = [k for k in shared.order if acc.n_samples.get(k, 0) > 0]
     return CovarianceStats(
-        sums={k: ops.symmetrize(collector.sums[k]) for k in keys},
-        n_samples={k: collector.n_samples[k] for k in keys},
-        n_tokens={k: collector.n_tokens[k] for k in keys},
-        members={k: [n for n in collector.members[k] if n not in unused] for k in keys},
+        sums={k: ops.symmetrize(acc.sums[k]) for k in keys},
+        n_samples={k: acc.n_samples[k] for k in keys},
+        n_tokens={k: acc.n_tokens[k] for k in keys},
+        members={k: [n for n in shared.members[k] if n not in unused] for k in keys},
         normalization=config.normalization,
         model_fingerprint=fingerprint,
-        meta={"batches": n_batches, "backend": collector.backend, "precision": config.precision,
+        meta={"batches": n_batches, "backend": acc.backend, "precision": config.precision,
               "seconds": round(time.perf_counter() - t0, 3),
-              **({"candidate": group, "candidates": len(collector.groups)} if len(collector.groups) > 1 else {})},
+              **({"candidate": group, "candidates": len(acc.groups)} if len(acc.groups) > 1 else {})},
     )
 
 

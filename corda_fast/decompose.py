@@ -65,16 +65,6 @@ def map_per_core(fn, items: list, on_cpu: bool) -> list:
         torch.set_num_threads(threads)
 
 
-def _group_targets(stats: CovarianceStats, targets: list[Target]) -> dict[str, list[Target]]:
-    """``{statistic key: [targets reading it]}`` for the targets that have a statistic."""
-    layer_keys = stats.layer_keys()
-    by_key: dict[str, list[Target]] = {}
-    for t in targets:
-        if t.name in layer_keys:
-            by_key.setdefault(layer_keys[t.name], []).append(t)
-    return by_key
-
-
 @torch.no_grad()
 def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[CordaConfig] = None,
               device: Optional[torch.device] = None, release: bool = False) -> dict[str, LayerFactors]:
@@ -92,7 +82,7 @@ def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[Co
     """
     config = config or CordaConfig()
     method = config.resolved_svd_method
-    by_key = _group_targets(stats, targets)
+    by_key = stats.groups(targets)
     t0 = time.perf_counter()
     bar = tqdm(total=sum(len(v) for v in by_key.values()), desc="corda_fast: decomposing", unit="layer",
                disable=not config.show_progress)

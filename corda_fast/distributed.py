@@ -171,3 +171,63 @@ def broadcast_(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
     dist = _dist()
     dist.broadcast(tensor, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
     return tensor
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+def merge_statistics(groups: list[tuple[dict, dict, dict]], order: list[str], members: dict[str, list[str]],
+                     assigned: dict[str, str], n_batches: int, dtype: torch.dtype, device, group=None) -> int:
+    """Collective: make every rank's calibration statistics the sum over ranks, in place.
+
+    ``groups`` holds one ``(sums, n_samples, n_tokens)`` triple of dicts per candidate group; ``order`` / ``members``
+    / ``assigned`` are the statistic layout (key order, layers reading each key, each layer's key). The layouts are
+    merged first (a rank on which some layer never ran gets zero sums for it; ranks that disagree on the model
+    raise :class:`DistributedError`), then every sum and count is all-reduced. Returns the number of batches over
+    ranks."""
+    dims = {}
+    for sums, _, _ in groups:
+        dims.update({k: int(v.shape[0]) for k, v in sums.items()})
+    layout = {"batches": n_batches, "order": list(order), "members": members, "assigned": assigned, "dims": dims}
+    everyone = gather_objects(layout, group)
+    new_order, new_members, new_assigned, all_dims = _merge_layouts(everyone)
+    order[:] = new_order
+    members.clear()
+    members.update(new_members)
+    assigned.clear()
+    assigned.update(new_assigned)
+    for sums, n_samples, n_tokens in groups:
+        keys = [k for k in new_order if k in all_dims]
+        for k in keys:
+            if k not in sums:
+                sums[k] = torch.zeros(all_dims[k], all_dims[k], dtype=dtype, device=device)
+                n_samples[k] = n_tokens[k] = 0
+            all_reduce_sum(sums[k], group)
+        counts = torch.tensor([[n_samples[k], n_tokens[k]] for k in keys], dtype=torch.int64,
+                              device=comm_device(group)).reshape(-1, 2)
+        all_reduce_sum(counts, group)
+        for k, (ns, nt) in zip(keys, counts.tolist()):
+            n_samples[k], n_tokens[k] = int(ns), int(nt)
+    return sum(lay["batches"] for lay in everyone)
+
+
+def _merge_layouts(everyone: list[dict]) -> tuple[list, dict, dict, dict]:
+    """``(order, members, assigned, dims)`` merged over ranks, the same on every rank (rank order)."""
+    order, members, assigned, all_dims = [], {}, {}, {}
+    for r, lay in enumerate(everyone):
+        for k in lay["order"]:
+            if k not in members:
+                order.append(k)
+                members[k] = []
+            for name in lay["members"].get(k, []):
+                if name not in members[k]:
+                    members[k].append(name)
+        for name, k in lay["assigned"].items():
+            if assigned.setdefault(name, k) != k:
+                raise DistributedError(
+                    f"layer '{name}' shares its input with '{assigned[name]}' on one rank and with '{k}' on rank "
+                    f"{r}: the ranks run different models?")
+        for k, d in lay["dims"].items():
+            if all_dims.setdefault(k, d) != d:
+                raise DistributedError(
+                    f"the input of '{k}' is {all_dims[k]} wide on one rank and {d} on rank {r}: the ranks run "
+                    "different models?")
+    return order, members, assigned, all_dims

@@ -311,13 +311,8 @@ def score_candidates(candidates: list[CovarianceStats], targets: list, config) -
     of ``C_f`` (for ``π``) and, per layer, the spectrum of ``M = W·C_f`` (float64, from its Gram matrix).
     """
     t0 = time.perf_counter()
-    layer_keys = {}
-    for cand in candidates:  # with unused_targets="skip" a layer may be missing from some groups
-        layer_keys.update(cand.layer_keys())
-    by_key: dict[str, list] = {}
-    for t in targets:
-        if t.name in layer_keys:
-            by_key.setdefault(layer_keys[t.name], []).append(t)
+    by_key = CovarianceStats.groups_over(candidates, targets)
+    layer_keys = {t.name: key for key, group in by_key.items() for t in group}
     bar = tqdm(total=len(by_key), desc="corda_fast: scoring candidates", unit="stat", disable=not config.show_progress)
     damping = config.damping
 

@@ -58,6 +58,25 @@ class CovarianceStats:
     def layer_names(self) -> list[str]:
         return list(self.layer_keys())
 
+    def groups(self, targets: list) -> dict[str, list]:
+        """``{statistic key: [targets reading it]}`` for the targets (anything with a ``.name``) that have a
+        statistic here, keys in first-target order and targets in their own order: the unit every later stage works
+        in (one damping search and one Cholesky factor per key, then each layer reading it)."""
+        return CovarianceStats.groups_over([self], targets)
+
+    @staticmethod
+    def groups_over(candidates: list["CovarianceStats"], targets: list) -> dict[str, list]:
+        """:meth:`groups` over several statistics of the same inputs (CorDA++ candidates): a layer missing from some
+        of them (``unused_targets="skip"``) is grouped by whichever has it."""
+        layer_keys: dict[str, str] = {}
+        for c in candidates:
+            layer_keys.update(c.layer_keys())
+        by_key: dict[str, list] = {}
+        for t in targets:
+            if t.name in layer_keys:
+                by_key.setdefault(layer_keys[t.name], []).append(t)
+        return by_key
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.sums.values())
 
