@@ -12,5 +12,5 @@ trap 'rm -rf "$out"' EXIT
 "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 'torch in $PY is CPU-only: need a CUDA build')"
 CORDA_FAST_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-2} \
     "$PY" setup.py build_ext --build-temp "$out/t" --build-lib "$out/l" | grep -E "^corda_fast:|error" || true
-so=$(ls "$out"/l/corda_fast/_C*.so)
+so=$(ls "$out"/l/corda_fast/ops/_C*.so)
 echo "CUDA build OK: $(basename "$so") ($(du -k "$so" | cut -f1) KiB), torch $("$PY" -c 'import torch; print(torch.__version__)')"
