@@ -61,20 +61,63 @@ class InitReport:
     weights: dict = field(default_factory=dict)  # where targeted weights live: {"module"|"host"|"disk": count}
     onload_device: Optional[str] = None  # sequential onloading: blocks ran on this device
 
+    def to_dict(self) -> dict:
+        """The report as JSON-ready data (what ``corda_report.json`` holds besides the job's own fields)."""
+        out = {
+            "mode": self.mode, "source": self.source,
+            "calibration": {"samples": self.n_samples, "tokens": self.n_tokens},
+            "layers": self.layers, "n_layers": len(self.layers), "distinct_statistics": self.n_statistics,
+            "statistics_mib": round(self.statistics_mib, 2),
+            "damping_values": sorted({round(l["damping"], 6) for l in self.layers}),
+            "low_data": self.low_data, "weights": self.weights,
+            "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
+            "covariance_cache": self.covariance_cache, "cache_hit": self.cache_hit, "streaming": self.streaming,
+            "fused": self.fused, "onload_device": self.onload_device,
+        }
+        if self.plus is not None:
+            p = self.plus
+            out["plus"] = {
+                "candidates": len(p.layers[0].scores) if p.layers else 0, "budget": p.budget, "realised": p.realised,
+                "layers": [{"name": l.name, "compactness": l.compactness, "candidate": l.candidate, "scores": l.scores,
+                            "rank": l.rank, "alpha": l.alpha} for l in p.layers],
+                "rank_histogram": {kind: {str(r): n for r, n in h.items()} for kind, h in p.rank_histogram().items()},
+            }
+        return out
+
     def summary(self) -> str:
-        damp = sorted({round(l["damping"], 6) for l in self.layers})
+        """The report as text (the one renderer: logged by :func:`init_adapters`, printed by the command line)."""
         ranks = sorted({l["rank"] for l in self.layers})
         lines = [
-            f"CorDA-{self.mode.upper()}: {len(self.layers)} layers, rank(s) {ranks}, "
+            f"CorDA-{self.mode.upper()}: {len(self.layers)} layers, rank(s) {_spread(ranks)}, "
             f"{self.n_statistics} distinct input statistics ({self.statistics_mib:.1f} MiB"
             + (" at peak, streaming by block)" if self.streaming else ")"),
+            *self._shape_lines(),
             f"calibration: {self.n_samples} samples, {self.n_tokens} tokens"
             + (f" (from cache {self.covariance_cache})" if self.cache_hit else ""),
-            f"damping λ used: {damp}",
+            f"damping λ used: {sorted({round(l['damping'], 6) for l in self.layers})}",
             "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()),
         ]
+        lines += self._notes()
+        if self.plus is not None:
+            chosen = [l.candidate for l in self.plus.layers]
+            lines.insert(1, f"CorDA++: {len({*chosen})} of {len(self.plus.layers[0].scores)} candidates chosen, "
+                            f"budget {self.plus.budget} → {self.plus.realised} adapter parameters; ranks per module: "
+                            + ", ".join(f"{kind} {_rank_range(hist)}"
+                                        for kind, hist in self.plus.rank_histogram().items()))
+        return "\n".join(lines)
+
+    def _shape_lines(self) -> list[str]:
+        """One line per module kind and shape: ``  30 x down_proj   576x1536``."""
+        from collections import Counter
+
+        shapes = Counter((l["name"].split(".")[-1], tuple(l["shape"])) for l in self.layers)
+        return [f"  {n:3d} x {kind:10s} {shape[0]}x{shape[1]}" for (kind, shape), n in sorted(shapes.items())]
+
+    def _notes(self) -> list[str]:
+        """Warnings and the less common circumstances: too little data, offloaded or quantized bases, onloading."""
+        lines = []
         if self.low_data:
-            lines.append(low_data_message(self.low_data))
+            lines.append("WARNING: " + low_data_message(self.low_data))
         if self.weights.get("host") or self.weights.get("disk"):
             lines.append(f"offloaded model: targeted weights {self.weights} (residuals kept where each weight lives)")
         if self.onload_device:
@@ -85,13 +128,12 @@ class InitReport:
                          f"{quantized[0]['residual']}; ‖W_res_stored + s·B·A − W_q‖/‖W_q‖ max "
                          f"{max(q['model_vs_quantized'] for q in quantized):.3g}, residual quantization noise max "
                          f"{max(q['residual_quantization'] for q in quantized):.3g}")
-        if self.plus is not None:
-            chosen = [l.candidate for l in self.plus.layers]
-            lines.insert(1, f"CorDA++: {len({*chosen})} of {len(self.plus.layers[0].scores)} candidates chosen, "
-                            f"budget {self.plus.budget} → {self.plus.realised} adapter parameters; ranks per module: "
-                            + ", ".join(f"{kind} {_rank_range(hist)}"
-                                        for kind, hist in self.plus.rank_histogram().items()))
-        return "\n".join(lines)
+        return lines
+
+
+def _spread(values: list) -> str:
+    """``16`` for one value, ``2..64`` for several."""
+    return str(values[0]) if len(values) == 1 else f"{values[0]}..{values[-1]}" if values else "-"
 
 
 def _rank_range(hist: dict) -> str:

@@ -73,7 +73,7 @@ def test_init_corda_plus_writes_table_and_plot(model_dir, tmp_path, capsys):
                      "--samples", "8", "--seq-len", "32", "--batch-size", "2", "--concatenate", "--method", "corda++",
                      "--candidates", "2", "--min-rank", "2", "--max-rank", "20", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "CorDA++-KPM" in printed and "realised" in printed
+    assert "CorDA++-KPM" in printed and "adapter parameters" in printed and "corda_plus.md" in printed
     report = json.loads((out / "corda_report.json").read_text())
     ranks = [l["rank"] for l in report["plus"]["layers"]]
     assert all(2 <= r <= 20 for r in ranks) and len(set(ranks)) > 1
@@ -86,7 +86,10 @@ def test_init_corda_plus_writes_table_and_plot(model_dir, tmp_path, capsys):
     assert {k: {int(r): n for r, n in h.items()} for k, h in hist.items()} == {
         k: {r: v.count(r) for r in sorted(set(v))} for k, v in by_kind.items()}
     assert "| q_proj | 2 |" in (out / "corda_plus.md").read_text()  # the histogram table, 2 layers per kind
-    assert "q_proj     ranks" in printed
+    q = report["plus"]["rank_histogram"]["q_proj"]
+    n_q = sum(q.values())
+    mean_q = sum(int(r) * n for r, n in q.items()) / n_q
+    assert f"q_proj {mean_q:.1f} (" in printed  # the printed summary is the report's, per module kind
     assert (out / "corda_plus.png").stat().st_size > 1000
     assert report["drift_at_init"]["relative"] < 1e-5
 
@@ -111,7 +114,9 @@ def test_cli_errors_are_short_and_name_the_input(model_dir, tmp_path, capsys):
     good.write_text(" ".join(demo.builtin_text().split()[:600]))
     assert cli.main(_init(tmp_path / "nowhere", good, tmp_path / "o1")) == 1
     err = _error(capsys)
-    assert "model '" in err and "nowhere' is not a folder" in err
+    assert "--model '" in err and "nowhere' does not exist" in err  # missing, not "not a folder"
+    assert cli.main(_init(good, good, tmp_path / "o0")) == 1
+    assert "calib.txt' is a file, not a folder" in _error(capsys)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     assert cli.main(_init(model_dir, empty, tmp_path / "o2")) == 1
@@ -124,9 +129,9 @@ def test_cli_errors_are_short_and_name_the_input(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(_init(model_dir, good, tmp_path / "o4", "--batch-size", "0"))
     assert exit_.value.code == 2 and "--batch-size" in capsys.readouterr().err
-    for out in ("o1", "o2", "o3", "o4"):
+    for out in ("o0", "o1", "o2", "o3", "o4"):
         assert not (tmp_path / out).exists() and not (tmp_path / f"{out}.partial").exists()
-    with pytest.raises(ValueError, match="is not a folder"):  # --debug: the exception itself
+    with pytest.raises(ValueError, match="does not exist"):  # --debug: the exception itself
         cli.main(_init(tmp_path / "nowhere", good, tmp_path / "o5", "--debug"))
 
 
