@@ -214,7 +214,13 @@ def configure(lora_config=None, corda_config: Optional[CordaConfig] = None, **sh
     if given:
         raise TypeError(f"unknown shortcut(s) {sorted(given)}")
     if lora_changes:
-        lora = lora.replace(**lora_changes)
+        try:
+            lora = lora.replace(**lora_changes)
+        except CordaConfigError as exc:  # name the argument the caller typed: rank=, not LoraConfig.r
+            if "r" in lora_changes and "LoraConfig.r=" in str(exc):
+                raise CordaConfigError(str(exc).replace("LoraConfig.r=", "rank=", 1).replace(
+                    " is invalid", " (LoraConfig.r) is invalid", 1)) from None
+            raise
     if calib_changes:
         config = config.replace(calibration=config.calibration.replace(**calib_changes))
     if mode is not None:
@@ -447,23 +453,12 @@ def _check_quantized(targets: list[Target], config: CordaConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------------- the call
 def init_adapters(
-    model: nn.Module,
-    loader: Any = None,
-    *,
-    lora_config: Any = None,
-    corda_config: Optional[CordaConfig] = None,
-    mode: Optional[str] = None,
-    rank: Optional[int] = None,
-    lora_alpha: Optional[float] = None,
-    target_modules: Union[None, str, list] = None,
-    task_type: Optional[str] = None,
-    streaming: Union[None, bool, str] = None,
-    covariance_cache: Optional[str] = None,
-    use_label_mask: Optional[bool] = None,
-    onload_device: Union[None, str, torch.device] = None,
-    residual_folder: Optional[str] = None,
-    initial_adapter_dir: Optional[str] = None,
-    fused: bool = False,
+    model: nn.Module, loader: Any = None, *, lora_config: Any = None, corda_config: Optional[CordaConfig] = None,
+    mode: Optional[str] = None, rank: Optional[int] = None, lora_alpha: Optional[float] = None,
+    target_modules: Union[None, str, list] = None, task_type: Optional[str] = None,
+    streaming: Union[None, bool, str] = None, covariance_cache: Optional[str] = None,
+    use_label_mask: Optional[bool] = None, onload_device: Union[None, str, torch.device] = None,
+    residual_folder: Optional[str] = None, initial_adapter_dir: Optional[str] = None, fused: bool = False,
     return_report: bool = False,
 ):
     """Initialise CorDA adapters on ``model`` from calibration data and return a ready-to-train PEFT model.
@@ -504,6 +499,19 @@ def init_adapters(
                              covariance_cache=covariance_cache, use_label_mask=use_label_mask,
                              onload_device=onload_device, residual_folder=residual_folder)
     t0 = time.perf_counter()
+    targets, report = _preflight(model, loader, lora, config, initial_adapter_dir)
+    outcome = run_source(report.source, model, loader, targets, lora, config)
+    t1 = time.perf_counter()
+    peft_model, quant_report, n_fused = build(model, outcome, config, initial_adapter_dir, fused)
+    t2 = time.perf_counter()
+    fill_report(report, outcome, quant_report, n_fused, t2 - t1, t2 - t0)
+    logger.info("%s", report.summary())
+    return (peft_model, report) if return_report else peft_model
+
+
+def _preflight(model: nn.Module, loader: Any, lora: LoraSpec, config: CordaConfig,
+               initial_adapter_dir: Optional[str]) -> tuple[list[Target], InitReport]:
+    """Every check that can fail before anything changes, then ``(targets, the report to fill)``."""
     check_no_adapters(model)
     check_task_type(lora.task_type)
     targets = resolve_targets(model, lora)
@@ -515,10 +523,4 @@ def init_adapters(
     onload = config.calibration.onload_device
     report = InitReport(mode=config.mode, source=source, covariance_cache=config.calibration.covariance_cache,
                         weights=weights, onload_device=str(onload) if onload is not None else None)
-    outcome = run_source(source, model, loader, targets, lora, config)
-    t1 = time.perf_counter()
-    peft_model, quant_report, n_fused = build(model, outcome, config, initial_adapter_dir, fused)
-    t2 = time.perf_counter()
-    fill_report(report, outcome, quant_report, n_fused, t2 - t1, t2 - t0)
-    logger.info("%s", report.summary())
-    return (peft_model, report) if return_report else peft_model
+    return targets, report

@@ -94,26 +94,13 @@ def allocate_ranks(layers: list[LayerSpectrum], budget: int, min_rank: int = 1,
         min_rank / max_rank: bounds per layer (``max_rank`` is also capped by ``min(d_in, d_out)``).
         layer_caps: optional per-layer caps ``{name: max rank}`` on top of ``max_rank``.
         mode: ``"kpm"`` or ``"ipm"``; score_at: ``"next"`` or ``"current"``.
-    Returns:
-        ``{name: rank}``, O(steps · log layers) with a heap and prefix sums of the spectra.
+    Returns ``{name: rank}``, O(steps · log layers) with a heap and prefix sums of the spectra.
     """
     if mode not in ("kpm", "ipm"):
         raise ValueError(f"mode={mode!r}: expected 'kpm' or 'ipm'.")
     if score_at not in ("next", "current"):
         raise ValueError(f"score_at={score_at!r}: expected 'next' or 'current'.")
-    caps, prefix, full = {}, {}, {}
-    for l in layers:
-        n = min(l.d_in, l.d_out, l.sigma.numel())
-        cap = n if max_rank is None else min(n, max_rank)
-        if layer_caps is not None:
-            cap = min(cap, layer_caps[l.name])
-        if min_rank > cap:
-            raise ValueError(f"min_rank={min_rank} exceeds the max rank {cap} of layer '{l.name}'.")
-        caps[l.name], full[l.name] = cap, l.sigma.numel()
-        prefix[l.name] = torch.cat([torch.zeros(1, dtype=torch.float64), l.sigma.double().cumsum(0)])
-    floor = sum((l.d_in + l.d_out) * min_rank for l in layers)
-    if floor > budget:
-        raise ValueError(f"budget {budget} is below the minimum {floor} (min_rank={min_rank} on every layer).")
+    caps, prefix, full = _allocation_bounds(layers, budget, min_rank, max_rank, layer_caps)
     # b = bottom components taken by the greedy rule: KPM rank = b, IPM rank = R − b.
     if mode == "kpm":
         taken = {l.name: min_rank for l in layers}
@@ -145,6 +132,25 @@ def allocate_ranks(layers: list[LayerSpectrum], budget: int, min_rank: int = 1,
     if spent > budget:  # IPM with every layer at min_rank cannot happen (floor checked); kept as a guard
         raise AssertionError(f"allocation overshot the budget ({spent} > {budget})")
     return ranks
+
+
+def _allocation_bounds(layers: list[LayerSpectrum], budget: int, min_rank: int, max_rank: Optional[int],
+                       layer_caps: Optional[dict]) -> tuple[dict, dict, dict]:
+    """``(cap, prefix sums of σ, number of σ)`` per layer; raises when ``min_rank`` or ``budget`` cannot be met."""
+    caps, prefix, full = {}, {}, {}
+    for l in layers:
+        n = min(l.d_in, l.d_out, l.sigma.numel())
+        cap = n if max_rank is None else min(n, max_rank)
+        if layer_caps is not None:
+            cap = min(cap, layer_caps[l.name])
+        if min_rank > cap:
+            raise ValueError(f"min_rank={min_rank} exceeds the max rank {cap} of layer '{l.name}'.")
+        caps[l.name], full[l.name] = cap, l.sigma.numel()
+        prefix[l.name] = torch.cat([torch.zeros(1, dtype=torch.float64), l.sigma.double().cumsum(0)])
+    floor = sum((l.d_in + l.d_out) * min_rank for l in layers)
+    if floor > budget:
+        raise ValueError(f"budget {budget} is below the minimum {floor} (min_rank={min_rank} on every layer).")
+    return caps, prefix, full
 
 
 def _score(l: LayerSpectrum, b: int, prefix: torch.Tensor, score_at: str = "next") -> float:

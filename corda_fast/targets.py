@@ -88,45 +88,13 @@ def resolve_targets(model: nn.Module, lora: Optional[LoraSpec] = None, check_ran
     """
     config = lora if lora is not None else LoraSpec()
     spec = config.target_modules
-    all_linear = spec is None or spec == "all-linear"
-    heads = _output_head_ids(model) if all_linear else set()
     targets: list[Target] = []
     unsupported = []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        if all_linear:
-            if not isinstance(module, (nn.Linear, Conv1D)):
-                continue
-            if id(module) in heads or any(name == h or name.startswith(h + ".") or name.endswith("." + h) for h in _HEAD_NAMES):
-                continue
-        elif not _name_matches(name, spec):
-            continue
-        if config.exclude_modules is not None and _name_matches(name, config.exclude_modules):
-            continue
-        is_linear = isinstance(module, nn.Linear)
-        is_conv1d = isinstance(module, Conv1D)
-        if not (is_linear or is_conv1d):
+    for name, module in _matched_modules(model, config):
+        if not isinstance(module, (nn.Linear, Conv1D)):
             unsupported.append(f"{name} ({type(module).__name__})")
             continue
-        try:
-            qkind = quant.kind(module)
-        except quant.UnsupportedQuantization as exc:
-            raise TargetError(
-                f"Layer '{name}' has quantized weights that corda_fast cannot dequantize: {exc}. Load the model in "
-                "float32/bfloat16/float16 (or a supported quantization), initialise, then re-quantize the residual."
-            ) from None
-        if qkind is not None:
-            d_out, d_in = quant.shape(module)
-        else:
-            w = module.weight
-            d_out, d_in = (w.shape[1], w.shape[0]) if is_conv1d else (w.shape[0], w.shape[1])
-        rank_key = pattern_key(config.rank_pattern, name)
-        rank = int(config.rank_pattern[rank_key] if rank_key is not None else config.r)
-        alpha_key = pattern_key(config.alpha_pattern, name)
-        alpha = float(config.alpha_pattern[alpha_key] if alpha_key is not None else config.alpha)
-        scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-        targets.append(Target(name, module, is_conv1d, int(d_in), int(d_out), rank, alpha, scaling, qkind))
+        targets.append(_target(name, module, config))
     if unsupported:
         raise TargetError(
             f"target_modules={spec!r} matches modules that are not nn.Linear or transformers Conv1D: "
@@ -139,6 +107,57 @@ def resolve_targets(model: nn.Module, lora: Optional[LoraSpec] = None, check_ran
             f"target_modules={spec!r} matches no nn.Linear/Conv1D layer of {type(model).__name__}. "
             "Use 'all-linear', a list of layer names or suffixes (e.g. ['q_proj', 'v_proj']), or a full-match regex."
         )
+    _check_targets(targets, check_rank)
+    return targets
+
+
+def _matched_modules(model: nn.Module, config: LoraSpec):
+    """``(name, module)`` of every module ``target_modules`` / ``exclude_modules`` select (``all-linear``: every
+    linear layer but the output head)."""
+    spec = config.target_modules
+    all_linear = spec is None or spec == "all-linear"
+    heads = _output_head_ids(model) if all_linear else set()
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if all_linear:
+            if not isinstance(module, (nn.Linear, Conv1D)):
+                continue
+            if id(module) in heads or any(name == h or name.startswith(h + ".") or name.endswith("." + h)
+                                          for h in _HEAD_NAMES):
+                continue
+        elif not _name_matches(name, spec):
+            continue
+        if config.exclude_modules is not None and _name_matches(name, config.exclude_modules):
+            continue
+        yield name, module
+
+
+def _target(name: str, module: nn.Module, config: LoraSpec) -> Target:
+    """The :class:`Target` of one linear / Conv1D layer: shape (quantized weights too), rank, alpha, scaling."""
+    is_conv1d = isinstance(module, Conv1D)
+    try:
+        qkind = quant.kind(module)
+    except quant.UnsupportedQuantization as exc:
+        raise TargetError(
+            f"Layer '{name}' has quantized weights that corda_fast cannot dequantize: {exc}. Load the model in "
+            "float32/bfloat16/float16 (or a supported quantization), initialise, then re-quantize the residual."
+        ) from None
+    if qkind is not None:
+        d_out, d_in = quant.shape(module)
+    else:
+        w = module.weight
+        d_out, d_in = (w.shape[1], w.shape[0]) if is_conv1d else (w.shape[0], w.shape[1])
+    rank_key = pattern_key(config.rank_pattern, name)
+    rank = int(config.rank_pattern[rank_key] if rank_key is not None else config.r)
+    alpha_key = pattern_key(config.alpha_pattern, name)
+    alpha = float(config.alpha_pattern[alpha_key] if alpha_key is not None else config.alpha)
+    scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+    return Target(name, module, is_conv1d, int(d_in), int(d_out), rank, alpha, scaling, qkind)
+
+
+def _check_targets(targets: list[Target], check_rank: bool) -> None:
+    """Ranks that fit every layer, and one layer kind (PEFT has one ``fan_in_fan_out`` setting)."""
     too_big = [t for t in targets if check_rank and t.rank > min(t.d_in, t.d_out)]
     if too_big:
         t = too_big[0]
@@ -147,10 +166,9 @@ def resolve_targets(model: nn.Module, lora: Optional[LoraSpec] = None, check_ran
             f"{min(t.d_in, t.d_out)}" + (f" ({len(too_big) - 1} more layers too)" if len(too_big) > 1 else "")
             + ". Lower `rank` (LoraConfig.r) or set a `rank_pattern` entry for it."
         )
-    kinds = {t.is_conv1d for t in targets}
-    if len(kinds) > 1:
+    if len({t.is_conv1d for t in targets}) > 1:
         raise TargetError(
             "targets mix nn.Linear and Conv1D layers, which PEFT cannot express with one fan_in_fan_out setting: "
-            f"e.g. '{next(t.name for t in targets if t.is_conv1d)}' and '{next(t.name for t in targets if not t.is_conv1d)}'."
+            f"e.g. '{next(t.name for t in targets if t.is_conv1d)}' and "
+            f"'{next(t.name for t in targets if not t.is_conv1d)}'."
         )
-    return targets

@@ -162,8 +162,11 @@ def test_config_validation_names_field(field, value, match):
 
 
 def test_shortcut_validation_names_field():
-    with pytest.raises(CordaConfigError, match=r"LoraConfig.r=-1"):
-        corda_fast.init_adapters(tiny_llama(), padded_batches(random_samples(2), 2), rank=-1)
+    for bad in (-1, 0):  # the argument the user typed is named, and what it sets
+        with pytest.raises(CordaConfigError, match=rf"^rank={bad} \(LoraConfig.r\) is invalid"):
+            corda_fast.init_adapters(tiny_llama(), padded_batches(random_samples(2), 2), rank=bad)
+    with pytest.raises(CordaConfigError, match=r"^LoraConfig.r=0"):  # given in the LoRA config: named there
+        corda_fast.LoraSpec(r=0)
     with pytest.raises(CordaConfigError, match=r"CalibrationConfig.streaming='yes'"):
         corda_fast.init_adapters(tiny_llama(), padded_batches(random_samples(2), 2), streaming="yes")
 
