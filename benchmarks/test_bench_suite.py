@@ -98,6 +98,7 @@ def _layers():
 
 
 @pytest.mark.parametrize("variant", ["peft_loop", "torch_loop", "native_batch"])
+@pytest.mark.slow
 def test_decompose(bench, variant):
     if variant == "native_batch" and not HAVE_NATIVE:
         pytest.skip("native extension not built")
@@ -187,6 +188,7 @@ def _init(variant, model, batches):
 
 
 @pytest.mark.parametrize("variant", ["peft_corda", "corda_fast", "peft_lora", "peft_pissa"])
+@pytest.mark.slow
 def test_init(bench, variant):
     bench.group = "init"
     base = _model()
@@ -200,6 +202,7 @@ def test_init(bench, variant):
 
 
 @pytest.mark.parametrize("variant", ["peft_lora", "corda_fast", "corda_fast_fused"])
+@pytest.mark.slow
 def test_train_step(bench, variant):
     bench.group = "train_step"
     model = _init(variant.replace("_fused", ""), _model(), _batches(N_SAMPLES, SEQ))

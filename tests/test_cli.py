@@ -57,6 +57,7 @@ def test_init_on_jsonl_with_cache(model_dir, tmp_path, capsys):
     assert "no calibration column among ['body']" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_env_command_runs_as_module():
     out = subprocess.run([sys.executable, "-m", "corda_fast", "env"], capture_output=True, text=True, check=True)
     info = json.loads(out.stdout)
@@ -65,6 +66,7 @@ def test_env_command_runs_as_module():
     assert info["torch"] == torch.__version__ and info["corda_fast"] == __import__("corda_fast").__version__
 
 
+@pytest.mark.slow
 def test_init_corda_plus_writes_table_and_plot(model_dir, tmp_path, capsys):
     data = tmp_path / "calib.txt"
     data.write_text(" ".join(demo.builtin_text().split()[:3000]))

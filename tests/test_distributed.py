@@ -16,8 +16,9 @@ from corda_fast.distributed import PaddingFilter
 from helpers import Setup, init, padded_batches, random_samples, rel_max, tiny_llama, tiny_model_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.distributed, pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available")]
 
 
 def launch(launcher, args, timeout=240):

@@ -36,6 +36,7 @@ def _run(args, cwd, timeout=300):
 
 
 @pytest.mark.parametrize("how", ["patch", "direct"])
+@pytest.mark.slow
 def test_peft_dropin(model_dir, tmp_path, how):
     pytest.importorskip("attr", reason="PEFT's CorDA imports attrs")
     out = _run([sys.executable, os.path.join(EXAMPLES, "peft_dropin.py"), "--how", how, "--model", model_dir, *SMALL],
@@ -44,6 +45,7 @@ def test_peft_dropin(model_dir, tmp_path, how):
     assert drift < 1e-5, out  # identity at init
 
 
+@pytest.mark.slow
 def test_trl_sft(model_dir, tmp_path):
     pytest.importorskip("trl")
     out = _run([sys.executable, os.path.join(EXAMPLES, "trl_sft.py"), "--model", model_dir, "--max-steps", "2",
@@ -55,6 +57,7 @@ def test_trl_sft(model_dir, tmp_path):
     assert (tmp_path / "o" / "trained_adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_trainer_configs(model_dir, tmp_path):
     data = tmp_path / "d.txt"
     from corda_fast import demo

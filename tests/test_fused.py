@@ -288,6 +288,7 @@ def test_fused_gpt2_conv1d_matches_peft():
     assert max(rel_max(gb[n], ga[n]) for n in ga) < 1e-4
 
 
+@pytest.mark.slow
 def test_torch_compile_traces_the_fused_layer():
     pm = _peft_llama()
     corda_fast.fuse(pm)
@@ -305,6 +306,7 @@ def test_torch_compile_traces_the_fused_layer():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiling traces the Triton op on fake tensors, which the "
                     "CPU interpreter cannot run (CUDA only; benchmarks/gpu_suite.sh runs it)")
+@pytest.mark.interpreter
 def test_torch_compile_traces_the_triton_op():
     (x, w, bb, a, b), (xc, wc, bc, ac, bcc) = _operands(10, 12, 9, 4, torch.float32, seed=8)
     fn = torch.compile(lambda x_, a_, b_: fused_lora_linear(x_, wc, bc, a_, b_, 0.5, backend="triton"),

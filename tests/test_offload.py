@@ -71,6 +71,7 @@ def _deltas(pm) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_disk_offloaded_model_matches_the_in_memory_call(checkpoint, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -126,6 +127,7 @@ def _rss(what: str, d: str, tmp_path, cpu_bytes: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_peak_host_memory_stays_below_the_model(tmp_path):
     """Peak resident memory from load through init_adapters(streaming=True) and save_residual_base, above the
     interpreter's baseline (after imports and a warm-up of torch's linear algebra; the high-water mark is reset

@@ -50,6 +50,7 @@ def _geomean(xs):
 @pytest.mark.parametrize("mode", ["kpm", "ipm"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("svd_method", ["gram", "svd"])
+@pytest.mark.slow
 def test_parity_with_peft_against_float64(mode, seed, svd_method):
     """Each implementation against a float64 run of the same algorithm on its own calibration forward:
     PEFT's fp32 adapters vs float64 CorDA on PEFT's batch-size-1 activations; ours (batched, left-padded) vs our
@@ -125,6 +126,7 @@ def test_same_statistic_decomposition_as_accurate_as_peft(mode):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.slow
 def test_ipm_end_to_end_against_float64_forward(seed):
     """IPM (well conditioned): both implementations against float64 CorDA on a float64 forward pass."""
     rank, alpha = 8, 16

