@@ -37,15 +37,12 @@ from .targets import Target, TargetError, resolve_targets
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("cache", "one_pass", "streaming", "plus")
-
-
 @dataclass
 class InitReport:
     """What :func:`init_adapters` did: per-layer rank / damping / adapted spectrum, and wall time per stage."""
 
     mode: str
-    source: str = "one_pass"  # where the statistics came from: one of SOURCES
+    source: str = "one_pass"  # where the statistics came from: "cache" | "one_pass" | "streaming" | "plus"
     layers: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     n_statistics: int = 0

@@ -27,7 +27,6 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-RESIDUAL_MODES = ("requantize", "keep")
 SUPPORTED = ("bitsandbytes 4-bit (Linear4bit, nf4/fp4) and torchao quantized weight tensors (e.g. "
              "Int8WeightOnlyConfig)")
 

@@ -202,18 +202,3 @@ def onloaded(block: nn.Module, device: Optional[torch.device]):
     finally:
         for t, data in homes.values():
             t.data = data
-
-
-def collect_covariance_streaming(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target],
-                                 cache_device=None) -> CovarianceStats:
-    """All blocks' statistics gathered from :func:`iter_block_statistics` (for tests and caches; the memory
-    bound only holds when the consumer frees each block's statistics, as ``init_adapters(streaming=True)``)."""
-    merged: Optional[CovarianceStats] = None
-    for stats in iter_block_statistics(model, loader, config, targets, cache_device):
-        if merged is None:
-            merged = stats
-            merged.meta.pop("block", None)
-        else:
-            merged.merge(stats)
-    merged.meta["model_class"] = type(model).__name__
-    return merged

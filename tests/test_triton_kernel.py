@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from corda_fast import ops
-from corda_fast.ops.backends import triton as triton_xtx  # this file tests the kernel itself (tiles, autotuner)
+from corda_fast.ops.backends import triton as kernels  # this file tests the kernel itself (tiles, autotuner)
 
 from helpers import Setup, rel
 
 # Under the interpreter the kernel runs on CPU tensors; compiled, it needs CUDA tensors.
-DEVICE = "cpu" if triton_xtx.INTERPRETING else "cuda"
+DEVICE = "cpu" if kernels.INTERPRETING else "cuda"
 pytestmark = [pytest.mark.interpreter, pytest.mark.skipif(
     ops.why_not("xtx_accumulate", "triton", DEVICE) is not None, reason="triton cannot run here (no CUDA, no interpreter)")]
 
@@ -54,7 +54,7 @@ def test_only_upper_tiles_written():
     x = torch.randn(50, 130, device=DEVICE)
     acc = torch.full((130, 130), 7.0, device=DEVICE)
     ops.xtx_accumulate(acc, x, torch.ones(50, device=DEVICE), kernel="triton")
-    block = triton_xtx._config(130, 50)[0]
+    block = kernels._config(130, 50)[0]
     assert torch.equal(acc[block:, :block].cpu(), torch.full((130 - block, block), 7.0))  # below-diagonal tile untouched
 
 
@@ -100,7 +100,7 @@ def test_auto_backend_on_cuda_is_triton(llama):
         assert rel(gpu.covariance(k).cpu(), cpu.covariance(k)) < 1e-5  # different GPU/CPU forward rounding
 
 
-@pytest.mark.skipif(not triton_xtx.INTERPRETING, reason="exercises the autotuner with a stand-in timer (interpreter)")
+@pytest.mark.skipif(not kernels.INTERPRETING, reason="exercises the autotuner with a stand-in timer (interpreter)")
 def test_autotuning_trials_do_not_add_into_the_accumulator():
     """The autotuner launches every candidate tile shape on the real accumulator; restore_value must undo them,
     so the statistic is added exactly once (a stand-in timer replaces the GPU benchmarker on CPU)."""
@@ -115,10 +115,10 @@ def test_autotuning_trials_do_not_add_into_the_accumulator():
         t = float(next(ticks) % 3 + 1)
         return [t, t, t]
 
-    kernel = triton.autotune(configs=triton_xtx._xtx_configs(True), key=["d"], restore_value=["acc_ptr"],
-                             do_bench=fake_bench)(triton_xtx._xtx_tile_kernel)
+    kernel = triton.autotune(configs=kernels._xtx_configs(True), key=["d"], restore_value=["acc_ptr"],
+                             do_bench=fake_bench)(kernels._xtx_tile_kernel)
     x, s, acc = torch.randn(100, 70), torch.rand(100), torch.ones(70, 70)
     kernel[lambda m: (triton.cdiv(70, m["BLOCK"]), triton.cdiv(70, m["BLOCK"]))](
         x, s, acc, 100, 70, x.stride(0), x.stride(1), s.stride(0), acc.stride(0), acc.stride(1))
-    assert next(ticks) == len(triton_xtx._xtx_configs(True))  # every candidate was tried
+    assert next(ticks) == len(kernels._xtx_configs(True))  # every candidate was tried
     assert rel(ops.symmetrize(acc), reference(torch.ones(70, 70), x, s)) < 1e-6
