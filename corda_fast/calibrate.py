@@ -339,7 +339,7 @@ def iter_batches(loader, config: CordaConfig, device: torch.device, what: str, d
         total = min(total, max_batches)
     padding = distributed.PaddingFilter.from_loader(loader)
     bar = tqdm(loader, total=total, desc=f"corda_fast: {what}", disable=not config.show_progress, unit="batch")
-    tokens, t0 = 0, time.perf_counter()
+    rate = _TokenRate(bar) if config.show_progress else None
     for i, batch in enumerate(bar):
         if max_batches is not None and i >= max_batches:
             break
@@ -356,11 +356,30 @@ def iter_batches(loader, config: CordaConfig, device: torch.device, what: str, d
                 mask[repeated] = 0
         if digest is not None:
             sample_digests(digest, kwargs, mask)
-        if config.show_progress:  # statistics tokens per second, from the host mask (no device sync)
-            tokens += int(mask.sum()) if mask is not None else math.prod(batch_lead(kwargs))
-            bar.set_postfix(tokens=tokens, tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
+        if rate is not None:  # statistics tokens, from the host mask (no device sync)
+            rate.next_batch(int(mask.sum()) if mask is not None else math.prod(batch_lead(kwargs)))
         kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
         yield i, kwargs, mask
+    if rate is not None:
+        rate.next_batch(0)  # the last batch has run
+
+
+class _TokenRate:
+    """The bar's ``tokens`` / ``tok_s``: tokens of the batches that have *run*, over the bar's own elapsed time.
+    A batch counts once the consumer asks for the next one (the generator resumes after its forward), so the rate
+    never credits a batch before its forward has taken its time."""
+
+    def __init__(self, bar):
+        self.bar = bar
+        self.done = 0
+        self.pending = 0
+
+    def next_batch(self, tokens: int) -> None:
+        self.done += self.pending
+        self.pending = tokens
+        elapsed = self.bar.format_dict.get("elapsed", 0.0)
+        if self.done:
+            self.bar.set_postfix(tokens=self.done, tok_s=f"{self.done / max(elapsed, 1e-9):.0f}", refresh=False)
 
 
 def _label_mask(i: int, kwargs: dict, mask: Optional[torch.Tensor], labels) -> torch.Tensor:

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from typing import Optional
 
-from .peft_bridge import save_residual_base
+from .peft_bridge import save_residual_base, write_portable_config
 
 logger = logging.getLogger(__name__)
 
@@ -120,18 +120,27 @@ lr_scheduler_type: cosine
 
 
 def axolotl_yaml(a: TrainerArtifacts, rank_pattern: dict, alpha_pattern: dict) -> str:
-    """``axolotl.yaml``: LoRA training that loads the CorDA adapter (``lora_model_dir``) onto the residual base."""
+    """``axolotl.yaml``: LoRA training that loads the CorDA adapter (``lora_model_dir``) onto the residual base.
+    Only keys axolotl's schema reads are written; per-layer ranks and alphas are in the adapter's own config."""
     patterns = ""
-    if rank_pattern:
-        patterns += f"lora_rank_pattern: {_yaml(rank_pattern)}\n"
-    if alpha_pattern and all(float(v).is_integer() for v in alpha_pattern.values()):
-        patterns += f"lora_alpha_pattern: {_yaml({k: int(v) for k, v in alpha_pattern.items()})}\n"
+    if rank_pattern or alpha_pattern:
+        patterns = (f"# Per-layer ranks / alphas ({len(rank_pattern)} rank_pattern, {len(alpha_pattern)} alpha_pattern "
+                    "entries) are set by initial_adapter/adapter_config.json,\n# which lora_model_dir loads; axolotl "
+                    "has no key for them, and lora_r / lora_alpha above are the uniform defaults.\n")
     return f"""\
 # axolotl: axolotl train {AXOLOTL}
 # base_model is corda_fast's residual model (W_res = W - s*B*A); lora_model_dir loads the CorDA adapter trainable,
 # so axolotl trains it instead of a fresh LoRA. Do NOT set peft_init_lora_weights: corda -- the adapter is already
-# initialised, and PEFT's own CorDA init needs a preprocessing step axolotl does not run. The saved
-# adapter_config.json governs rank, alpha and targets; the lora_* lines repeat them.
+# initialised, and PEFT's own CorDA init needs a preprocessing step axolotl does not run. The adapter's
+# adapter_config.json (in lora_model_dir) sets rank, alpha and targets; the lora_* lines repeat them.
+#
+# On a machine without a GPU: axolotl turns on fp16 and its fused LoRA kernels by itself, and both fail on CPU.
+# Uncomment these lines there (on a GPU leave them out, or set bf16: true):
+# fp16: false
+# bf16: false
+# lora_mlp_kernel: false
+# lora_qkv_kernel: false
+# lora_o_kernel: false
 base_model: {_yaml(a.residual_base)}
 adapter: lora
 lora_model_dir: {_yaml(a.initial_adapter)}
@@ -160,6 +169,7 @@ def trl_script(a: TrainerArtifacts) -> str:
     """``train_trl.py``: ``trl.SFTTrainer`` on the loaded CorDA model (no ``peft_config``: the model is already one)."""
     return f'''\
 """Train the CorDA adapter with TRL: python {TRL_SCRIPT} --data train.jsonl [--max-steps N] [--output-dir DIR]
+    [--learning-rate LR] [--batch-size B] [--gradient-accumulation-steps G] [--logging-steps N] [--save-steps N]
 
 The data: any file `datasets` reads with a "text" or a "messages" column. Written by corda_fast."""
 import argparse
@@ -178,6 +188,11 @@ p.add_argument("--data", required=True)
 p.add_argument("--max-steps", type=int, default=-1)
 p.add_argument("--output-dir", default="corda_sft")
 p.add_argument("--max-length", type=int, default=1024)
+p.add_argument("--learning-rate", type=float, default=2e-5)
+p.add_argument("--batch-size", type=int, default=1, help="per device")
+p.add_argument("--gradient-accumulation-steps", type=int, default=8)
+p.add_argument("--logging-steps", type=int, default=10)
+p.add_argument("--save-steps", type=int, default=500)
 args = p.parse_args()
 
 tokenizer = AutoTokenizer.from_pretrained(RESIDUAL_BASE)
@@ -185,7 +200,9 @@ base = AutoModelForCausalLM.from_pretrained(RESIDUAL_BASE)
 model = PeftModel.from_pretrained(base, INITIAL_ADAPTER, is_trainable=True)  # the CorDA adapter, trainable
 data = load_dataset("json" if args.data.endswith((".json", ".jsonl")) else "text", data_files=args.data)["train"]
 config = SFTConfig(output_dir=args.output_dir, max_steps=args.max_steps, max_length=args.max_length,
-                   per_device_train_batch_size=1, gradient_accumulation_steps=8, learning_rate=2e-5,
+                   per_device_train_batch_size=args.batch_size,
+                   gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+                   logging_steps=args.logging_steps, save_steps=args.save_steps,
                    report_to="none", use_cpu=not torch.cuda.is_available(),
                    bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer).train()
@@ -216,8 +233,7 @@ def _save_initial_adapter(peft_model, path: str, base_path: str, adapter_name: s
         for f in os.listdir(sub):
             os.replace(os.path.join(sub, f), os.path.join(path, f))
         os.rmdir(sub)
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        return json.load(f)
+    return write_portable_config(path)
 
 
 def _write(peft_model, out_dir: str, final: str, tokenizer, adapter_name: str) -> TrainerArtifacts:

@@ -226,6 +226,30 @@ def build_with_undo(model: nn.Module, factors: dict[str, LayerFactors], targets:
 def save_initial_adapter(peft_model, path: str) -> None:
     """Save the adapter right after initialisation; needed later by :func:`save_as_lora`."""
     peft_model.save_pretrained(path)
+    write_portable_config(path)
+
+
+_KEEP_KEYS = ("peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "target_modules",
+              "init_lora_weights")
+
+
+def write_portable_config(path: str) -> dict:
+    """Rewrite ``path/adapter_config.json`` without the fields that are unset (``None``, their default): a PEFT
+    release that predates a feature then reads the file without "unknown key" warnings (e.g. PEFT 0.18, pinned by
+    LLaMA-Factory, lacks five of today's), and every release reads the same adapter (a missing field takes its
+    default). Returns the written config."""
+    from peft import LoraConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(LoraConfig) if f.default is not dataclasses.MISSING}
+    file = os.path.join(path, "adapter_config.json")
+    with open(file) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type") not in (None, "LORA"):
+        return cfg
+    cfg = {k: v for k, v in cfg.items() if k in _KEEP_KEYS or not (v is None and k in defaults and defaults[k] is None)}
+    with open(file, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    return cfg
 
 
 def save_as_lora(peft_model, out_dir: str, initial_adapter_dir: str) -> dict:

@@ -149,3 +149,27 @@ def test_pad_batches_layout():
     assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     with pytest.raises(ValueError, match="side='middle'"):
         corda_fast.pad_batches(seqs, 2, side="middle")
+
+
+def test_progress_rate_counts_batches_that_have_run(monkeypatch):
+    """The bar's tok_s is tokens of batches whose forward has run over the bar's own elapsed time (a batch is not
+    credited when it is handed out, before its forward)."""
+    import time
+
+    from corda_fast import calibrate
+
+    seen = []
+
+    class Bar(calibrate.tqdm):
+        def set_postfix(self, **kw):
+            seen.append((kw["tokens"], float(kw["tok_s"]), self.format_dict["elapsed"]))
+            return super().set_postfix(**kw)
+
+    monkeypatch.setattr(calibrate, "tqdm", Bar)
+    batches = padded_batches(random_samples(6, lo=8, hi=8), 2)  # 3 batches of 16 real tokens
+    config = corda_fast.CordaConfig(show_progress=True)
+    for _ in calibrate.iter_batches(batches, config, torch.device("cpu"), "testing"):
+        time.sleep(0.2)  # the "forward"
+    assert [t for t, _, _ in seen] == [16, 32, 48]  # counted after each batch ran, the last one too
+    for tokens, rate, elapsed in seen:
+        assert rate == pytest.approx(tokens / elapsed, rel=0.05) and rate <= tokens / 0.19

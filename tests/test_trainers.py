@@ -87,7 +87,15 @@ def test_trainer_configs_name_existing_paths_and_the_adapters_settings(setup, tm
     assert ax["adapter"] == "lora" and "peft_init_lora_weights" not in ax
     assert (ax["lora_r"], ax["lora_alpha"]) == (saved["r"], saved["lora_alpha"])
     assert sorted(ax["lora_target_modules"]) == kinds
-    assert ax["lora_rank_pattern"] == saved["rank_pattern"] == {"up_proj": 6}  # axolotl warns when these differ
+    # only keys axolotl's schema reads; the per-layer ranks live in the adapter's own config, and the yaml says so
+    assert not {"lora_rank_pattern", "lora_alpha_pattern"} & set(ax) and saved["rank_pattern"] == {"up_proj": 6}
+    text = open(art.axolotl).read()
+    assert "set by initial_adapter/adapter_config.json" in text
+    assert "# fp16: false" in text and "# lora_mlp_kernel: false" in text  # what to turn off on CPU, commented
+    # the adapter config: unset (None) fields left out, so an older PEFT (LLaMA-Factory pins <= 0.18.1) reads it
+    # without unknown keys; these five are the ones PEFT 0.18.1's LoraConfig does not have
+    assert not {"kasa_config", "lora_ga_config", "monteclora_config", "use_bdlora", "velora_config"} & set(saved)
+    assert all(v is not None for k, v in saved.items() if k not in ("task_type", "base_model_name_or_path"))
 
     assert any("llamafactory-cli train" in line for line in art.usage())
     compile(open(art.trl_script).read(), art.trl_script, "exec")
@@ -152,9 +160,13 @@ def test_generated_trl_script_runs(setup, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts()))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, art.trl_script, "--data", str(data), "--max-steps", "1", "--max-length", "32",
-                          "--output-dir", str(tmp_path / "sft")], capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run([sys.executable, art.trl_script, "--data", str(data), "--max-steps", "2", "--max-length", "32",
+                          "--gradient-accumulation-steps", "1", "--logging-steps", "1", "--output-dir",
+                          str(tmp_path / "sft")], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+    logged = [json.loads(line.replace("'", '"')) for line in (run.stdout + run.stderr).splitlines()
+              if line.startswith("{'loss'")]
+    assert len(logged) == 2, run.stdout[-2000:]  # --logging-steps 1 over 2 steps: two loss lines
     trained = load_file(tmp_path / "sft" / "adapter_model.safetensors")
     initial = load_file(os.path.join(art.initial_adapter, "adapter_model.safetensors"))
     assert trained.keys() == initial.keys()
