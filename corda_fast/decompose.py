@@ -71,7 +71,7 @@ def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[Co
     """CorDA factors for every target that has a statistic.
 
     Args:
-        stats: output of :func:`corda_fast.collect_covariance` (or a loaded cache).
+        stats: output of :func:`corda_fast.stages.collect_covariance` (or a loaded cache).
         targets: resolved targets (their ``module.weight`` is read, never written).
         config: mode, precision, svd method, damping settings.
         device: where to decompose (default: each statistic's device).

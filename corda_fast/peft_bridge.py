@@ -166,7 +166,7 @@ def build_peft_model(model: nn.Module, factors: dict[str, LayerFactors], targets
 
     Args:
         model: the model the factors were computed on (its targeted base weights become ``W_res``).
-        factors: ``{layer name: LayerFactors}`` from :func:`corda_fast.decompose`.
+        factors: ``{layer name: LayerFactors}`` from :func:`corda_fast.stages.decompose`.
         targets: the resolved targets; only those with factors are adapted.
         config: the :class:`CordaConfig` (``autocast_adapter_dtype``; ``quantized_residual`` / ``requantize_config``
             for quantized base layers).

@@ -143,7 +143,7 @@ def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, ta
     """Yield one :class:`CovarianceStats` per block that holds targets, in model order.
 
     Args:
-        model, loader, config, targets: as :func:`corda_fast.collect_covariance` (loader must be iterable).
+        model, loader, config, targets: as :func:`corda_fast.stages.collect_covariance` (loader must be iterable).
         cache_device: where block inputs are kept between blocks (default: ``config.calibration.cache_device``,
             else the model's device; ``"cpu"`` frees accelerator memory at the cost of transfers).
     The model is left as it was (hooks removed, every module's mode restored) whatever happens, including when the

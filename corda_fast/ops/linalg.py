@@ -1,6 +1,6 @@
 """Reference kernels of the decomposition ops: damping search, damped covariance, one layer's CorDA factors.
 
-These pure-torch functions are the CPU path of :func:`corda_fast.decompose` and the oracle the native kernels
+These pure-torch functions are the CPU path of :func:`corda_fast.stages.decompose` and the oracle the native kernels
 (``backends/native.py``, ``csrc/``) are tested against. Two ops are defined on them, each with one schema:
 
 - ``corda_fast::damped_cholesky(covs (n, d, d), probes (d, p), start, tol, max_iter) -> (C_f, L, λ)``: per
