@@ -27,6 +27,8 @@ def run(args) -> Optional[str]:
     """Run the parsed command; returns the text to print (``None`` on a non-zero rank of a distributed job)."""
     if args.command == "env":
         return json.dumps(run_env(), indent=1)
+    if args.command in ("convert", "merge"):
+        return run_convert(args) if args.command == "convert" else run_merge(args)
     if args.command == "demo":
         args.model, args.gguf_file, args.data = "smollm2", None, "builtin"
     _check_out(args.out, args.overwrite)
@@ -261,6 +263,30 @@ def render(result: dict, report) -> str:
         lines.append("  train with  :")
         lines += [f"    {line}" for line in result["trainers"]["usage"]]
     return "\n".join(lines)
+
+
+def run_convert(args) -> str:
+    """The ``convert`` job: the converted adapter and ``convert_report.json`` in ``--out``; returns the table."""
+    from . import convert
+
+    report = convert.convert(args.initial_adapter, args.trained, args.out, rank=args.rank, energy=args.energy,
+                             base_model=args.base_model, checkpoint=args.checkpoint)
+    return convert.report_table(report)
+
+
+def run_merge(args) -> str:
+    """The ``merge`` job: the merged model in ``--out``; returns one line saying what was written."""
+    from . import convert
+
+    base, adapter = args.residual_base, args.adapter
+    if args.from_dir is not None:
+        base = base or os.path.join(args.from_dir, "residual_base")
+        adapter = adapter or os.path.join(args.from_dir, "initial_adapter")
+    if base is None or adapter is None:
+        raise ValueError("merge needs --residual-base and --adapter (or --from, init's output folder).")
+    out = convert.merge(base, adapter, args.out, checkpoint=args.checkpoint)
+    return (f"merged {out['layers']} adapted layers into {len(out['shards'])} shard(s): {out['out']} "
+            "(load it with from_pretrained)")
 
 
 def run_env() -> dict:

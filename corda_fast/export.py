@@ -4,7 +4,8 @@ A CorDA model is a base whose targeted weights are ``W_res = W − s·B·A`` plu
 Trainers that know nothing of CorDA train it when given exactly that pair: the base as "the model", the adapter as
 "an existing adapter to keep training". :func:`save_for_trainers` writes
 
-- ``residual_base/``: the full model with ``W_res`` (a transformers folder, tokenizer included);
+- ``residual_base/``: the full model with ``W_res`` (a transformers folder, tokenizer included, and
+  ``corda_fast_origin.json`` naming the original model);
 - ``initial_adapter/``: the adapter at initialisation, ``init_lora_weights: true`` and ``base_model_name_or_path``
   pointing at ``residual_base/`` (so ``AutoPeftModelForCausalLM.from_pretrained(initial_adapter)`` finds its base);
 - ``llamafactory.yaml`` (``llamafactory-cli train``), ``axolotl.yaml`` (``axolotl train``) and ``train_trl.py``
@@ -33,6 +34,7 @@ INITIAL_ADAPTER = "initial_adapter"
 LLAMAFACTORY = "llamafactory.yaml"
 AXOLOTL = "axolotl.yaml"
 TRL_SCRIPT = "train_trl.py"
+ORIGIN = "corda_fast_origin.json"  # in residual_base/: the model the residual was made from
 _WRITTEN = (RESIDUAL_BASE, INITIAL_ADAPTER, LLAMAFACTORY, AXOLOTL, TRL_SCRIPT)
 
 
@@ -241,6 +243,9 @@ def _write(peft_model, out_dir: str, final: str, tokenizer, adapter_name: str) -
     save_residual_base(peft_model, base_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(base_dir)
+    with open(os.path.join(base_dir, ORIGIN), "w") as f:  # what `convert` names as the converted adapter's base
+        json.dump({"original_model": peft_model.peft_config[adapter_name].base_model_name_or_path or None,
+                   "residual": "W_res = W - s*B0*A0 on the adapted layers (corda_fast)"}, f, indent=1)
     final_base = os.path.join(final, RESIDUAL_BASE)
     cfg = _save_initial_adapter(peft_model, os.path.join(out_dir, INITIAL_ADAPTER), final_base, adapter_name)
     art = TrainerArtifacts(residual_base=final_base, initial_adapter=os.path.join(final, INITIAL_ADAPTER),

@@ -1,0 +1,331 @@
+"""After training: the trained CorDA adapter as a plain LoRA for the ORIGINAL base, and the merged model.
+
+A trained CorDA model is the residual base ``W_res = W − s·B₀·A₀`` plus the trained adapter ``s·B·A``. Relative to the
+original weights the update is ``ΔW = s·(B·A − B₀·A₀)``, of rank up to ``2r``. :func:`convert` writes it as a LoRA
+for the original base:
+
+- ``exact`` (default): rank ``2r``, ``A' = [A; A₀]``, ``B' = [B, −B₀]`` — nothing lost;
+- ``rank=k``: the best rank-``k`` approximation of ``ΔW`` per layer (Eckart–Young), or ``energy=e``: per layer the
+  smallest rank keeping the share ``e`` of ``‖ΔW‖_F²``. Computed from the thin factors only: with
+  ``ΔW = P·Q`` (``P = [B, −B₀]``, ``d_out × 2r``; ``Q = s·[A; A₀]``, ``2r × d_in``), thin QR of ``P`` and ``Qᵀ``
+  and an SVD of the ``2r × 2r`` core give ``ΔW``'s singular triplets; no ``d_out × d_in`` matrix is formed.
+
+:func:`merge` writes the full model ``W_res + s·B·A`` in the base's dtype, one safetensors shard at a time (the
+residual base's own sharding and names), loadable with plain ``from_pretrained``.
+
+Both work on files (no model is built): adapter folders as PEFT saves them, the ``corda_out/`` folder of
+``python -m corda_fast init``, or a trainer's output folder (its final adapter, else its latest ``checkpoint-N``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .targets import pattern_key
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class ConvertError(ValueError):
+    """An adapter or model folder that cannot be used, named with what was looked for."""
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def find_adapter(path: str, what: str, checkpoint: Optional[int] = None) -> str:
+    """The folder holding the adapter ``path`` names: ``path`` itself; for ``corda_out/``, its ``initial_adapter/``
+    (``what="initial"``); for a trainer's output folder (TRL, LLaMA-Factory, axolotl: ``checkpoint-N`` subfolders),
+    its final adapter, else its latest checkpoint — or checkpoint ``checkpoint`` when given."""
+    if not os.path.isdir(path):
+        raise ConvertError(f"{what} adapter '{path}' does not exist or is not a folder.")
+    if checkpoint is not None:
+        sub = os.path.join(path, f"checkpoint-{checkpoint}")
+        if not _is_adapter(sub):
+            raise ConvertError(f"{what} adapter: '{sub}' holds no adapter (adapter_config.json + adapter_model.*).")
+        return sub
+    if _is_adapter(path):
+        return path
+    if what == "initial" and _is_adapter(os.path.join(path, "initial_adapter")):
+        return os.path.join(path, "initial_adapter")
+    steps = sorted((int(m.group(1)), d) for d in os.listdir(path) if (m := re.fullmatch(r"checkpoint-(\d+)", d))
+                   and _is_adapter(os.path.join(path, d)))
+    if steps:
+        return os.path.join(path, steps[-1][1])
+    raise ConvertError(f"{what} adapter: '{path}' holds no adapter (adapter_config.json + adapter_model.safetensors), "
+                       "no initial_adapter/ and no checkpoint-N/ with one.")
+
+
+def _is_adapter(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "adapter_config.json")) and any(
+        os.path.isfile(os.path.join(path, f)) for f in ADAPTER_FILES)
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter read from its folder: ``layers[name] = (A (r, d_in), B (d_out, r), scaling)`` in float64."""
+
+    path: str
+    config: dict
+    layers: dict = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32  # of the stored tensors
+
+
+def read_adapter(path: str) -> Adapter:
+    """Read the LoRA adapter in ``path`` (PEFT's format: ``<prefix>.<module>.lora_A.weight`` / ``lora_B.weight``)."""
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ConvertError(f"'{path}' holds a {cfg.get('peft_type')} adapter, not a LoRA.")
+    tensors = _read_tensors(path)
+    adapter = Adapter(path, cfg)
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key[: -len(".lora_A.weight")]
+        b = tensors.get(name + ".lora_B.weight")
+        if b is None:
+            raise ConvertError(f"'{path}': {key} has no lora_B beside it.")
+        module = re.sub(r"^base_model\.model\.", "", name)
+        adapter.layers[module] = (a.double(), b.double(), _scaling(cfg, module, a.shape[0]))
+        adapter.dtype = a.dtype
+    if not adapter.layers:
+        raise ConvertError(f"'{path}' holds no LoRA layer (no *.lora_A.weight tensor).")
+    return adapter
+
+
+def _read_tensors(path: str) -> dict:
+    st = os.path.join(path, ADAPTER_FILES[0])
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        return load_file(st)
+    return torch.load(os.path.join(path, ADAPTER_FILES[1]), map_location="cpu", weights_only=True)
+
+
+def _scaling(cfg: dict, module: str, r: int) -> float:
+    """PEFT's scaling of ``module``: ``alpha / r`` (``alpha / √r`` with rsLoRA), patterns applied."""
+    key = pattern_key(cfg.get("alpha_pattern") or {}, module)
+    alpha = float(cfg["alpha_pattern"][key] if key is not None else cfg.get("lora_alpha", r))
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+# ---------------------------------------------------------------------------------------------------- convert
+def _orthonormal(p: torch.Tensor, qt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For ``M = p @ qt.T`` (``p`` ``(m, k)``, ``qt`` ``(n, k)``): ``(U, S, V)`` with ``M = U diag(S) Vᵀ``,
+    ``U`` ``(m, k)`` and ``V`` ``(n, k)`` orthonormal, from thin QRs and the SVD of a ``k × k`` core."""
+    qp, rp = torch.linalg.qr(p)
+    qq, rq = torch.linalg.qr(qt)
+    u, s, vh = torch.linalg.svd(rp @ rq.mT)
+    return qp @ u, s, qq @ vh.mT
+
+
+def _fro_lowrank(p: torch.Tensor, q: torch.Tensor) -> float:
+    """``‖p @ q‖_F`` without forming it (``p`` ``(m, k)``, ``q`` ``(k, n)``)."""
+    return float(torch.linalg.matrix_norm(torch.linalg.qr(p)[1] @ torch.linalg.qr(q.mT)[1].mT))
+
+
+def _layer_update(trained: tuple, initial: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, Q)`` with ``ΔW = P @ Q = s·B·A − s₀·B₀·A₀``: ``P = [B, −B₀]``, ``Q = [s·A; s₀·A₀]``."""
+    (a, b, s), (a0, b0, s0) = trained, initial
+    return torch.cat([b, -b0], 1), torch.cat([a * s, a0 * s0], 0)
+
+
+def _keep(s: torch.Tensor, rank: Optional[int], energy: Optional[float]) -> int:
+    """How many singular values to keep: ``rank`` (at most all), or the fewest holding ``energy`` of ``Σ σ²``."""
+    if rank is not None:
+        return max(1, min(rank, s.numel()))
+    e = s.square().cumsum(0)
+    if float(e[-1]) == 0.0:
+        return 1
+    return max(1, min(int((e / e[-1] < energy - 1e-12).sum()) + 1, s.numel()))
+
+
+def convert_layer(trained: tuple, initial: tuple, rank: Optional[int] = None, energy: Optional[float] = None,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One layer's plain-LoRA factors ``(A', B', relative error)`` with scaling 1: ``B'·A' ≈ ΔW``. Exact (rank
+    ``2r``) when ``rank`` and ``energy`` are None; the error is ``‖B'A' − ΔW‖_F / ‖ΔW‖_F`` of the stored factors."""
+    p, q = _layer_update(trained, initial)
+    if rank is None and energy is None:
+        a_new, b_new = q, p
+    else:
+        u, s, v = _orthonormal(p, q.mT)
+        k = _keep(s, rank, energy)
+        root = s[:k].sqrt()
+        a_new, b_new = (v[:, :k] * root).mT, u[:, :k] * root
+    a_new, b_new = a_new.to(dtype).contiguous(), b_new.to(dtype).contiguous()
+    norm = _fro_lowrank(p, q)
+    diff = _fro_lowrank(torch.cat([b_new.double(), -p], 1), torch.cat([a_new.double(), q], 0))
+    return a_new, b_new, (diff / norm if norm > 0 else 0.0)
+
+
+def convert(initial_adapter: str, trained: str, out_dir: str, rank: Optional[int] = None,
+            energy: Optional[float] = None, base_model: Optional[str] = None,
+            checkpoint: Optional[int] = None) -> dict:
+    """Write the trained CorDA adapter as a plain LoRA for the original base into ``out_dir`` (see the module
+    docstring). ``initial_adapter``: the initial adapter folder or ``corda_out/``; ``trained``: a PEFT adapter folder
+    or a trainer's output folder (``checkpoint``: which ``checkpoint-N``). ``rank`` / ``energy``: compress (at most
+    one; default: exact, rank ``2r``). ``base_model``: recorded as ``base_model_name_or_path`` (default: the
+    original model the residual base was made from, when its config names it).
+
+    Returns the report written to ``out_dir/convert_report.json``:
+    ``{"layers": {name: {"rank", "relative_error"}}, "mode", "r", "max_relative_error", ...}``."""
+    if rank is not None and energy is not None:
+        raise ConvertError("give rank or energy, not both.")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ConvertError(f"rank={rank!r}: expected an int >= 1.")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ConvertError(f"energy={energy!r}: expected a share in (0, 1].")
+    init = read_adapter(find_adapter(initial_adapter, "initial"))
+    done = read_adapter(find_adapter(trained, "trained", checkpoint))
+    _check_pair(init, done)
+    dtype = done.dtype
+    tensors, layers = {}, {}
+    for name, layer in done.layers.items():
+        a, b, err = convert_layer(layer, init.layers[name], rank, energy, dtype)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+        layers[name] = {"rank": int(a.shape[0]), "relative_error": err}
+    mode = "exact" if rank is None and energy is None else f"rank {rank}" if rank is not None else f"energy {energy}"
+    config = _converted_config(done.config, layers, base_model or _original_base(init.config))
+    _write_adapter(out_dir, config, tensors)
+    report = {"mode": mode, "initial_adapter": init.path, "trained": done.path, "out": os.path.abspath(out_dir),
+              "base_model_name_or_path": config["base_model_name_or_path"], "r": config["r"],
+              "max_relative_error": max(v["relative_error"] for v in layers.values()), "layers": layers}
+    with open(os.path.join(out_dir, "convert_report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    logger.info("converted %d layers (%s) to %s: max relative error %.3g", len(layers), mode, out_dir,
+                report["max_relative_error"])
+    return report
+
+
+def _check_pair(init: Adapter, done: Adapter) -> None:
+    """The trained adapter continues the initial one: the same layers, the same shapes."""
+    missing = sorted(set(done.layers) - set(init.layers))
+    if missing:
+        raise ConvertError(f"the trained adapter '{done.path}' has layers the initial adapter '{init.path}' lacks, "
+                           f"e.g. {missing[:3]}: they are not the same run's.")
+    for name, (a, b, _) in done.layers.items():
+        a0, b0, _ = init.layers[name]
+        if a.shape[1] != a0.shape[1] or b.shape[0] != b0.shape[0]:
+            raise ConvertError(f"layer '{name}': trained {tuple(b.shape[:1]) + tuple(a.shape[1:])} vs initial "
+                               f"{tuple(b0.shape[:1]) + tuple(a0.shape[1:])} (d_out, d_in): not the same model.")
+
+
+def _original_base(init_config: dict) -> Optional[str]:
+    """The model the residual base was made from, as ``save_for_trainers`` recorded it beside the residual
+    (``corda_fast_origin.json``), else as its ``config.json`` records it (``_name_or_path``), else None."""
+    base = init_config.get("base_model_name_or_path")
+    for file, key in (("corda_fast_origin.json", "original_model"), ("config.json", "_name_or_path")):
+        try:
+            with open(os.path.join(base, file)) as f:
+                found = json.load(f).get(key)
+        except (TypeError, OSError, ValueError):
+            continue
+        if found:
+            return found
+    return None
+
+
+def _converted_config(trained: dict, layers: dict, base_model: Optional[str]) -> dict:
+    """The trained adapter's config for the converted factors: scaling 1 everywhere (``lora_alpha = r`` and an
+    ``alpha_pattern`` equal to the ``rank_pattern`` where ranks differ), no rsLoRA, plain LoRA init."""
+    ranks = [v["rank"] for v in layers.values()]
+    r = max(set(ranks), key=ranks.count)  # the commonest rank is the default, the others are patterns
+    pattern = {re.escape(n): v["rank"] for n, v in layers.items() if v["rank"] != r}
+    cfg = dict(trained)
+    cfg.update(r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern), use_rslora=False,
+               init_lora_weights=True, base_model_name_or_path=base_model)
+    for key in ("corda_config", "eva_config", "loftq_config"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def _write_adapter(out_dir: str, config: dict, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, ADAPTER_FILES[0]))
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def report_table(report: dict) -> str:
+    """The conversion report as text: one line per layer (rank, relative error), then the worst error."""
+    width = max(len(n) for n in report["layers"])
+    lines = [f"{'layer':{width}s}  rank  relative error"]
+    lines += [f"{n:{width}s}  {v['rank']:4d}  {v['relative_error']:.3e}" for n, v in report["layers"].items()]
+    lines.append(f"{report['mode']}: {len(report['layers'])} layers, max relative error "
+                 f"{report['max_relative_error']:.3e}; written to {report['out']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- merge
+def merge(residual_base: str, adapter: str, out_dir: str, checkpoint: Optional[int] = None) -> dict:
+    """Write ``W_res + s·B·A`` (the trained model as one plain transformers model, in the base's dtype) to
+    ``out_dir``: the residual base's shards one at a time, under their own names, with every other file (config,
+    tokenizer, index) copied. ``adapter``: the trained adapter (a PEFT folder or a trainer's output folder).
+    Returns ``{"out", "layers", "shards"}``; the folder appears complete or not at all."""
+    files = _model_shards(residual_base)
+    lora = read_adapter(find_adapter(adapter, "trained", checkpoint))
+    conv1d = bool(lora.config.get("fan_in_fan_out"))
+    work = os.path.abspath(out_dir).rstrip(os.sep) + ".partial"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(residual_base, work, ignore=shutil.ignore_patterns("*.safetensors"))
+    merged: set = set()
+    try:
+        for shard in files:
+            _merge_shard(os.path.join(residual_base, shard), os.path.join(work, shard), lora, conv1d, merged)
+        missing = sorted(set(lora.layers) - merged)
+        if missing:
+            raise ConvertError(f"the adapter's layers {missing[:3]} have no weight in '{residual_base}': not the "
+                               "residual base this adapter was trained on.")
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    logger.info("merged %d layers into %d shard(s) in %s", len(merged), len(files), out_dir)
+    return {"out": os.path.abspath(out_dir), "layers": len(merged), "shards": list(files)}
+
+
+def _model_shards(folder: str) -> list[str]:
+    """The safetensors files of a transformers model folder (its index's, or the single ``model.safetensors``)."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return ["model.safetensors"]
+    raise ConvertError(f"residual base '{folder}' holds no model.safetensors (nor an index of shards).")
+
+
+@torch.no_grad()
+def _merge_shard(src: str, dst: str, lora: Adapter, conv1d: bool, merged: set) -> None:
+    """One shard: every weight the adapter adapts gets ``s·B·A`` added (float64 arithmetic, stored in its dtype)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = {}
+    with safe_open(src, framework="pt") as f:
+        meta = f.metadata()
+        for key in f.keys():
+            w = f.get_tensor(key)
+            name = key[: -len(".weight")] if key.endswith(".weight") else None
+            if name in lora.layers:
+                a, b, s = lora.layers[name]
+                delta = s * (b @ a)
+                w = (w.double() + (delta.mT if conv1d else delta)).to(w.dtype)
+                merged.add(name)
+            out[key] = w.contiguous()
+    save_file(out, dst, metadata=meta)
