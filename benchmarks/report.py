@@ -32,6 +32,7 @@ TABLES = {  # name: (result file, module with markdown())
     "offload": ("offload_cpu.json", "bench_offload"),
     "ablation_plus": ("ablation_plus.json", "ablation_plus"),
     "plus_cost": ("plus_cost_cpu.json", "bench_plus_cost"),
+    "convert": ("convert_smollm2.json", "bench_convert"),
 }
 
 
