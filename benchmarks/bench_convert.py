@@ -1,5 +1,6 @@
 """After training on SmolLM2-135M: conversion of a trained CorDA adapter (r = 16, the 7 projections, 210 layers) to
-a plain LoRA for the original model — exact (rank 32), rank 8, energy 0.99 — and the merge into one model.
+a plain LoRA for the original model — exact (rank 32), rank 8, energy 0.99 — and the merge into one model (in the
+residual base's own single shard, and re-sharded at 128 MiB).
 
 A CorDA-KPM initialisation (16 × 128 calibration tokens) is written with ``save_for_trainers``; "training" moves
 every A and B by a random step of their own mean magnitude (what conversion sees is the same as after real training:
@@ -22,7 +23,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = ["exact", "rank8", "energy0.99", "merge"]
+VARIANTS = ["exact", "rank8", "energy0.99", "merge", "merge_128MiB"]
 
 
 def _rss_kib(field: str) -> int:
@@ -38,8 +39,10 @@ def worker(variant: str, work: str, out: str) -> dict:
         f.write("5")  # reset the high-water mark to the current resident size
     base = _rss_kib("VmRSS")
     t0 = time.perf_counter()
-    if variant == "merge":
-        res = convert.merge(os.path.join(work, "corda_out", "residual_base"), os.path.join(work, "trained"), out)
+    if variant.startswith("merge"):
+        shard = 128 * 2**20 if variant == "merge_128MiB" else None
+        res = convert.merge(os.path.join(work, "corda_out", "residual_base"), os.path.join(work, "trained"), out,
+                            max_shard_bytes=shard)
         extra = {"layers": res["layers"], "shards": len(res["shards"])}
     else:
         kw = {"exact": {}, "rank8": {"rank": 8}, "energy0.99": {"energy": 0.99}}[variant]

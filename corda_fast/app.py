@@ -284,7 +284,7 @@ def run_merge(args) -> str:
         adapter = adapter or os.path.join(args.from_dir, "initial_adapter")
     if base is None or adapter is None:
         raise ValueError("merge needs --residual-base and --adapter (or --from, init's output folder).")
-    out = convert.merge(base, adapter, args.out, checkpoint=args.checkpoint)
+    out = convert.merge(base, adapter, args.out, checkpoint=args.checkpoint, max_shard_bytes=args.max_shard_size)
     return (f"merged {out['layers']} adapted layers into {len(out['shards'])} shard(s): {out['out']} "
             "(load it with from_pretrained)")
 

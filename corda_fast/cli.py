@@ -35,6 +35,18 @@ def _max_memory(text: str) -> dict:
     return out
 
 
+def _size(text: str) -> int:
+    """argparse type: bytes, or a number with KB / MB / GB (powers of 1000) or KiB / MiB / GiB."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    t = text.strip().lower()
+    for unit, factor in units.items():
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(unit)]) * factor)
+    if t.isdigit():
+        return int(t)
+    raise argparse.ArgumentTypeError(f"{text!r}: expected a size, e.g. 2GB, 500MiB or a number of bytes")
+
+
 def _positive(text: str) -> int:
     """argparse type: an int >= 1."""
     try:
@@ -166,6 +178,9 @@ def _add_after_training(sub) -> None:
                    help="init's --out folder: --residual-base defaults to its residual_base/, --adapter to its "
                         "initial_adapter/")
     m.add_argument("--checkpoint", type=int, default=None, help="use checkpoint-N of a trainer's output folder")
+    m.add_argument("--max-shard-size", type=_size, default=None,
+                   help="write new shards of at most this size (e.g. 2GB; the peak memory is about twice it); "
+                        "default: the residual base's own shards")
     m.add_argument("--out", required=True)
     for q in (c, m):
         q.add_argument("--quiet", action="store_true")

@@ -270,21 +270,30 @@ def report_table(report: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- merge
-def merge(residual_base: str, adapter: str, out_dir: str, checkpoint: Optional[int] = None) -> dict:
+def merge(residual_base: str, adapter: str, out_dir: str, checkpoint: Optional[int] = None,
+          max_shard_bytes: Optional[int] = None) -> dict:
     """Write ``W_res + s·B·A`` (the trained model as one plain transformers model, in the base's dtype) to
-    ``out_dir``: the residual base's shards one at a time, under their own names, with every other file (config,
-    tokenizer, index) copied. ``adapter``: the trained adapter (a PEFT folder or a trainer's output folder).
+    ``out_dir``, every other file of the residual base (config, tokenizer) copied. ``adapter``: the trained adapter
+    (a PEFT folder or a trainer's output folder).
+
+    Shards: by default the residual base's own (file and tensor names kept), one at a time; with
+    ``max_shard_bytes``, new shards of at most that size (plus one tensor) and a new index, reading only the tensors
+    of the shard being written — the peak is then about twice ``max_shard_bytes`` whatever the input's sharding.
     Returns ``{"out", "layers", "shards"}``; the folder appears complete or not at all."""
     files = _model_shards(residual_base)
     lora = read_adapter(find_adapter(adapter, "trained", checkpoint))
     conv1d = bool(lora.config.get("fan_in_fan_out"))
     work = os.path.abspath(out_dir).rstrip(os.sep) + ".partial"
     shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(residual_base, work, ignore=shutil.ignore_patterns("*.safetensors"))
+    skip = ["*.safetensors"] + (["model.safetensors.index.json"] if max_shard_bytes else [])
+    shutil.copytree(residual_base, work, ignore=shutil.ignore_patterns(*skip))
     merged: set = set()
     try:
-        for shard in files:
-            _merge_shard(os.path.join(residual_base, shard), os.path.join(work, shard), lora, conv1d, merged)
+        plan = _plan_shards(residual_base, files, max_shard_bytes)
+        for out_name, items in plan.items():
+            _write_merged_shard(residual_base, items, os.path.join(work, out_name), lora, conv1d, merged)
+        if max_shard_bytes:
+            _write_index(work, plan)
         missing = sorted(set(lora.layers) - merged)
         if missing:
             raise ConvertError(f"the adapter's layers {missing[:3]} have no weight in '{residual_base}': not the "
@@ -295,8 +304,8 @@ def merge(residual_base: str, adapter: str, out_dir: str, checkpoint: Optional[i
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    logger.info("merged %d layers into %d shard(s) in %s", len(merged), len(files), out_dir)
-    return {"out": os.path.abspath(out_dir), "layers": len(merged), "shards": list(files)}
+    logger.info("merged %d layers into %d shard(s) in %s", len(merged), len(plan), out_dir)
+    return {"out": os.path.abspath(out_dir), "layers": len(merged), "shards": list(plan)}
 
 
 def _model_shards(folder: str) -> list[str]:
@@ -310,22 +319,63 @@ def _model_shards(folder: str) -> list[str]:
     raise ConvertError(f"residual base '{folder}' holds no model.safetensors (nor an index of shards).")
 
 
+def _plan_shards(folder: str, files: list[str], max_bytes: Optional[int]) -> dict[str, list[tuple[str, str]]]:
+    """``{output shard: [(input file, tensor name)]}``: the input's own shards, or new ones of at most
+    ``max_bytes`` each (tensors in the input's order; a tensor larger than that gets a shard of its own)."""
+    from safetensors import safe_open
+
+    if not max_bytes:
+        out = {}
+        for name in files:
+            with safe_open(os.path.join(folder, name), framework="pt") as f:
+                out[name] = [(name, k) for k in f.keys()]
+        return out
+    groups, size = [[]], 0
+    for name in files:
+        with safe_open(os.path.join(folder, name), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                n = math.prod(sl.get_shape()) * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+                if groups[-1] and size + n > max_bytes:
+                    groups.append([])
+                    size = 0
+                groups[-1].append((name, key))
+                size += n
+    total = len(groups)
+    return {f"model-{i + 1:05d}-of-{total:05d}.safetensors": g for i, g in enumerate(groups)}
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _write_index(folder: str, plan: dict) -> None:
+    weight_map = {key: out for out, items in plan.items() for _, key in items}
+    size = sum(os.path.getsize(os.path.join(folder, out)) for out in plan)
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": size}, "weight_map": weight_map}, f, indent=2)
+
+
 @torch.no_grad()
-def _merge_shard(src: str, dst: str, lora: Adapter, conv1d: bool, merged: set) -> None:
-    """One shard: every weight the adapter adapts gets ``s·B·A`` added (float64 arithmetic, stored in its dtype)."""
+def _write_merged_shard(folder: str, items: list, dst: str, lora: Adapter, conv1d: bool, merged: set) -> None:
+    """One output shard: its tensors read (each input file opened for them only), every weight the adapter adapts
+    with ``s·B·A`` added (float64 arithmetic, stored in its dtype)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    out = {}
-    with safe_open(src, framework="pt") as f:
-        meta = f.metadata()
-        for key in f.keys():
-            w = f.get_tensor(key)
-            name = key[: -len(".weight")] if key.endswith(".weight") else None
-            if name in lora.layers:
-                a, b, s = lora.layers[name]
-                delta = s * (b @ a)
-                w = (w.double() + (delta.mT if conv1d else delta)).to(w.dtype)
-                merged.add(name)
-            out[key] = w.contiguous()
-    save_file(out, dst, metadata=meta)
+    out, meta = {}, None
+    by_file: dict[str, list[str]] = {}
+    for name, key in items:
+        by_file.setdefault(name, []).append(key)
+    for name, keys in by_file.items():
+        with safe_open(os.path.join(folder, name), framework="pt") as f:
+            meta = meta or f.metadata()
+            for key in keys:
+                w = f.get_tensor(key)
+                module = key[: -len(".weight")] if key.endswith(".weight") else None
+                if module in lora.layers:
+                    a, b, s = lora.layers[module]
+                    delta = s * (b @ a)
+                    w = (w.double() + (delta.mT if conv1d else delta)).to(w.dtype)
+                    merged.add(module)
+                out[key] = w.contiguous()
+    save_file(out, dst, metadata=meta or {"format": "pt"})

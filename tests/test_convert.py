@@ -159,6 +159,16 @@ def test_merge_is_the_peft_model_sharded_and_loads_with_from_pretrained(tmp_path
         assert rel_max(merged(input_ids=ids).logits, pm(input_ids=ids).logits) < 1e-5
         gen = merged.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)
         assert torch.equal(gen, pm.generate(input_ids=ids[:1, :4], max_new_tokens=5, do_sample=False))
+    # new shards of a bounded size from the single-shard residual base, with their own index
+    assert cli.main(["merge", "--residual-base", str(out / "residual_base"), "--adapter", str(trained), "--out",
+                     str(tmp_path / "resharded"), "--max-shard-size", "0.2MB", "--quiet"]) == 0
+    index = json.loads((tmp_path / "resharded" / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in (tmp_path / "resharded").glob("*.safetensors"))
+    assert len(files) > 3 and sorted(set(index["weight_map"].values())) == files
+    assert all((tmp_path / "resharded" / f).stat().st_size <= 200_000 + 300 * 128 * 4 + 10_000 for f in files)
+    with torch.no_grad():
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "resharded")(input_ids=ids).logits
+        assert rel_max(again, pm(input_ids=ids).logits) < 1e-5
     # --from: init's output folder (its initial adapter by default: the model at init, i.e. the original one)
     assert cli.main(["merge", "--from", str(out), "--out", str(tmp_path / "merged0"), "--quiet"]) == 0
     original = AutoModelForCausalLM.from_pretrained(tmp_path / "original")
