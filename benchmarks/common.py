@@ -134,3 +134,43 @@ def train(pm, data, args, seed) -> list[float]:
 
 def spread(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+# ------------------------------------------------------------------ the methods compared (quality, compare_methods)
+METHODS = ["lora", "pissa", "corda-kpm", "corda++-kpm", "corda-ipm", "corda++-ipm"]
+
+
+def init_method(method, model_dir, data, args, seed):
+    """``(peft_model, info)`` for a method; deterministic methods ignore ``seed``."""
+    from peft import LoraConfig, get_peft_model
+
+    import corda_fast
+
+    model = load_base(model_dir)
+    info = {}
+    t = time.perf_counter()
+    if method in ("lora", "pissa"):
+        torch.manual_seed(seed)
+        init = True if method == "lora" else "pissa_niter_4"
+        pm = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=LLAMA_TARGETS,
+                                              init_lora_weights=init))
+    else:
+        base, mode = method.rsplit("-", 1)
+        calib = data["knowledge_calib"] if mode == "kpm" else data["task_calib"]
+        plus = corda_fast.PlusConfig(candidates=args.candidates) if base == "corda++" else None
+        pm, report = corda_fast.init_adapters(model, calib, mode=mode, rank=args.rank, lora_alpha=args.rank,
+                                              target_modules=LLAMA_TARGETS, return_report=True,
+                                              corda_config=corda_fast.CordaConfig(plus=plus, show_progress=False))
+        info["seconds"] = {k: round(v, 2) for k, v in report.seconds.items()}
+        if report.plus is not None:
+            ranks = [l.rank for l in report.plus.layers]
+            info["plus"] = {"budget": report.plus.budget, "realised": report.plus.realised,
+                            "rank_min": min(ranks), "rank_max": max(ranks),
+                            "rank_by_kind": {k: round(statistics.mean(l.rank for l in report.plus.layers
+                                                                      if l.name.endswith(k)), 2) for k in LLAMA_TARGETS},
+                            "candidates_chosen": sorted({l.candidate for l in report.plus.layers})}
+            if getattr(args, "plot_dir", None):
+                report.plus.plot(os.path.join(args.plot_dir, f"quality_{method}_ranks.png"))
+    info["init_seconds"] = round(time.perf_counter() - t, 2)
+    info["trainable"] = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    return pm, info

@@ -33,6 +33,7 @@ TABLES = {  # name: (result file, module with markdown())
     "ablation_plus": ("ablation_plus.json", "ablation_plus"),
     "plus_cost": ("plus_cost_cpu.json", "bench_plus_cost"),
     "convert": ("convert_smollm2.json", "bench_convert"),
+    "compare": ("compare_methods.json", "compare_methods"),
 }
 
 

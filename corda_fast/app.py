@@ -27,8 +27,8 @@ def run(args) -> Optional[str]:
     """Run the parsed command; returns the text to print (``None`` on a non-zero rank of a distributed job)."""
     if args.command == "env":
         return json.dumps(run_env(), indent=1)
-    if args.command in ("convert", "merge"):
-        return run_convert(args) if args.command == "convert" else run_merge(args)
+    if args.command in ("convert", "merge", "eval"):
+        return {"convert": run_convert, "merge": run_merge, "eval": run_eval}[args.command](args)
     if args.command == "demo":
         args.model, args.gguf_file, args.data = "smollm2", None, "builtin"
     _check_out(args.out, args.overwrite)
@@ -287,6 +287,35 @@ def run_merge(args) -> str:
     out = convert.merge(base, adapter, args.out, checkpoint=args.checkpoint, max_shard_bytes=args.max_shard_size)
     return (f"merged {out['layers']} adapted layers into {len(out['shards'])} shard(s): {out['out']} "
             "(load it with from_pretrained)")
+
+
+def run_eval(args) -> str:
+    """The ``eval`` job: the report as JSON at ``--out`` (and a plot beside it); returns the table."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import corda_fast
+
+    from . import evaluate
+
+    _check_model(args.base)
+    tok = AutoTokenizer.from_pretrained(args.base)
+    common = dict(num_samples=args.samples, max_seq_length=args.seq_len, batch_size=args.batch_size, shuffle=False)
+    knowledge = corda_fast.calibration_batches(args.knowledge, tok, concatenate=True, **common)
+    task = corda_fast.calibration_batches(args.task, tok, mask=None if args.task_mask == "none" else args.task_mask,
+                                          **common)
+    base = AutoModelForCausalLM.from_pretrained(args.base).eval()
+    trained = evaluate.load_trained(args.trained, args.adapter, args.base)
+    report = evaluate.evaluate(base, trained, knowledge, task, k=args.top_k, threshold=args.threshold)
+    report.update(base=os.path.abspath(args.base), trained=os.path.abspath(args.trained), adapter=args.adapter,
+                  knowledge_source=args.knowledge, task_source=args.task)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    try:
+        evaluate.plot(report, os.path.splitext(args.out)[0] + ".png")
+    except ImportError as exc:
+        logger.warning("no plot: %s", exc)
+    return evaluate.report_table(report) + f"\nreport: {os.path.abspath(args.out)}"
 
 
 def run_env() -> dict:

