@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from .targets import pattern_key
+from .targets import lora_scaling, pattern_key
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _scaling(cfg: dict, module: str, r: int) -> float:
     """PEFT's scaling of ``module``: ``alpha / r`` (``alpha / √r`` with rsLoRA), patterns applied."""
     key = pattern_key(cfg.get("alpha_pattern") or {}, module)
     alpha = float(cfg["alpha_pattern"][key] if key is not None else cfg.get("lora_alpha", r))
-    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    return lora_scaling(alpha, r, bool(cfg.get("use_rslora")))
 
 
 # ---------------------------------------------------------------------------------------------------- convert

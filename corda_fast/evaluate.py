@@ -52,29 +52,32 @@ def load_trained(trained: str, adapter: Optional[str] = None, base: Optional[str
 
 
 @torch.no_grad()
-def token_losses(model: nn.Module, batches: list[dict]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(NLL of every predicted real token, next-token log-probabilities of those tokens per batch)``: a token is
-    predicted when it and the one before are real (``attention_mask``) and its label is not -100."""
-    nll, logps = [], []
-    for b in batches:
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-        target = b["input_ids"][:, 1:]
-        keep = (b["attention_mask"][:, 1:] != 0) & (b["attention_mask"][:, :-1] != 0)
-        if "labels" in b:
-            keep &= b["labels"][:, 1:] != -100
-        logp = torch.log_softmax(logits, -1)[keep]
-        nll.append(-logp.gather(1, target[keep].unsqueeze(1)).squeeze(1))
-        logps.append(logp)
-    return torch.cat(nll), logps
+def _predicted(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log-probabilities (n, vocab), targets (n,))`` of the predicted tokens of a batch: a token is predicted when
+    it and the one before are real (``attention_mask``) and its label is not -100."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    keep = (batch["attention_mask"][:, 1:] != 0) & (batch["attention_mask"][:, :-1] != 0)
+    if "labels" in batch:
+        keep &= batch["labels"][:, 1:] != -100
+    return torch.log_softmax(logits[keep], -1), batch["input_ids"][:, 1:][keep]
 
 
-def kl_to_base(base_logps: list[torch.Tensor], trained_logps: list[torch.Tensor]) -> float:
-    """Mean over predicted tokens of ``KL(p_base ‖ p_trained)``."""
-    total, n = 0.0, 0
-    for lb, lt in zip(base_logps, trained_logps):
-        total += float((lb.exp() * (lb - lt)).sum())
-        n += lb.shape[0]
-    return total / max(n, 1)
+@torch.no_grad()
+def compare_on(base: nn.Module, trained: nn.Module, batches: list[dict]) -> dict:
+    """Both models on the same batches, one batch at a time (no ``tokens × vocab`` array kept): mean NLL of each and
+    the mean ``KL(p_base ‖ p_trained)`` over the predicted tokens."""
+    nll_b = nll_t = kl = 0.0
+    n = 0
+    for batch in batches:
+        lb, target = _predicted(base, batch)
+        lt, _ = _predicted(trained, batch)
+        idx = target.unsqueeze(1)
+        nll_b -= float(lb.gather(1, idx).sum())
+        nll_t -= float(lt.gather(1, idx).sum())
+        kl += float((lb.exp() * (lb - lt)).sum())
+        n += target.numel()
+    n = max(n, 1)
+    return {"tokens": n, "nll_base": nll_b / n, "nll_trained": nll_t / n, "kl_to_base": kl / n}
 
 
 @torch.no_grad()
@@ -109,16 +112,14 @@ def _changed_layers(base: nn.Module, trained: nn.Module, k: int, threshold: floa
 def evaluate(base: nn.Module, trained: nn.Module, knowledge: list[dict], task: list[dict], k: int = 10,
              threshold: float = 0.5) -> dict:
     """The report of the module docstring for two models (same tokenizer) on knowledge and task batches."""
-    kb, kb_logp = token_losses(base, knowledge)
-    kt, kt_logp = token_losses(trained, knowledge)
-    tb, _ = token_losses(base, task)
-    tt, _ = token_losses(trained, task)
-    ppl_b, ppl_t = math.exp(float(kb.mean())), math.exp(float(kt.mean()))
+    kn, ta = compare_on(base, trained, knowledge), compare_on(base, trained, task)
+    ppl_b, ppl_t = math.exp(kn["nll_base"]), math.exp(kn["nll_trained"])
     layers = _changed_layers(base, trained, k, threshold)
     return {
-        "knowledge": {"tokens": int(kb.numel()), "perplexity_base": ppl_b, "perplexity_trained": ppl_t,
-                      "perplexity_ratio": ppl_t / ppl_b, "kl_to_base": kl_to_base(kb_logp, kt_logp)},
-        "task": {"tokens": int(tb.numel()), "loss_base": float(tb.mean()), "loss_trained": float(tt.mean())},
+        "knowledge": {"tokens": kn["tokens"], "perplexity_base": ppl_b, "perplexity_trained": ppl_t,
+                      "perplexity_ratio": ppl_t / ppl_b, "kl_to_base": kn["kl_to_base"]},
+        "task": {"tokens": ta["tokens"], "loss_base": ta["nll_base"], "loss_trained": ta["nll_trained"],
+                 "kl_to_base": ta["kl_to_base"]},
         "intruders": {"k": k, "threshold": threshold, "layers": layers,
                       "total": sum(v["intruders"] for v in layers.values())},
     }

@@ -56,6 +56,11 @@ def _name_matches(name: str, spec: Union[str, Sequence[str]]) -> bool:
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's LoRA scaling: ``alpha / r``, or ``alpha / √r`` with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
 def pattern_key(keys, name: str) -> Optional[str]:
     """The ``rank_pattern`` / ``alpha_pattern`` key that applies to module ``name``: the first key ``k`` such that
     ``name`` ends with ``k`` as a regex after a dot boundary (``(.*\\.)?(k)$``), PEFT's rule; ``None`` if none does."""
@@ -152,8 +157,8 @@ def _target(name: str, module: nn.Module, config: LoraSpec) -> Target:
     rank = int(config.rank_pattern[rank_key] if rank_key is not None else config.r)
     alpha_key = pattern_key(config.alpha_pattern, name)
     alpha = float(config.alpha_pattern[alpha_key] if alpha_key is not None else config.alpha)
-    scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-    return Target(name, module, is_conv1d, int(d_in), int(d_out), rank, alpha, scaling, qkind)
+    return Target(name, module, is_conv1d, int(d_in), int(d_out), rank, alpha,
+                  lora_scaling(alpha, rank, config.use_rslora), qkind)
 
 
 def _check_targets(targets: list[Target], check_rank: bool) -> None:
