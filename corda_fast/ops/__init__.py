@@ -55,9 +55,10 @@ def xtx_accumulate(acc: torch.Tensor, x: torch.Tensor, row_scale: torch.Tensor,
     """
     if kernel is None:
         kernel = choose("xtx_accumulate", x.device, acc.dtype)
-    elif kernel != "torch" and acc.dtype != torch.float32:
-        raise BackendError(f"the {kernel} statistic kernel accumulates in float32; use precision='float32' or "
-                           f"{BACKEND_ENV}=torch.")
+    else:
+        why = why_not("xtx_accumulate", kernel, x.device, acc.dtype)
+        if why is not None:
+            raise BackendError(f"the {kernel!r} kernel of xtx_accumulate cannot run here: {why}.")
     registry.run("xtx_accumulate", kernel, acc, x, row_scale)
     return acc
 
