@@ -271,6 +271,17 @@ def run_convert(args) -> str:
 
     report = convert.convert(args.initial_adapter, args.trained, args.out, rank=args.rank, energy=args.energy,
                              base_model=args.base_model, checkpoint=args.checkpoint)
+    if args.drift_data is not None:  # the converted adapter against the trained model, on held-out text
+        from transformers import AutoTokenizer
+
+        import corda_fast
+
+        tok = AutoTokenizer.from_pretrained(report["base_model_name_or_path"])
+        batches = corda_fast.calibration_batches(args.drift_data, tok, num_samples=args.drift_samples,
+                                                 max_seq_length=256, batch_size=4, shuffle=False)
+        report["logit_drift"] = convert.logit_drift(report, batches)
+        with open(os.path.join(args.out, "convert_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
     return convert.report_table(report)
 
 

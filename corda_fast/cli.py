@@ -168,6 +168,10 @@ def _add_after_training(sub) -> None:
     how.add_argument("--rank", type=_positive, default=None, help="the best rank-R approximation per layer")
     how.add_argument("--energy", type=float, default=None,
                      help="per layer the smallest rank keeping this share of the update's energy (e.g. 0.99)")
+    c.add_argument("--drift-data", default=None,
+                   help="held-out text (a calibration_batches source): also measure the converted adapter's logit "
+                        "drift against the trained model (needs the original and residual models as folders)")
+    c.add_argument("--drift-samples", type=_positive, default=8)
     c.add_argument("--base-model", default=None,
                    help="base_model_name_or_path of the converted adapter (default: the original model's, from the "
                         "residual base's config)")

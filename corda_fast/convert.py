@@ -266,7 +266,38 @@ def report_table(report: dict) -> str:
     lines += [f"{n:{width}s}  {v['rank']:4d}  {v['relative_error']:.3e}" for n, v in report["layers"].items()]
     lines.append(f"{report['mode']}: {len(report['layers'])} layers, max relative error "
                  f"{report['max_relative_error']:.3e}; written to {report['out']}")
+    if "logit_drift" in report:
+        d = report["logit_drift"]
+        lines.append(f"logit drift vs the trained model: max|Δlogit| {d['max_abs_logit_diff']:.3g} ({d['relative']:.2e} "
+                     f"of max|logit|) on {d['tokens']} tokens")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def logit_drift(report: dict, batches: list[dict]) -> dict:
+    """How far the converted adapter on the original model is from the trained model (the residual base with the
+    trained adapter), on ``batches``: ``{"max_abs_logit_diff", "max_abs_logit", "relative", "tokens"}`` over real
+    tokens. Needs both base models as local folders (the report names them)."""
+    from .evaluate import load_trained
+
+    with open(os.path.join(report["initial_adapter"], "adapter_config.json")) as f:
+        residual = json.load(f).get("base_model_name_or_path")
+    original = report["base_model_name_or_path"]
+    for what, path in (("original model", original), ("residual base", residual)):
+        if not path or not os.path.isdir(path):
+            raise ConvertError(f"the logit drift needs the {what} as a local folder; found {path!r} (give --base-model).")
+    converted = load_trained(report["out"], base=original)
+    trained = load_trained(residual, adapter=report["trained"])
+    diff = scale = 0.0
+    tokens = 0
+    for b in batches:
+        keep = b["attention_mask"].bool()
+        a = converted(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[keep].double()
+        t = trained(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[keep].double()
+        diff, scale = max(diff, float((a - t).abs().max())), max(scale, float(t.abs().max()))
+        tokens += int(keep.sum())
+    return {"max_abs_logit_diff": diff, "max_abs_logit": scale, "relative": diff / scale if scale else 0.0,
+            "tokens": tokens}
 
 
 # ---------------------------------------------------------------------------------------------------- merge

@@ -118,3 +118,17 @@ def test_intruder_count_of_known_directions():
     assert evaluate.intruder_dimensions(base, base * 2 + u[:, :8] @ v.mT, k=8) == 0
     new = base + 20 * torch.outer(u[:, 10], v[:, 0])  # a direction the base never had, now the largest
     assert evaluate.intruder_dimensions(base, new, k=3) == 1
+
+
+def test_convert_reports_the_logit_drift_against_the_trained_model(run, tmp_path, capsys):
+    d, _, _, knowledge, _ = run
+    drifts = {}
+    for how in (["--exact"], ["--rank", "1"]):
+        out = tmp_path / how[-1].strip("-")
+        assert cli.main(["convert", "--initial-adapter", str(d / "corda_out"), "--trained", str(d / "trained"),
+                         "--out", str(out), "--drift-data", str(knowledge), "--drift-samples", "4", *how,
+                         "--quiet"]) == 0
+        assert "logit drift vs the trained model" in capsys.readouterr().out
+        drifts[how[-1]] = json.loads((out / "convert_report.json").read_text())["logit_drift"]
+    assert drifts["--exact"]["relative"] < 1e-5 and drifts["--exact"]["tokens"] > 0
+    assert drifts["1"]["relative"] > 10 * drifts["--exact"]["relative"]  # rank 1 of a rank-8 update drifts
