@@ -165,6 +165,7 @@ def plot(result: dict, path: str) -> None:
         ax.plot(v["task_nll"]["median"], v["knowledge_ratio"]["median"], "o", color=line.get_color(),
                 label=f"{m} (best lr {v['best_lr']:g})")
     ax.axhline(1.0, color="k", ls="--", lw=0.8)
+    ax.set_yscale("log")  # a learning rate too high for a method sends its perplexity up by orders of magnitude
     ax.set_xlabel("held-out task NLL (lower: learned more)")
     ax.set_ylabel("knowledge perplexity / original (lower: forgot less)")
     ax.set_title("each method at its learning rates (line) and its best (dot)")
