@@ -125,11 +125,11 @@ def _temporary_fields(stats: CovarianceStats, targets, method: str) -> dict[str,
     device), ``corda_method`` and ``rank``. Taken before the decomposition releases the statistics."""
     out = {}
     keys = stats.layer_keys()
+    covs = {k: stats.covariance(k, torch.float32) for k in {keys[t.name] for t in targets}}  # once per statistic
     for t in targets:
         key = keys[t.name]
         device = t.module.weight.device if t.module.weight.device.type != "meta" else torch.device("cpu")
-        fields = {"covariance_matrix": stats.covariance(key, torch.float32).to(device), "corda_method": method,
-                  "rank": t.rank}
+        fields = {"covariance_matrix": covs[key].to(device), "corda_method": method, "rank": t.rank}
         if not stats.meta.get("from_peft_covariance_file"):
             fields["sample_count"] = stats.n_samples[key]
         out[t.name] = fields
