@@ -53,6 +53,7 @@ from corda_fast.targets import resolve_targets  # noqa: E402
 from common import (  # noqa: E402
     LLAMA_TARGETS,
     batches_of,
+    cell,
     consecutive,
     environment,
     evaluate,
@@ -304,9 +305,6 @@ def summarize(result: dict) -> dict:
 def markdown(result: dict) -> str:
     s = result.get("summary") or summarize(result)
     c = result["config"]
-
-    def cell(v, f):
-        return f"{v['median']:{f}} ({v['min']:{f}}–{v['max']:{f}})" if v else "—"
 
     rows = []
     for mode, table in s.items():

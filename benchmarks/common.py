@@ -136,6 +136,11 @@ def spread(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def cell(s, fmt: str) -> str:
+    """A :func:`spread` as a table cell: ``median (min–max)``; ``—`` for none."""
+    return f"{s['median']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}})" if s else "—"
+
+
 # ------------------------------------------------------------------ the methods compared (quality, compare_methods)
 METHODS = ["lora", "pissa", "corda-kpm", "corda++-kpm", "corda-ipm", "corda++-ipm"]
 

@@ -30,6 +30,7 @@ from corda_fast.demo import materialize_smollm2  # noqa: E402
 from common import (  # noqa: E402
     METHODS,
     batches_of,
+    cell,
     consecutive,
     environment,
     evaluate,
@@ -131,9 +132,6 @@ def main():
 
 def markdown(result: dict) -> str:
     c, s = result["config"], result["summary"]
-
-    def cell(x, f):
-        return f"{x['median']:{f}} ({x['min']:{f}}–{x['max']:{f}})"
 
     rows = ["| method | best lr | held-out task NLL | knowledge ppl / original | task NLL at each lr |",
             "|---|---:|---:|---:|---|"]

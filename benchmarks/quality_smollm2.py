@@ -50,6 +50,7 @@ from common import (  # noqa: E402
     LLAMA_TARGETS,
     METHODS,
     batches_of,
+    cell,
     consecutive,
     environment,
     evaluate,
@@ -210,8 +211,6 @@ def markdown(result: dict) -> str:
     rows += ["", f"| method (after {c['steps']} steps) | trainable | task NLL | knowledge ppl | last-5 train loss |",
              "|---|---:|---:|---:|---:|"]
 
-    def cell(s, f):
-        return f"{s['median']:{f}} ({s['min']:{f}}–{s['max']:{f}})"
     for m, r in result["methods"].items():
         rows.append(f"| {m} | {r['info']['trainable']:,} | {cell(r['task_nll'], '.4f')} | "
                     f"{cell(r['knowledge_ppl'], '.3f')} | {cell(r['final_train_loss'], '.4f')} |")
