@@ -89,6 +89,23 @@ def batches_of(wins, bs):
     return [{"input_ids": torch.tensor(wins[i:i + bs])} for i in range(0, len(wins), bs)]
 
 
+def quality_data(tok, calib_samples: int, calib_len: int, calib_batch: int, eval_windows: int) -> tuple[dict, dict]:
+    """``(data, token counts)`` of the quality benchmarks: calibration windows of knowledge and task (first 90 %),
+    held-out evaluation windows of both (last 10 %), the task's training tokens; fixed seed."""
+    rng = random.Random(233)
+    k_train, k_eval = split_tokens(tok, knowledge_text(), 2_000_000)
+    t_train, t_eval = split_tokens(tok, task_text(), 2_000_000)
+    data = {
+        "knowledge_calib": batches_of(windows(k_train, calib_samples, calib_len, rng), calib_batch),
+        "task_calib": batches_of(windows(t_train, calib_samples, calib_len, rng), calib_batch),
+        "knowledge_eval": batches_of(consecutive(k_eval, eval_windows, 256), 8),
+        "task_eval": batches_of(consecutive(t_eval, eval_windows, 256), 8),
+        "task_train": t_train,
+    }
+    sizes = {"knowledge": (len(k_train), len(k_eval)), "task": (len(t_train), len(t_eval))}
+    return data, sizes
+
+
 @torch.no_grad()
 def mean_nll(model, eval_batches) -> float:
     model.eval()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 
@@ -29,33 +28,15 @@ from corda_fast.demo import materialize_smollm2  # noqa: E402
 
 from common import (  # noqa: E402
     METHODS,
-    batches_of,
     cell,
-    consecutive,
     environment,
     evaluate,
     init_method,
-    knowledge_text,
     load_base,
-    split_tokens,
+    quality_data,
     spread,
-    task_text,
     train,
-    windows,
 )
-
-
-def make_data(tok, args) -> dict:
-    rng = random.Random(233)
-    k_train, k_eval = split_tokens(tok, knowledge_text(), 2_000_000)
-    t_train, t_eval = split_tokens(tok, task_text(), 2_000_000)
-    return {
-        "knowledge_calib": batches_of(windows(k_train, args.calib_samples, args.calib_len, rng), 8),
-        "task_calib": batches_of(windows(t_train, args.calib_samples, args.calib_len, rng), 8),
-        "knowledge_eval": batches_of(consecutive(k_eval, args.eval_windows, 256), 8),
-        "task_eval": batches_of(consecutive(t_eval, args.eval_windows, 256), 8),
-        "task_train": t_train,
-    }
 
 
 def run_method(method: str, model_dir: str, data: dict, args) -> dict:
@@ -113,7 +94,8 @@ def main():
 
     t0 = time.perf_counter()
     model_dir = materialize_smollm2()
-    data = make_data(AutoTokenizer.from_pretrained(model_dir), args)
+    data, _ = quality_data(AutoTokenizer.from_pretrained(model_dir), args.calib_samples, args.calib_len, 8,
+                           args.eval_windows)
     result = {"environment": environment(), "config": vars(args), "original": evaluate(load_base(model_dir), data),
               "runs": {}}
     for method in args.methods:

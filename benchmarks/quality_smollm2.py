@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import random
 import statistics
 import sys
 import time
@@ -49,20 +48,15 @@ from corda_fast.demo import materialize_smollm2  # noqa: E402
 from common import (  # noqa: E402
     LLAMA_TARGETS,
     METHODS,
-    batches_of,
     cell,
-    consecutive,
     environment,
     evaluate,
     init_method,
-    knowledge_text,
     load_base,
     mean_nll,
-    split_tokens,
+    quality_data,
     spread,
-    task_text,
     train,
-    windows,
 )
 
 TARGETS = LLAMA_TARGETS
@@ -110,20 +104,12 @@ def main():
 
     model_dir = materialize_smollm2()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    rng = random.Random(233)
-    k_train, k_eval = split_tokens(tok, knowledge_text(), 2_000_000)
-    t_train, t_eval = split_tokens(tok, task_text(), 2_000_000)
-    data = {
-        "knowledge_calib": batches_of(windows(k_train, args.calib_samples, args.calib_len, rng), args.calib_batch),
-        "task_calib": batches_of(windows(t_train, args.calib_samples, args.calib_len, rng), args.calib_batch),
-        "knowledge_eval": batches_of(consecutive(k_eval, args.eval_windows, 256), 8),
-        "task_eval": batches_of(consecutive(t_eval, args.eval_windows, 256), 8),
-        "task_train": t_train,
-    }
+    data, sizes = quality_data(tok, args.calib_samples, args.calib_len, args.calib_batch, args.eval_windows)
+    (k_train, k_eval), (t_train, t_eval) = sizes["knowledge"], sizes["task"]
     result = {"environment": environment(), "config": {k: v for k, v in vars(args).items() if k != "plot_dir"},
-              "data": {"knowledge": f"pydoc_data.topics prose (Python {sys.version.split()[0]}), {len(k_train)} + "
-                                    f"{len(k_eval)} tokens",
-                       "task": f"synthetic sorting lines, {len(t_train)} + {len(t_eval)} tokens"},
+              "data": {"knowledge": f"pydoc_data.topics prose (Python {sys.version.split()[0]}), {k_train} + "
+                                    f"{k_eval} tokens",
+                       "task": f"synthetic sorting lines, {t_train} + {t_eval} tokens"},
               "discard": {}, "methods": {}}
 
     base = load_base(model_dir)
