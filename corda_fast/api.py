@@ -26,11 +26,19 @@ from . import distributed, offload
 from .calibrate import collect_candidates, collect_covariance, data_fingerprint, model_device
 from .config import CordaConfig, CordaConfigError, LoraSpec
 from .decompose import LayerFactors, decompose, decompose_sharded
+from .experts import split_name
 from .fingerprint import model_fingerprint
 from .fused import fuse
 from .peft_bridge import build_with_undo, save_initial_adapter
 from .plus import plan
-from .preflight import check_no_adapters, check_offload, check_shared_weights, check_task_type, check_writable
+from .preflight import (
+    check_experts,
+    check_no_adapters,
+    check_offload,
+    check_shared_weights,
+    check_task_type,
+    check_writable,
+)
 from .stats import CacheError, CovarianceStats, read_cache_metadata
 from .streaming import iter_block_statistics
 from .targets import Target, TargetError, resolve_targets
@@ -107,7 +115,7 @@ class InitReport:
         """One line per module kind and shape: ``  30 x down_proj   576x1536``."""
         from collections import Counter
 
-        shapes = Counter((l["name"].split(".")[-1], tuple(l["shape"])) for l in self.layers)
+        shapes = Counter((_kind(l["name"]), tuple(l["shape"])) for l in self.layers)
         return [f"  {n:3d} x {kind:10s} {shape[0]}x{shape[1]}" for (kind, shape), n in sorted(shapes.items())]
 
     def _notes(self) -> list[str]:
@@ -126,6 +134,12 @@ class InitReport:
                          f"{max(q['model_vs_quantized'] for q in quantized):.3g}, residual quantization noise max "
                          f"{max(q['residual_quantization'] for q in quantized):.3g}")
         return lines
+
+
+def _kind(name: str) -> str:
+    """``down_proj`` for a layer, ``down_proj[e]`` for an expert of a 3-D parameter."""
+    base, expert = split_name(name)
+    return base.split(".")[-1] + ("[e]" if expert is not None else "")
 
 
 def _spread(values: list) -> str:
@@ -513,6 +527,7 @@ def _preflight(model: nn.Module, loader: Any, lora: LoraSpec, config: CordaConfi
     check_task_type(lora.task_type)
     targets = resolve_targets(model, lora)
     check_shared_weights(model, targets)
+    check_experts(model, targets, lora, config)
     _check_quantized(targets, config)
     weights = check_offload(model, targets, config)
     check_writable(initial_adapter_dir, "initial_adapter_dir folder")

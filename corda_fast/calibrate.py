@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed, offload, ops
+from . import distributed, experts, offload, ops
 from .config import CordaConfig, LoraSpec
 from .fingerprint import combine_digests, model_fingerprint, sample_digests
 from .stats import CovarianceStats
@@ -188,14 +188,20 @@ class Accumulators:
         x2 = x.reshape(-1, d)
         if rows is not None:
             x2 = x2.index_select(0, rows)
+        self.add_rows(key, x2, sample, n_seq, n_seq, n_rows)
+
+    def add_rows(self, key: str, x2: torch.Tensor, sample: torch.Tensor, n_seq: int, samples: int,
+                 n_rows: int) -> None:
+        """Add rows ``x2`` (``(n_rows, d)``, real tokens only) of samples ``sample`` (ids in ``[0, n_seq)``) into
+        ``key``, each scaled by its sample's normalisation; ``samples`` of them count as contributing samples."""
         scale = ops.sample_scales(x2, sample, n_seq, self.config.normalization)
         acc = self.sums.get(key)
         if acc is None:
-            acc = self.sums[key] = torch.zeros(d, d, dtype=self.dtype, device=x.device)
+            acc = self.sums[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=self.dtype, device=x2.device)
             self.n_samples[key] = 0
             self.n_tokens[key] = 0
         ops.xtx_accumulate(acc, x2, scale, self.backend)
-        self.n_samples[key] += n_seq
+        self.n_samples[key] += samples
         self.n_tokens[key] += n_rows
 
     def record_finite(self, batch: int, keys: list[str]) -> None:
@@ -260,18 +266,109 @@ class SharedInputs:
         return next((key for seen, key in self.recent if seen is x), None)
 
 
+class ExpertTap:
+    """The statistics of one experts module's targeted experts (``corda_fast.experts``), from its forward pre-hook:
+    expert ``e``'s first projection over the real tokens the router sent to ``e`` (or every real token with
+    ``route_all_experts``: one statistic for all experts), its ``down_proj`` over ``e``'s intermediate activations
+    on those tokens. Router weights enter no statistic. One host sync per call (the tokens per expert)."""
+
+    def __init__(self, module: nn.Module, targets: list[Target], route_all: bool):
+        self.module = module
+        self.num_experts = int(module.num_experts)
+        self.up = {t.expert: t.name for t in targets if t.role == "up"}
+        self.down = {t.expert: t.name for t in targets if t.role == "down"}
+        self.route_all = route_all
+        self.shared_up = self.up[min(self.up)] if route_all and self.up else None
+        self.calls = 0
+
+    def keys(self) -> list[tuple[str, list[str]]]:
+        """``(statistic key, layers reading it)`` in a fixed order (known before any token is seen)."""
+        out = [(self.shared_up, [self.up[e] for e in sorted(self.up)])] if self.shared_up else \
+            [(self.up[e], [self.up[e]]) for e in sorted(self.up)]
+        return out + [(self.down[e], [self.down[e]]) for e in sorted(self.down)]
+
+    def add(self, acc: "Accumulators", layout: TokenLayout, args: tuple, kwargs: dict) -> None:
+        hidden, index = experts.call_inputs(args, kwargs)
+        self.calls += 1
+        rows, sample, n_seq, n_rows = layout.rows((hidden.shape[0],), hidden.device)
+        if n_rows == 0:
+            return
+        x = hidden if rows is None else hidden.index_select(0, rows)
+        if self.route_all:
+            if self.shared_up:
+                acc.add_rows(self.shared_up, x, sample, n_seq, n_seq, n_rows)
+            for e, key in sorted(self.down.items()):
+                acc.add_rows(key, experts.intermediate(self.module, x, e), sample, n_seq, n_seq, n_rows)
+            return
+        chosen = index if rows is None else index.index_select(0, rows)
+        self._add_routed(acc, x, sample, n_seq, chosen.reshape(x.shape[0], -1))
+
+    def _add_routed(self, acc: "Accumulators", x: torch.Tensor, sample: torch.Tensor, n_seq: int,
+                    chosen: torch.Tensor) -> None:
+        """Group (token, expert) pairs by expert (a stable sort keeps each expert's tokens in order) and add each
+        targeted expert's rows."""
+        k, n_exp = chosen.shape[1], self.num_experts
+        expert = chosen.reshape(-1).long()
+        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)
+        valid = (expert >= 0) & (expert < n_exp)  # expert-parallel sentinels point past the last expert
+        expert, token = expert[valid], token[valid]
+        order = torch.argsort(expert, stable=True)
+        expert, token = expert[order], token[order]
+        pair = torch.unique(expert * n_seq + sample.index_select(0, token))  # (expert, sample) pairs present
+        counts = torch.stack([torch.bincount(expert, minlength=n_exp),
+                              torch.bincount(torch.div(pair, n_seq, rounding_mode="floor"), minlength=n_exp)])
+        tokens_per, samples_per = counts.cpu().tolist()
+        start = 0
+        for e in range(n_exp):
+            n = tokens_per[e]
+            if n and (e in self.up or e in self.down):
+                tok = token[start:start + n]
+                xe, se = x.index_select(0, tok), sample.index_select(0, tok)
+                if e in self.up:
+                    acc.add_rows(self.up[e], xe, se, n_seq, samples_per[e], n)
+                if e in self.down:
+                    acc.add_rows(self.down[e], experts.intermediate(self.module, xe, e), se, n_seq, samples_per[e], n)
+            start += n
+
+
 class Collector:
     """Calibration's forward pre-hook and per-batch bookkeeping, over its parts: :class:`TokenLayout` (which rows
     count), :class:`Accumulators` (sums, counts, finiteness), :class:`SharedInputs` (one statistic per distinct
     input), and the data's sample digests (``fingerprint``)."""
 
     def __init__(self, targets: list[Target], config: CordaConfig, device: torch.device, groups: int = 1):
-        self.names = {id(t.module): t.name for t in targets}
+        self.names = {id(t.module): t.name for t in targets if t.expert is None}
         self.layout = TokenLayout()
         self.acc = Accumulators(config, device, groups)
         self.shared = SharedInputs(config.calibration.share_inputs)
         self.data_digest: list = []  # one digest per calibration sample (the cache records their fingerprint)
         self.opaque_data = False  # a run_model() callable: the data cannot be fingerprinted
+        by_module: dict[int, list[Target]] = {}
+        for t in targets:
+            if t.expert is not None:
+                by_module.setdefault(id(t.module), []).append(t)
+        self.taps = {mid: ExpertTap(ts[0].module, ts, config.calibration.route_all_experts)
+                     for mid, ts in by_module.items()}
+        for tap in self.taps.values():  # expert statistics have fixed keys: registered up front
+            for key, names in tap.keys():
+                self.shared.members[key] = names
+                self.shared.order.append(key)
+                self.shared.assigned.update((n, key) for n in names)
+
+    def attach(self, targets: list[Target]) -> list:
+        """Register the calibration hooks on ``targets``' modules (one per experts module); returns the handles."""
+        seen, handles = set(), []
+        for t in targets:
+            if id(t.module) in seen:
+                continue
+            seen.add(id(t.module))
+            hook = self.expert_hook if t.expert is not None else self.hook
+            handles.append(t.module.register_forward_pre_hook(hook, with_kwargs=True))
+        return handles
+
+    def expert_hook(self, module: nn.Module, args, kwargs):
+        self.taps[id(module)].add(self.acc, self.layout, args, kwargs)
+        return None
 
     def start_batch(self, index: int, mask: Optional[torch.Tensor], lead: Optional[tuple] = None):
         """Begin batch ``index``: its host mask (or None) and its ``(batch, sequence)`` shape (or None when unknown,
@@ -296,6 +393,12 @@ class Collector:
 
     def record_finite(self):
         self.acc.record_finite(self.layout.batch_index, self.shared.order)
+
+    def unrouted(self) -> set:
+        """Experts of modules that ran whose statistic got no token (their router never chose them)."""
+        acc = self.acc
+        return {n for tap in self.taps.values() if tap.calls for key, names in tap.keys()
+                if acc.n_samples.get(key, 0) == 0 for n in names}
 
     def check_finite(self):
         """Raises naming the first poisoned batch and layer (one host sync for all queued batches)."""
@@ -432,8 +535,9 @@ def finish_statistics(collector: Collector, targets: list[Target], config: Corda
     ``config``)."""
     acc, shared = collector.acc, collector.shared
     acc.use_group(group)
-    unused = [t.name for t in targets
-              if t.name not in shared.assigned or acc.n_samples.get(shared.assigned[t.name], 0) == 0]
+    unrouted = collector.unrouted()
+    unused = [t.name for t in targets if t.name not in unrouted and (
+        t.name not in shared.assigned or acc.n_samples.get(shared.assigned[t.name], 0) == 0)]
     if unused:
         where = f" in candidate group {group} (batches {group}, {group} + {len(acc.groups)}, ...)" \
             if len(acc.groups) > 1 else ""
@@ -442,6 +546,7 @@ def finish_statistics(collector: Collector, targets: list[Target], config: Corda
         if config.calibration.unused_targets == "error":
             raise CalibrationError(msg + ". Exclude them (exclude_modules) or set unused_targets='skip'.")
         logger.warning("%s; they get no adapter (unused_targets='skip').", msg)
+    fill_unrouted(acc, targets, unrouted, shared.assigned)
     keys = [k for k in shared.order if acc.n_samples.get(k, 0) > 0]
     return CovarianceStats(
         sums={k: ops.symmetrize(acc.sums[k]) for k in keys},
@@ -454,6 +559,20 @@ def finish_statistics(collector: Collector, targets: list[Target], config: Corda
               "seconds": round(time.perf_counter() - t0, 3),
               **({"candidate": group, "candidates": len(acc.groups)} if len(acc.groups) > 1 else {})},
     )
+
+
+def fill_unrouted(acc: Accumulators, targets: list[Target], unrouted: set, assigned: dict) -> None:
+    """An expert the router never chose has no data: its statistic becomes the identity (``C = I``, counted as one
+    sample and no token), so CorDA reduces to the SVD of its weight alone — the ``r`` largest components with IPM
+    (PiSSA's choice), the smallest with KPM — a defined adapter that ``InitReport.low_data`` lists with 0 tokens."""
+    for t in targets:
+        key = assigned.get(t.name)
+        if t.name in unrouted and acc.n_samples.get(key, 0) == 0:
+            acc.sums[key] = torch.eye(t.d_in, dtype=acc.dtype, device=acc.device)
+            acc.n_samples[key], acc.n_tokens[key] = 1, 0
+    if unrouted:
+        logger.warning("%d expert statistic(s) got no routed token (e.g. %s): initialised from the weights alone "
+                       "(C = I).", len(unrouted), sorted(unrouted)[:3])
 
 
 # ---------------------------------------------------------------------------------------------------- public
@@ -613,8 +732,7 @@ def _collect(model: nn.Module, loader: Any, config: CordaConfig, targets: list[T
     t0 = time.perf_counter()
     with distributed.stage(multi, "calibration"):  # a failure here raises on every rank
         try:
-            for t in targets:
-                handles.append(t.module.register_forward_pre_hook(collector.hook, with_kwargs=True))
+            handles = collector.attach(targets)
             with eval_mode(model), torch.no_grad():
                 n_batches = _run_batches(collector, model, loader, config, targets, device, groups)
         finally:

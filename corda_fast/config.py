@@ -70,7 +70,7 @@ class _Replace:
 # ---------------------------------------------------------------------------------------------------- LoRA
 # peft.LoraConfig fields that corda_fast reads (same names, same meaning).
 LORA_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern", "use_rslora",
-               "lora_dropout", "task_type")
+               "lora_dropout", "task_type", "target_parameters")
 # peft.LoraConfig fields that may differ from their defaults without changing what CorDA computes.
 _LORA_HARMLESS = {"init_lora_weights", "corda_config", "inference_mode", "peft_type", "base_model_name_or_path",
                   "revision", "fan_in_fan_out", "auto_mapping", "peft_version", "runtime_config", "modules_to_save",
@@ -93,6 +93,9 @@ class LoraSpec(_Replace):
         use_rslora: scaling ``alpha / sqrt(r)`` instead of ``alpha / r``.
         lora_dropout: dropout of the returned LoRA layers (training only; does not affect initialisation).
         task_type: PEFT task type of the returned model (e.g. ``"CAUSAL_LM"``).
+        target_parameters: names / dotted suffixes of 3-D expert parameters (``"mlp.experts.gate_up_proj"``,
+            ``"mlp.experts.down_proj"``) adapted through PEFT's ``ParamWrapper``, one CorDA decomposition per expert.
+            Given alone (``target_modules=None``) no module is adapted, as in PEFT; ``target_modules=[]`` says so too.
     """
 
     r: int = 8
@@ -104,6 +107,7 @@ class LoraSpec(_Replace):
     use_rslora: bool = False
     lora_dropout: float = 0.0
     task_type: Optional[str] = None
+    target_parameters: Optional[Sequence[str]] = None
 
     def __post_init__(self):
         own = "LoraConfig"
@@ -123,10 +127,18 @@ class LoraSpec(_Replace):
             value = getattr(self, name)
             if value is None or isinstance(value, str):
                 continue
-            if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v for v in value):
+            if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value) and (
+                    value or (name == "target_modules" and self.target_parameters)):
                 setattr(self, name, sorted(value) if isinstance(value, set) else list(value))
                 continue
-            _fail(f"{own}.{name}", value, 'None, "all-linear", a regex string, or a non-empty list of module names')
+            _fail(f"{own}.{name}", value, 'None, "all-linear", a regex string, or a non-empty list of module names'
+                  + (" ([] with target_parameters)" if name == "target_modules" else ""))
+        value = self.target_parameters
+        if value is not None:
+            if isinstance(value, str) or not isinstance(value, (list, tuple, set)) or not value or not all(
+                    isinstance(v, str) and v for v in value):
+                _fail(f"{own}.target_parameters", value, "None or a non-empty list of parameter names / suffixes")
+            self.target_parameters = sorted(value) if isinstance(value, set) else list(value)
         if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             _fail(f"{own}.lora_dropout", self.lora_dropout, "a float in [0, 1)")
         _check_bool(own, "use_rslora", self.use_rslora)
@@ -170,7 +182,8 @@ class LoraSpec(_Replace):
                                     if isinstance(lora_config.exclude_modules, set) else lora_config.exclude_modules),
                    rank_pattern=dict(lora_config.rank_pattern or {}), alpha_pattern=dict(lora_config.alpha_pattern or {}),
                    use_rslora=bool(lora_config.use_rslora), lora_dropout=float(lora_config.lora_dropout),
-                   task_type=lora_config.task_type)
+                   task_type=lora_config.task_type, target_parameters=(
+                       sorted(lora_config.target_parameters) if lora_config.target_parameters else None))
 
 
 # ---------------------------------------------------------------------------------------------------- CorDA
@@ -259,7 +272,13 @@ class CalibrationConfig(_Replace):
         share_inputs: layers that read the same input tensor (q/k/v, gate/up) share one statistic (detected at run
             time).
         unused_targets: ``"error"`` if a targeted layer never ran during calibration, or ``"skip"`` to leave such
-            layers out of the adapter (with a warning).
+            layers out of the adapter (with a warning). (An expert the router never chose is not "unused": its
+            experts module ran; it is reported in ``InitReport.low_data`` and initialised from its weight alone.)
+        route_all_experts: for targeted expert parameters (``LoraConfig.target_parameters``), compute every expert's
+            statistics from every real token instead of the tokens the router sent to it (the model's output is
+            unchanged: only the statistics see the extra tokens). Each expert's first projection then reads the
+            layer's whole input — one statistic shared by all experts — and its ``down_proj`` that expert's
+            activations on every token.
     """
 
     covariance_cache: Optional[str] = None
@@ -272,6 +291,7 @@ class CalibrationConfig(_Replace):
     use_label_mask: bool = True
     share_inputs: bool = True
     unused_targets: str = "error"
+    route_all_experts: bool = False
 
     def __post_init__(self):
         own = "CalibrationConfig"
@@ -295,6 +315,7 @@ class CalibrationConfig(_Replace):
         _check_bool(own, "use_label_mask", self.use_label_mask)
         _check_bool(own, "share_inputs", self.share_inputs)
         _check_choice(own, "unused_targets", self.unused_targets, UNUSED_TARGET_POLICIES)
+        _check_bool(own, "route_all_experts", self.route_all_experts)
 
 
 @dataclass

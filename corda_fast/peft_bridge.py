@@ -32,13 +32,15 @@ def peft_lora_config(targets: list[Target], lora: LoraSpec):
     ``init_lora_weights=True`` (the saved ``adapter_config.json`` never says ``"corda"``)."""
     from peft import LoraConfig
 
+    params = sorted({t.param_key for t in targets if t.expert is not None})
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         use_rslora=lora.use_rslora,
         rank_pattern=dict(lora.rank_pattern),
         alpha_pattern=dict(lora.alpha_pattern),
-        target_modules=[t.name for t in targets],
+        target_modules=[t.name for t in targets if t.expert is None],
+        target_parameters=params or None,
         lora_dropout=lora.lora_dropout,
         fan_in_fan_out=any(t.is_conv1d for t in targets),
         init_lora_weights=True,
@@ -61,6 +63,7 @@ class _Undo:
         self.described: dict = {}  # quantized layer -> its format
         self.swapped: dict = {}  # name -> original module, for quantized layers replaced by float ones ("keep")
         self.originals: dict = {}  # name -> original float weight tensor
+        self.params: dict = {}  # expert parameter key -> (experts module, parameter name, original data)
         self.quant_params: dict = {}  # name -> original quantized weight Parameter
         self.offloaded: list = []  # undo functions of residuals stored where an accelerate hook keeps the weight
         self.peft_model = None
@@ -68,6 +71,8 @@ class _Undo:
     def restore(self, model: nn.Module, adapted: list[Target]) -> None:
         for undo_one in reversed(self.offloaded):
             undo_one()
+        for module, param_name, data in self.params.values():
+            getattr(module, param_name).data = data
         for t in adapted:
             if t.name in self.originals:
                 t.module.weight.data = self.originals[t.name]
@@ -158,6 +163,64 @@ def _write_layer(layer, t: Target, f: LayerFactors, adapter_name: str, config: C
         }
 
 
+def _param_wrapper(outer: nn.Module, param_name: str):
+    """The (possibly nested) PEFT ``ParamWrapper`` adapting ``param_name``, from the module at the experts' name."""
+    m = outer
+    while hasattr(m, "parameter_name") and hasattr(m, "base_layer"):
+        if m.parameter_name == param_name:
+            return m
+        m = m.base_layer
+    raise RuntimeError(f"PEFT made no ParamWrapper for '{param_name}' under {type(outer).__name__}.")
+
+
+def _write_experts(wrapper, ts: list[Target], factors: dict[str, LayerFactors], adapter_name: str,
+                   undo: _Undo) -> None:
+    """All experts of one 3-D parameter into its ``ParamWrapper``: ``lora_A`` ``(r·E, in)`` holds expert ``e``'s
+    ``A`` in rows ``e·r … e·r + r``, ``lora_B`` ``(out, r·E)`` its ``B`` in columns ``j·E + e`` (PEFT's reshapes),
+    and ``param[e] = W_e − s·B_e·A_e`` in the parameter's own layout (transposed when stored ``(E, in, out)``) and
+    dtype, computed from the factors as stored."""
+    t0 = ts[0]
+    module, param_name = t0.module, t0.param_name
+    fs = [factors[t.name] for t in sorted(ts, key=lambda t: t.expert)]
+    lora_a = wrapper.lora_A[adapter_name].weight
+    lora_b = wrapper.lora_B[adapter_name].weight
+    a = torch.stack([f.A for f in fs])  # (E, r, in)
+    b = torch.stack([f.B for f in fs])  # (E, out, r)
+    n_exp, rank = a.shape[0], a.shape[1]
+    if tuple(lora_a.shape) != (rank * n_exp, a.shape[2]) or tuple(lora_b.shape) != (b.shape[1], rank * n_exp):
+        raise RuntimeError(f"'{t0.param_key}': PEFT made LoRA shapes {tuple(lora_a.shape)}/{tuple(lora_b.shape)} but "
+                           f"the factors of its {n_exp} experts are rank {rank} ({a.shape[2]} in, {b.shape[1]} out).")
+    base = wrapper.get_base_layer()
+    wrapper.train(base.training)
+    original = undo.params[t0.param_key][2]
+    a_store = a.to(lora_a.dtype)
+    b_store = b.to(lora_b.dtype)
+    cdt = fs[0].A.dtype
+    delta = fs[0].scaling * torch.bmm(b_store.to(cdt), a_store.to(cdt))  # (E, out, in)
+    w = original.to(device=delta.device, dtype=cdt)
+    w_res = w - (delta.transpose(1, 2) if t0.transposed else delta)
+    device = original.device
+    wrapper.lora_A[adapter_name].weight = nn.Parameter(a_store.reshape(n_exp * rank, -1).to(device).contiguous(),
+                                                       requires_grad=lora_a.requires_grad)
+    wrapper.lora_B[adapter_name].weight = nn.Parameter(b_store.permute(1, 2, 0).reshape(b.shape[1], -1).to(device)
+                                                       .contiguous(), requires_grad=lora_b.requires_grad)
+    getattr(module, param_name).data = w_res.to(device=device, dtype=original.dtype).contiguous()
+
+
+def _expert_groups(adapted: list[Target], factors: dict) -> dict[str, list[Target]]:
+    """``{parameter key: its expert targets}``; every expert of an adapted parameter must have factors."""
+    groups: dict[str, list[Target]] = {}
+    for t in adapted:
+        if t.expert is not None:
+            groups.setdefault(t.param_key, []).append(t)
+    for key, ts in groups.items():
+        n_exp = int(ts[0].module.num_experts)
+        if len(ts) != n_exp:
+            raise RuntimeError(f"'{key}': factors for {len(ts)} of its {n_exp} experts; PEFT adapts all experts of a "
+                               "parameter at once.")
+    return groups
+
+
 @torch.no_grad()
 def build_peft_model(model: nn.Module, factors: dict[str, LayerFactors], targets: list[Target],
                      config: Optional[CordaConfig] = None, lora: Optional[LoraSpec] = None,
@@ -193,6 +256,7 @@ def build_with_undo(model: nn.Module, factors: dict[str, LayerFactors], targets:
     lora = lora or LoraSpec()
     adapted = [t for t in targets if t.name in factors]
     lora_config = peft_lora_config(adapted, lora)
+    expert_groups = _expert_groups(adapted, factors)
     undo = _Undo()
     snapshot = ModelSnapshot(model)
 
@@ -204,16 +268,23 @@ def build_with_undo(model: nn.Module, factors: dict[str, LayerFactors], targets:
         if store is None:
             store = offload.residual_store(model, [(t.name, t.module) for t in adapted], config.residual_folder)
         _float_stand_ins(model, adapted, config.quantized_residual == "keep", undo)
-        undo.originals = {t.name: t.module.weight.data for t in adapted if t.quant is None}
+        undo.originals = {t.name: t.module.weight.data for t in adapted if t.quant is None and t.expert is None}
         undo.quant_params = {t.name: t.module.weight for t in adapted if t.quant is not None}
+        undo.params = {k: (ts[0].module, ts[0].param_name, getattr(ts[0].module, ts[0].param_name).data)
+                       for k, ts in expert_groups.items()}
         # LoRA weights are created on the meta device (no random init to pay for and overwrite; the user's RNG
         # stream is not touched) and replaced below by the CorDA factors.
         undo.peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name,
                                          autocast_adapter_dtype=config.autocast_adapter_dtype, low_cpu_mem_usage=True)
         inner = undo.peft_model.base_model.model
         for t in adapted:
-            _write_layer(inner.get_submodule(t.name), t, factors[t.name], adapter_name, config, undo, quant_report,
-                         store)
+            if t.expert is None:
+                _write_layer(inner.get_submodule(t.name), t, factors[t.name], adapter_name, config, undo,
+                             quant_report, store)
+        for key, ts in expert_groups.items():
+            module_name = key.rpartition(".")[0]
+            _write_experts(_param_wrapper(inner.get_submodule(module_name), ts[0].param_name), ts, factors,
+                           adapter_name, undo)
         leftover = [n for n, p in undo.peft_model.named_parameters() if p.is_meta and "lora_" in n]
         if leftover:
             raise RuntimeError(f"LoRA weights without CorDA factors: {leftover[:5]}")
@@ -290,13 +361,20 @@ def residual_state_dict(peft_model) -> dict:
     for key, value in peft_model.base_model.model.state_dict().items():
         if "lora_" in key:
             continue
-        sd[key.replace(".base_layer.", ".")] = value
+        sd[_unwrapped(key)] = value
     return sd
+
+
+def _unwrapped(name: str) -> str:
+    """A state-dict name without PEFT's ``base_layer`` levels (nested ``ParamWrapper``s stack several)."""
+    while ".base_layer." in name:
+        name = name.replace(".base_layer.", ".")
+    return name
 
 
 def _residual_name(name: str) -> Optional[str]:
     """The checkpoint name of a PEFT-wrapped base model's state-dict entry (``None``: a LoRA tensor, left out)."""
-    return None if "lora_" in name else name.replace(".base_layer.", ".")
+    return None if "lora_" in name else _unwrapped(name)
 
 
 def save_residual_base(peft_model, path: str) -> None:

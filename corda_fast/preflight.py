@@ -70,6 +70,27 @@ def check_shared_weights(model: nn.Module, targets: list[Target]) -> None:
                 "target_modules) or untie the weights first (e.g. clone the LM head's weight).")
 
 
+def check_experts(model: nn.Module, targets: list[Target], lora, config: CordaConfig) -> None:
+    """Expert parameters (``target_parameters``) with what cannot serve them, refused by name with the reason."""
+    experts = [t for t in targets if t.expert is not None]
+    if not experts:
+        return
+    first = experts[0].param_key
+    if config.plus is not None:
+        raise CordaConfigError(
+            f"CorDA++ (corda_config.plus) with expert parameters ('{first}', ...): PEFT's ParamWrapper holds one rank "
+            "for all experts of a parameter, while CorDA++ allocates a rank per layer — per expert here — and would "
+            "need ranks PEFT cannot store. Use CorDA (plus=None) for expert parameters, or CorDA++ on target_modules.")
+    if lora.lora_dropout:
+        raise CordaConfigError(f"lora_dropout={lora.lora_dropout} with expert parameters ('{first}', ...): PEFT's "
+                               "ParamWrapper cannot apply dropout to a parameter's input; set lora_dropout=0.")
+    if offload.is_dispatched(model):
+        raise offload.OffloadError(
+            f"expert parameters ('{first}', ...) in a model accelerate dispatched (device_map): their residuals are "
+            "not written through offload hooks. Load the model on one device (streaming=True bounds the statistics' "
+            "memory to one block), or sequential onloading (streaming=True, onload_device=...).")
+
+
 def check_offload(model: nn.Module, targets: list[Target], config: CordaConfig) -> dict:
     """Models accelerate dispatched (``device_map``) and sequential onloading: the combinations that cannot work are
     refused by name, and the residual store a disk-offloaded model needs is found (nothing is written). Returns how

@@ -77,18 +77,40 @@ def _to(obj: Any, device) -> Any:
     return obj
 
 
+def block_kinds(model: nn.Module, blocks: nn.ModuleList) -> list:
+    """Each block's kind: ``config.layer_types`` where the model has one entry per block (transformers' hybrids —
+    gpt-oss, Gemma 2/3, sliding-window Qwen / Mistral layers — give full and sliding attention layers different
+    masks), else one kind for all."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    kinds = getattr(config, "layer_types", None)
+    if isinstance(kinds, (list, tuple)) and len(kinds) == len(blocks):
+        return list(kinds)
+    return [None] * len(blocks)
+
+
 def _cache_first_block_inputs(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target], prefix: str,
-                              blocks: nn.ModuleList, device, cache_device, multi: bool) -> tuple[list, int]:
-    """Run the model up to its first block on every batch; returns ``([(index, mask, args, kwargs)], total batches
-    over ranks)`` with the block inputs on ``cache_device`` (``[(index, mask, (batch, seq), args, kwargs)]``)."""
-    cached: list[tuple[int, Optional[torch.Tensor], tuple, tuple, dict]] = []
+                              blocks: nn.ModuleList, kinds: list, device, cache_device,
+                              multi: bool) -> tuple[list, int]:
+    """Run the model up to its first block on every batch — up to the first block of each kind when blocks differ
+    (their masks do) — and return ``([(index, mask, (batch, seq), args, kwargs, {kind: (args, kwargs)})], total
+    batches over ranks)`` with the inputs on ``cache_device``: block 0's are the stream's start, each other kind's
+    give that kind's masks and positions."""
+    cached: list = []
     current: dict = {}
+    firsts = {}
+    for b, kind in enumerate(kinds):
+        firsts.setdefault(kind, b)
+    last = max(firsts.values())
 
-    def capture(module, args, kwargs):
-        current["args"], current["kwargs"] = _to(args, cache_device), _to(kwargs, cache_device)
-        raise _StopForward
+    def capture(b: int):
+        def hook(module, args, kwargs):
+            current[kinds[b]] = (_to(args, cache_device), _to(kwargs, cache_device))
+            if b == last:
+                raise _StopForward
+        return hook
 
-    handle = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
+    handles = [blocks[b].register_forward_pre_hook(capture(b), with_kwargs=True) for b in sorted(firsts.values())]
     try:
         run = forward_runner(model, targets)
         with distributed.stage(multi, "calibration (caching block inputs)"):
@@ -98,11 +120,14 @@ def _cache_first_block_inputs(model: nn.Module, loader: Any, config: CordaConfig
                     run(kwargs)
                 except _StopForward:
                     pass
-                if "args" not in current:
+                if len(current) < len(firsts):
                     raise CalibrationError(f"the first block '{prefix}.0' did not run on calibration batch {i}.")
-                cached.append((i, mask, batch_lead(kwargs), current["args"], current["kwargs"]))
+                args, kw = current[kinds[0]]
+                per_kind = {k: _with_hidden(*v, None) for k, v in current.items()} if len(firsts) > 1 else {}
+                cached.append((i, mask, batch_lead(kwargs), args, kw, per_kind))
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     total = len(cached)
     if multi:
         total = int(distributed.all_reduce_sum(torch.tensor([total], dtype=torch.int64,
@@ -113,24 +138,38 @@ def _cache_first_block_inputs(model: nn.Module, loader: Any, config: CordaConfig
     return cached, total
 
 
+def _hidden_of(args: tuple, kwargs: dict, name: str):
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise CalibrationError(f"cannot tell which input of block '{name}' is its hidden state.")
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden) -> tuple[tuple, dict]:
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
 def _run_block(block: nn.Module, name: str, cached: list, collector: Collector, device, cache_device,
-               feed_next: bool, trim: bool = False) -> None:
+               feed_next: bool, trim: bool = False, kind=None) -> None:
     """Run ``block`` on every cached input (statistics into ``collector``); with ``feed_next`` its outputs replace
-    the cached hidden states, as the next block's inputs."""
-    for n, (i, mask, lead, args, kwargs) in enumerate(cached):
+    the cached hidden states, as the next block's inputs. A block of another kind than the first takes its own
+    kind's masks and positions with the streamed hidden states."""
+    for n, (i, mask, lead, args, kwargs, per_kind) in enumerate(cached):
         collector.start_batch(i, mask, lead)
-        out = block(*_to(args, device), **_to(kwargs, device))
+        call_args, call_kwargs = args, kwargs
+        if kind in per_kind:
+            call_args, call_kwargs = _with_hidden(*per_kind[kind], _hidden_of(args, kwargs, name))
+        out = block(*_to(call_args, device), **_to(call_kwargs, device))
         collector.record_finite()
         collector.end_batch()
         if feed_next:
             hidden = _to(out[0] if isinstance(out, (tuple, list)) else out, cache_device)
-            if args:
-                args = (hidden,) + tuple(args[1:])
-            elif "hidden_states" in kwargs:
-                kwargs = {**kwargs, "hidden_states": hidden}
-            else:
-                raise CalibrationError(f"cannot tell which input of block '{name}' is its hidden state.")
-            cached[n] = (i, mask, lead, args, kwargs)
+            _hidden_of(args, kwargs, name)  # raises for a block whose hidden state cannot be told apart
+            args, kwargs = _with_hidden(args, kwargs, hidden)
+            cached[n] = (i, mask, lead, args, kwargs, per_kind)
         del out
         if trim:  # offloaded weights were loaded and freed for this batch: give the pages back
             offload.release_host_memory()
@@ -157,21 +196,22 @@ def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, ta
     cache_device = torch.device(cache_device) if cache_device is not None else device
     block_device = onload if onload is not None else device
     prefix, blocks = find_blocks(model, targets)
+    kinds = block_kinds(model, blocks)
     dispatched = offload.is_dispatched(model)
     fingerprint = model_fingerprint(model)
     t0 = time.perf_counter()
     with eval_mode(model):
-        cached, total = _cache_first_block_inputs(model, loader, config, targets, prefix, blocks, device,
+        cached, total = _cache_first_block_inputs(model, loader, config, targets, prefix, blocks, kinds, device,
                                                   cache_device, multi)
         for b, block in enumerate(tqdm(blocks, desc="corda_fast: calibrating block by block", unit="block",
                                        disable=not config.show_progress)):
             block_targets = [t for t in targets if t.name.startswith(f"{prefix}.{b}.")]
             collector = Collector(block_targets, config, block_device)
-            handles = [t.module.register_forward_pre_hook(collector.hook, with_kwargs=True) for t in block_targets]
+            handles = collector.attach(block_targets)
             try:
                 with onloaded(block, onload), distributed.stage(multi, f"calibration of block '{prefix}.{b}'"):
                     _run_block(block, f"{prefix}.{b}", cached, collector, block_device, cache_device,
-                               b + 1 < len(blocks), trim=dispatched)
+                               b + 1 < len(blocks), trim=dispatched, kind=kinds[b])
             finally:
                 for h in handles:
                     h.remove()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D  # GPT-2 style linear, weight stored as (in, out)
 
-from . import offload, quant
+from . import experts, offload, quant
 from .config import LoraSpec
 
 # Task heads the paper (and PEFT's "all-linear") leave out besides the LM output embedding.
@@ -41,9 +41,22 @@ class Target:
     alpha: float
     scaling: float
     quant: Optional[str] = None  # "bnb4" / "torchao" for a quantized base weight (corda_fast.quant)
+    # one expert of a 3-D expert parameter (``name`` is ``<module>.<param_name>[e=<expert>]``; ``module`` the experts
+    # module): corda_fast.experts
+    expert: Optional[int] = None
+    param_name: Optional[str] = None
+    transposed: bool = False  # stored (experts, in, out)
+    role: Optional[str] = None  # "up" | "down"
+
+    @property
+    def param_key(self) -> str:
+        """PEFT's name of what is adapted: the module name, or for an expert its parameter's name (no ``[e=...]``)."""
+        return experts.split_name(self.name)[0]
 
     def weight_matrix(self) -> torch.Tensor:
         """``W`` as ``(d_out, d_in)``: a view of a float weight, a dequantized copy of a quantized one."""
+        if self.expert is not None:
+            return experts.expert_weight(self.module, self.param_name, self.expert, self.transposed)
         if self.quant is not None:
             return quant.dequantize(self.module)
         w = offload.read_tensor(self.module)  # the module's own, or loaded from an accelerate hook (offloaded)
@@ -95,6 +108,11 @@ def resolve_targets(model: nn.Module, lora: Optional[LoraSpec] = None, check_ran
     spec = config.target_modules
     targets: list[Target] = []
     unsupported = []
+    try:
+        params = experts.resolve_parameters(model, config.target_parameters, config.exclude_modules) \
+            if config.target_parameters else []
+    except experts.ExpertsError as exc:
+        raise TargetError(str(exc)) from None
     for name, module in _matched_modules(model, config):
         if not isinstance(module, (nn.Linear, Conv1D)):
             unsupported.append(f"{name} ({type(module).__name__})")
@@ -107,6 +125,7 @@ def resolve_targets(model: nn.Module, lora: Optional[LoraSpec] = None, check_ran
             + (" ..." if len(unsupported) > 10 else "")
             + ". Name the linear layers themselves (e.g. 'q_proj')."
         )
+    targets += [t for p in params for t in _expert_targets(p, config)]
     if not targets:
         raise TargetError(
             f"target_modules={spec!r} matches no nn.Linear/Conv1D layer of {type(model).__name__}. "
@@ -120,6 +139,8 @@ def _matched_modules(model: nn.Module, config: LoraSpec):
     """``(name, module)`` of every module ``target_modules`` / ``exclude_modules`` select (``all-linear``: every
     linear layer but the output head)."""
     spec = config.target_modules
+    if spec is None and config.target_parameters:  # PEFT: target_parameters alone adapts no module
+        return
     all_linear = spec is None or spec == "all-linear"
     heads = _output_head_ids(model) if all_linear else set()
     for name, module in model.named_modules():
@@ -159,6 +180,18 @@ def _target(name: str, module: nn.Module, config: LoraSpec) -> Target:
     alpha = float(config.alpha_pattern[alpha_key] if alpha_key is not None else config.alpha)
     return Target(name, module, is_conv1d, int(d_in), int(d_out), rank, alpha,
                   lora_scaling(alpha, rank, config.use_rslora), qkind)
+
+
+def _expert_targets(p: "experts.ExpertParam", config: LoraSpec) -> list[Target]:
+    """One :class:`Target` per expert of a 3-D parameter; rank / alpha patterns apply to the parameter's name (one
+    rank for all its experts: PEFT's ``ParamWrapper`` holds one)."""
+    rank_key = pattern_key(config.rank_pattern, p.key)
+    rank = int(config.rank_pattern[rank_key] if rank_key is not None else config.r)
+    alpha_key = pattern_key(config.alpha_pattern, p.key)
+    alpha = float(config.alpha_pattern[alpha_key] if alpha_key is not None else config.alpha)
+    scaling = lora_scaling(alpha, rank, config.use_rslora)
+    return [Target(p.expert_name(e), p.module, False, p.d_in, p.d_out, rank, alpha, scaling, expert=e,
+                   param_name=p.param_name, transposed=p.transposed, role=p.role) for e in range(p.num_experts)]
 
 
 def _check_targets(targets: list[Target], check_rank: bool) -> None:
