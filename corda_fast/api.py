@@ -303,7 +303,13 @@ def plan_source(model: nn.Module, loader: Any, targets: list[Target], config: Co
 
 def _check_cache(cache: str, loader: Any, config: CordaConfig) -> None:
     """An existing cache is readable, and made from the data ``loader`` yields (when a loader is given)."""
-    recorded = json.loads(read_cache_metadata(cache).get("meta", "{}")).get("data_fingerprint")
+    meta = json.loads(read_cache_metadata(cache).get("meta", "{}"))
+    recorded = meta.get("data_fingerprint")
+    if bool(meta.get("route_all_experts")) != config.calibration.route_all_experts and any(
+            name.endswith("]") for name in json.loads(read_cache_metadata(cache).get("members", "{}"))):
+        raise CacheError(f"covariance cache '{cache}' holds expert statistics made with route_all_experts="
+                         f"{bool(meta.get('route_all_experts'))}; the config asks for "
+                         f"{config.calibration.route_all_experts}. Recalibrate (overwrite_cache=True or another path).")
     if loader is None:
         return
     way_out = ("pass loader=None to use the cache as it is, another covariance_cache path, or "

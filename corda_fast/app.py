@@ -81,7 +81,8 @@ def _corda_config(args, distributed: bool):
     calibration = corda_fast.CalibrationConfig(
         covariance_cache=args.covariance_cache, overwrite_cache=args.overwrite_cache,
         streaming={"off": False, "on": True, "auto": "auto"}[args.streaming],
-        onload_device=args.onload_device, distributed=distributed)
+        onload_device=args.onload_device, distributed=distributed,
+        route_all_experts=bool(getattr(args, "route_all_experts", False)))
     return corda_fast.CordaConfig(mode=args.mode, precision=args.precision, calibration=calibration, plus=plus,
                                   residual_folder=args.residual_folder, show_progress=not args.quiet)
 
@@ -149,10 +150,14 @@ def _lora_spec(args, model):
     import corda_fast
 
     targets = args.target_modules
-    if targets is None:
+    params = getattr(args, "target_parameters", None)
+    if targets is None and params:
+        targets = []  # PEFT: target_parameters alone adapts no module
+    elif targets is None:
         names = {n.split(".")[-1] for n, _ in model.named_modules()}
         targets = [t for t in demo.LLAMA_TARGETS if t in names] or "all-linear"
-    return corda_fast.LoraSpec(r=args.rank, lora_alpha=args.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
+    return corda_fast.LoraSpec(r=args.rank, lora_alpha=args.lora_alpha, target_modules=targets, task_type="CAUSAL_LM",
+                               target_parameters=params)
 
 
 def run_init(args) -> tuple[dict, Any]:

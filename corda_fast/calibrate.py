@@ -556,6 +556,7 @@ def finish_statistics(collector: Collector, targets: list[Target], config: Corda
         normalization=config.normalization,
         model_fingerprint=fingerprint,
         meta={"batches": n_batches, "backend": acc.backend, "precision": config.precision,
+              **({"route_all_experts": True} if collector.taps and config.calibration.route_all_experts else {}),
               "seconds": round(time.perf_counter() - t0, 3),
               **({"candidate": group, "candidates": len(acc.groups)} if len(acc.groups) > 1 else {})},
     )

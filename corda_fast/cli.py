@@ -78,7 +78,13 @@ def _add_init_args(q, demo=False) -> None:
     q.add_argument("--rank", type=_positive, default=16 if demo else 8)
     q.add_argument("--lora-alpha", type=float, default=None, help="default: = rank (scaling 1)")
     q.add_argument("--target-modules", nargs="+", default=None,
-                   help="layer names / suffixes (default: the 7 Llama projections if present, else all-linear)")
+                   help="layer names / suffixes (default: the 7 Llama projections if present, else all-linear; "
+                        "with --target-parameters alone: none)")
+    q.add_argument("--target-parameters", nargs="+", default=None,
+                   help="3-D expert parameters, names / suffixes (e.g. mlp.experts.gate_up_proj mlp.experts.down_proj"
+                        "): one CorDA adapter per expert in PEFT's ParamWrapper")
+    q.add_argument("--route-all-experts", action="store_true",
+                   help="expert statistics from every token, not only the tokens the router sent to each expert")
     q.add_argument("--samples", type=_positive, default=64 if demo else 256, help="calibration samples")
     q.add_argument("--seq-len", type=_positive, default=256 if demo else 2048, help="tokens per sample")
     q.add_argument("--batch-size", type=_positive, default=8)

@@ -86,6 +86,12 @@ def read_adapter(path: str) -> Adapter:
         cfg = json.load(f)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ConvertError(f"'{path}' holds a {cfg.get('peft_type')} adapter, not a LoRA.")
+    if cfg.get("target_parameters"):
+        raise ConvertError(
+            f"'{path}' adapts expert parameters (target_parameters={cfg['target_parameters'][:2]}...): PEFT's "
+            "ParamWrapper stores all experts' factors in one interleaved pair, which convert / merge / eval do not "
+            "read yet. Merge with PEFT instead: PeftModel.from_pretrained(<residual base model>, <adapter>)"
+            ".merge_and_unload().")
     tensors = _read_tensors(path)
     adapter = Adapter(path, cfg)
     for key, a in tensors.items():

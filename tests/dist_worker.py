@@ -21,7 +21,9 @@ import torch.distributed as dist  # noqa: E402
 
 import corda_fast  # noqa: E402
 
-from helpers import Setup, init, padded_batches, random_samples, tiny_llama  # noqa: E402
+from helpers import Setup, init, padded_batches, random_samples, tiny_llama, tiny_moe  # noqa: E402
+
+EXPERTS = {"target_modules": [], "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
 
 SCENARIOS = {
     # name: (number of samples, batch size, init_adapters kwargs)
@@ -93,6 +95,11 @@ def main():
                                                                                     world),
                                               *Setup().stage)
         torch.save(stats_dict(stats), os.path.join(out, f"sampler_stats_rank{rank}.pt"))
+        # expert statistics: summed per expert over ranks (an expert one rank never routed to included)
+        stats = corda_fast.stages.collect_covariance(
+            tiny_moe("qwen3_moe"), padded_batches(corda_fast.distributed.shard(random_samples(9, seed=15)), 2),
+            *Setup(**EXPERTS).stage)
+        torch.save(stats_dict(stats), os.path.join(out, f"experts_stats_rank{rank}.pt"))
     elif case in ("fail", "die"):
         samples = corda_fast.distributed.shard(random_samples(8, seed=11))
 

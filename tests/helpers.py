@@ -20,8 +20,9 @@ def tiny_llama(hidden=128, layers=2, vocab=300, dtype=torch.float32, seed=0):
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
-def tiny_model_dir(d):
-    """A saved tiny random Llama with a word-level tokenizer over the builtin text (for the command line)."""
+def tiny_model_dir(d, model=None):
+    """A saved tiny random Llama (or ``model``) with a word-level tokenizer over the builtin text (for the command
+    line)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -35,9 +36,40 @@ def tiny_model_dir(d):
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
-    tiny_llama().save_pretrained(d)
+    (model if model is not None else tiny_llama()).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+def tiny_moe(kind, dtype=torch.float32, seed=0, experts=4):
+    """A tiny random routed-MoE model: ``kind`` "qwen3_moe", "mixtral" or "gpt_oss" (experts as 3-D parameters)."""
+    from transformers import (
+        GptOssConfig,
+        GptOssForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                  max_position_embeddings=128, num_experts_per_tok=2)
+    if kind == "qwen3_moe":
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, head_dim=12, intermediate_size=64,
+                                                   moe_intermediate_size=40, num_experts=experts))
+    elif kind == "mixtral":
+        model = MixtralForCausalLM(MixtralConfig(**common, intermediate_size=40, num_local_experts=experts))
+    else:
+        model = GptOssForCausalLM(GptOssConfig(**common, head_dim=12, intermediate_size=40, num_local_experts=experts,
+                                               layer_types=["full_attention", "sliding_attention"], sliding_window=16))
+        with torch.no_grad():  # random biases: the residual must leave them alone
+            for n, p in model.named_parameters():
+                if n.endswith("_bias"):
+                    p.normal_(0, 0.05)
+    if dtype == torch.float64:  # torch's grouped GEMM takes float32 / bf16 / fp16 only
+        model.config._experts_implementation = "eager"
+    return model.to(dtype).eval()
 
 
 def tiny_gpt2(seed=0):

@@ -80,6 +80,22 @@ def test_two_rank_statistics_equal_one_process_on_the_union(two_rank_results, na
         assert rel_max(s0["sums"][k], total) < 1e-6, k  # float32 sums, another summation order
 
 
+def test_two_rank_expert_statistics_are_summed_per_expert(two_rank_results):
+    import dist_worker
+
+    from helpers import tiny_moe
+
+    s0 = torch.load(two_rank_results / "experts_stats_rank0.pt")
+    s1 = torch.load(two_rank_results / "experts_stats_rank1.pt")
+    ref = corda_fast.stages.collect_covariance(tiny_moe("qwen3_moe"), padded_batches(random_samples(9, seed=15), 2),
+                                               *Setup(**dist_worker.EXPERTS).stage)
+    assert s0["members"] == ref.members and s0["n_tokens"] == ref.n_tokens == s1["n_tokens"]
+    assert s0["n_samples"] == ref.n_samples and len(ref.sums) == 16
+    for k, total in ref.sums.items():
+        assert torch.equal(s0["sums"][k], s1["sums"][k])
+        assert rel_max(s0["sums"][k], total) < 1e-5, k
+
+
 @pytest.mark.parametrize("name", ["uneven", "streaming", "one_rank_empty", "ipm_fp64", "sampler"])
 def test_two_rank_adapters_equal_one_process_on_the_union(two_rank_results, name):
     r0 = torch.load(two_rank_results / f"{name}_rank0.pt")

@@ -21,39 +21,10 @@ from helpers import (
     reference_damping,
     reference_factors,
     rel,
+    tiny_moe,
 )
 
 PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-
-
-def tiny_moe(kind, dtype=torch.float32, seed=0, experts=4):
-    from transformers import (
-        GptOssConfig,
-        GptOssForCausalLM,
-        MixtralConfig,
-        MixtralForCausalLM,
-        Qwen3MoeConfig,
-        Qwen3MoeForCausalLM,
-    )
-
-    torch.manual_seed(seed)
-    common = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
-                  max_position_embeddings=128, num_experts_per_tok=2)
-    if kind == "qwen3_moe":
-        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, head_dim=12, intermediate_size=64,
-                                                   moe_intermediate_size=40, num_experts=experts))
-    elif kind == "mixtral":
-        model = MixtralForCausalLM(MixtralConfig(**common, intermediate_size=40, num_local_experts=experts))
-    else:
-        model = GptOssForCausalLM(GptOssConfig(**common, head_dim=12, intermediate_size=40, num_local_experts=experts,
-                                               layer_types=["full_attention", "sliding_attention"], sliding_window=16))
-        with torch.no_grad():  # random biases: the residual must leave them alone
-            for n, p in model.named_parameters():
-                if n.endswith("_bias"):
-                    p.normal_(0, 0.05)
-    if dtype == torch.float64:  # torch's grouped GEMM takes float32 / bf16 / fp16 only
-        model.config._experts_implementation = "eager"
-    return model.to(dtype).eval()
 
 
 def batches(n=12, seed=1, hi=30):
@@ -298,6 +269,41 @@ def test_route_all_experts_uses_every_token_and_keeps_the_output():
     assert routed.n_tokens[routed.key_of("model.layers.0.mlp.experts.down_proj[e=3]")] < real
     pm = init(model, data, target_modules=[], target_parameters=PARAMS, rank=3, route_all_experts=True)
     assert rel(logits(pm, ids), before) < 1e-5
+
+
+def test_cache_records_route_all_experts(tmp_path):
+    model = tiny_moe("qwen3_moe")
+    cache = str(tmp_path / "stats.safetensors")
+    init(copy.deepcopy(model), batches(), target_modules=[], target_parameters=PARAMS, rank=3, covariance_cache=cache)
+    with pytest.raises(corda_fast.CacheError, match="route_all_experts=False"):
+        init(copy.deepcopy(model), None, target_modules=[], target_parameters=PARAMS, rank=3, covariance_cache=cache,
+             route_all_experts=True)
+
+
+def test_command_line_adapts_experts(tmp_path):
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from corda_fast import cli, demo
+
+    from helpers import tiny_model_dir
+
+    model = tiny_moe("qwen3_moe")
+    model_dir = tiny_model_dir(tmp_path / "model", model)
+    data = tmp_path / "calib.txt"
+    data.write_text(" ".join(demo.builtin_text().split()[:3000]))
+    out = tmp_path / "out"
+    assert cli.main(["init", "--model", str(model_dir), "--data", str(data), "--rank", "4", "--samples", "6",
+                     "--seq-len", "32", "--batch-size", "3", "--concatenate", "--target-parameters",
+                     "mlp.experts.gate_up_proj", "mlp.experts.down_proj", "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "corda_report.json").read_text())
+    assert report["n_layers"] == 16 and report["drift_at_init"]["relative"] < 1e-5
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "residual_base"),
+                                       out / "initial_adapter")
+    ids = torch.randint(2, 300, (1, 12))
+    assert rel(logits(loaded, ids), logits(model, ids)) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------- refusals
