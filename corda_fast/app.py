@@ -122,11 +122,14 @@ def _calibration_data(args, tok, source, rank: int, world: int, device):
         batches, held = demo.make_batches(tok, [demo.builtin_text()], False, args.samples, args.seq_len,
                                           args.batch_size, args.seed, shard=(rank, world))
         return batches, {k: v.to(device) for k, v in held.items()}
+    image_column = getattr(args, "image_column", None)
+    if image_column is None and hasattr(tok, "image_processor"):  # a VLM calibrated on text alone
+        tok = tok.tokenizer
     batches = corda_fast.calibration_batches(
         source, tok, split=args.split, text_column=args.text_column, messages_column=args.messages_column,
         prompt_column=args.prompt_column, response_column=args.response_column, num_samples=args.samples,
         max_seq_length=args.seq_len, batch_size=args.batch_size, concatenate=args.concatenate, seed=args.seed,
-        mask=None if args.mask == "none" else args.mask)
+        mask=None if args.mask == "none" else args.mask, image_column=image_column)
     first = batches[0]
     held = {k: first[k][:2].to(device) for k in ("input_ids", "attention_mask")}
     return batches[rank::world], held

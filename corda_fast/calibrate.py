@@ -80,7 +80,9 @@ def forward_runner(model: nn.Module, targets: list[Target]) -> Callable[[dict], 
     except (TypeError, ValueError):
         params = {}
     takes_cache = "use_cache" in params
-    takes_positions = "position_ids" in params
+    # models with multimodal rotary positions (Qwen2-VL's mRoPE: 3-D position ids from the image grid) compute their
+    # own; 2-D ids from the mask would replace them
+    takes_positions = "position_ids" in params and not uses_mrope(model)
 
     def run(kwargs: dict):
         if takes_cache:
@@ -93,6 +95,17 @@ def forward_runner(model: nn.Module, targets: list[Target]) -> Callable[[dict], 
         return runner(**kwargs)
 
     return run
+
+
+def uses_mrope(model: nn.Module) -> bool:
+    """Whether the model's (text) config asks for multimodal rotary positions (``mrope_section``)."""
+    config = getattr(model, "config", None)
+    for cfg in (config, getattr(config, "text_config", None)):
+        for name in ("rope_scaling", "rope_parameters"):
+            rope = getattr(cfg, name, None)
+            if isinstance(rope, dict) and "mrope_section" in rope:
+                return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------- hooks
@@ -132,10 +145,8 @@ class TokenLayout:
         if mask is not None and bool(mask.all()):  # nothing to drop: no index copies
             mask = None
         if mask is not None and tuple(mask.shape) != (n_seq, seq_len):
-            raise CalibrationError(
-                f"attention_mask of shape {tuple(self.mask.shape)} does not fit layer inputs with leading shape "
-                f"{lead_shape} (batch {self.batch_index})."
-            )
+            # not the token sequence: e.g. a vision tower's (images, patches) — every row is real, one sample each
+            mask = None
         if mask is None:
             sample = torch.arange(n_seq).repeat_interleave(seq_len)
             return None, sample.to(device, non_blocking=True), n_seq, n_seq * seq_len

@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     cols = q.add_argument_group("columns (default: the obvious one: messages, text, prompt/response, ...)")
     cols.add_argument("--text-column", "--text-field", dest="text_column", default=None)
     cols.add_argument("--messages-column", default=None, help="chat conversations, rendered with the chat template")
+    cols.add_argument("--image-column", default=None,
+                      help="images (paths or a datasets Image column) for a vision-language --model: rendered with "
+                           "the text by the model's processor")
     cols.add_argument("--prompt-column", default=None)
     cols.add_argument("--response-column", default=None)
     q.add_argument("--mask", choices=["none", "prompt", "response"], default="none",

@@ -222,7 +222,8 @@ def calibration_batches(source: Any, tokenizer, *, split: Optional[str] = None, 
                         messages_column: Optional[str] = None, prompt_column: Optional[str] = None,
                         response_column: Optional[str] = None, num_samples: int = 256, max_seq_length: int = 2048,
                         batch_size: int = 8, concatenate: bool = False, shuffle: bool = True, seed: int = 233,
-                        mask: Optional[str] = None) -> list[dict]:
+                        mask: Optional[str] = None, image_column: Optional[str] = None,
+                        include_image_tokens: bool = False) -> list[dict]:
     """Padded calibration batches (``input_ids``, ``attention_mask``, and ``labels`` where ``mask`` applies) for
     ``init_adapters``.
 
@@ -240,6 +241,8 @@ def calibration_batches(source: Any, tokenizer, *, split: Optional[str] = None, 
         shuffle / seed: which rows are used; the same arguments give the same batches.
         mask: ``None`` — every real token enters the statistics; ``"response"`` — only response (assistant)
             tokens (prompt tokens get ``labels == -100``); ``"prompt"`` — only prompt tokens.
+        image_column / include_image_tokens: image + text rows for a vision-language model, ``tokenizer`` being its
+            processor; image tokens enter no statistic unless ``include_image_tokens`` (``corda_fast.multimodal``).
     Returns:
         a list of dicts of ``(batch, longest)`` tensors, right-padded.
     """
@@ -253,6 +256,11 @@ def calibration_batches(source: Any, tokenizer, *, split: Optional[str] = None, 
                                 response_column)
     if mask is not None and kind == "text":
         raise ValueError(f"mask={mask!r} needs prompt/response or messages data; column '{cols[0]}' is plain text.")
+    if image_column is not None:
+        from .multimodal import image_text_batches
+
+        return image_text_batches(_rows(ds, shuffle, seed), tokenizer, image_column, kind, cols, num_samples,
+                                  batch_size, mask, include_image_tokens, concatenate)
     samples = _samples(_rows(ds, shuffle, seed), kind, cols, tokenizer, num_samples, max_seq_length, concatenate,
                        flags=mask is not None)
     if not samples:

@@ -49,9 +49,26 @@ def load_model(path: str, gguf_file: Optional[str] = None, dtype: str = "float32
         if not ggufs and not has_hf:
             raise ValueError(f"model folder '{path}' holds neither config.json nor a .gguf file.")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if not gguf_file and is_vision_language(path):  # its processor renders images with text
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, **load_kwargs)
+        return model.eval(), processor
     tok = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs, **load_kwargs)
     return model.eval(), tok
+
+
+def is_vision_language(path: str) -> bool:
+    """Whether the model folder's ``config.json`` describes a vision-language model (it has a ``vision_config``)."""
+    import json
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return "vision_config" in json.load(f)
+    except (OSError, ValueError):
+        return False
 
 
 def materialize_smollm2(cache_dir: Optional[str] = None) -> str:

@@ -78,6 +78,12 @@ def sample_digests(digests: list, kwargs: dict, mask: Optional[torch.Tensor]) ->
     attn = kwargs.get("attention_mask")
     real = (attn.detach().cpu() != 0) if torch.is_tensor(attn) and tuple(attn.shape) == tuple(x.shape[:2]) \
         else torch.ones(x.shape[:2], dtype=torch.bool)
+    extra = hashlib.sha256()  # multimodal inputs (pixel_values, image_grid_thw, ...): folded into each sample's digest
+    for key in sorted(k for k, v in kwargs.items() if torch.is_tensor(v) and k not in (
+            "input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")):
+        v = kwargs[key].detach().cpu().contiguous()
+        extra.update(f"{key}:{v.dtype}:{tuple(v.shape)}".encode())
+        extra.update(v.view(torch.uint8).numpy().tobytes())
     for r in range(x.shape[0]):
         keep = None if mask is None else (mask[r][real[r]] != 0)
         if keep is not None and not bool(keep.any()):
@@ -86,6 +92,7 @@ def sample_digests(digests: list, kwargs: dict, mask: Optional[torch.Tensor]) ->
         h.update(x[r][real[r]].contiguous().view(torch.uint8).numpy().tobytes())
         if keep is not None:
             h.update(keep.numpy().tobytes())
+        h.update(extra.digest())
         digests.append(h.digest())
 
 

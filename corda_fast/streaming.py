@@ -58,11 +58,23 @@ def find_blocks(model: nn.Module, targets: list[Target]) -> tuple[str, nn.Module
     name, blocks, inside = best
     if inside != len(targets):
         outside = [t.name for t in targets if not t.name.startswith(f"{name}.")]
+        other = _other_block_list(model, outside, name)
+        why = (f" They lie in another list of blocks, '{other}'. Two lists (a vision-language model's vision tower "
+               "and language model) are joined by modules that run between them (the projector, the merge of image "
+               "features into the token sequence), which streaming does not replay: stream the language model's "
+               "targets alone, or calibrate all with streaming=False." if other
+               else " Exclude them or use streaming=False.")
         raise CalibrationError(
-            f"streaming calibration needs every target inside the blocks '{name}.*'; outside: {outside[:5]}. "
-            "Exclude them or use streaming=False."
-        )
+            f"streaming calibration walks one list of blocks, '{name}.*'; targets outside it: {outside[:5]}." + why)
     return name, blocks
+
+
+def _other_block_list(model: nn.Module, names: list[str], chosen: str) -> Optional[str]:
+    """The name of a ``ModuleList`` other than ``chosen`` that holds some of ``names``, if any."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name != chosen and any(n.startswith(f"{name}.") for n in names):
+            return name
+    return None
 
 
 def _to(obj: Any, device) -> Any:

@@ -79,7 +79,7 @@ def test_streaming_errors_leave_model_unchanged():
     model.train()
     before = model_state(model)
     batches = padded_batches(random_samples(4), 2)
-    with pytest.raises(CalibrationError, match=r"outside: \['lm_head'\]"):
+    with pytest.raises(CalibrationError, match=r"outside it: \['lm_head'\]"):
         init(model, batches, target_modules=["q_proj", "lm_head"], streaming=True, rank=2)
     assert_model_unchanged(model, before)
 
