@@ -34,6 +34,7 @@ TABLES = {  # name: (result file, module with markdown())
     "plus_cost": ("plus_cost_cpu.json", "bench_plus_cost"),
     "convert": ("convert_smollm2.json", "bench_convert"),
     "compare": ("compare_methods.json", "compare_methods"),
+    "experts": ("experts_cpu.json", "bench_experts"),
 }
 
 

@@ -70,3 +70,11 @@ def test_trainer_configs(model_dir, tmp_path):
     ax = yaml.safe_load((tmp_path / "o" / "axolotl.yaml").read_text())
     assert lf["model_name_or_path"] == ax["base_model"] == str(tmp_path / "o" / "residual_base")
     assert lf["lora_rank"] == ax["lora_r"] == 8
+
+
+@pytest.mark.parametrize("args", [["moe_experts.py"], ["moe_experts.py", "--family", "gpt_oss", "--route-all-experts"],
+                                  ["vlm_llava.py"]])
+def test_architecture_examples_are_exact_at_init(tmp_path, args):
+    out = _run([sys.executable, os.path.join(EXAMPLES, args[0]), *args[1:]], tmp_path)
+    drifts = [float(x) for x in re.findall(r"drift(?: at init)? ([0-9.e+-]+)", out)]
+    assert drifts and max(drifts) < 1e-5, out

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(ROOT, "benchmarks", "gpu_suite.sh")
-STEPS = ["env", "kernels", "native", "calibration", "fused", "decompose"]
+STEPS = ["env", "kernels", "native", "calibration", "fused", "decompose", "experts"]
 
 
 def _branches() -> tuple[str, str]:
