@@ -78,9 +78,12 @@ def sample_digests(digests: list, kwargs: dict, mask: Optional[torch.Tensor]) ->
     attn = kwargs.get("attention_mask")
     real = (attn.detach().cpu() != 0) if torch.is_tensor(attn) and tuple(attn.shape) == tuple(x.shape[:2]) \
         else torch.ones(x.shape[:2], dtype=torch.bool)
-    extra = hashlib.sha256()  # multimodal inputs (pixel_values, image_grid_thw, ...): folded into each sample's digest
-    for key in sorted(k for k, v in kwargs.items() if torch.is_tensor(v) and k not in (
-            "input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")):
+    # multimodal inputs (pixel_values, image_grid_thw, ...) are folded into each sample's digest; text batches keep
+    # the digests they always had (caches written before stay valid)
+    extra = hashlib.sha256()
+    extra_keys = sorted(k for k, v in kwargs.items() if torch.is_tensor(v) and k not in (
+        "input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids"))
+    for key in extra_keys:
         v = kwargs[key].detach().cpu().contiguous()
         extra.update(f"{key}:{v.dtype}:{tuple(v.shape)}".encode())
         extra.update(v.view(torch.uint8).numpy().tobytes())
@@ -92,7 +95,8 @@ def sample_digests(digests: list, kwargs: dict, mask: Optional[torch.Tensor]) ->
         h.update(x[r][real[r]].contiguous().view(torch.uint8).numpy().tobytes())
         if keep is not None:
             h.update(keep.numpy().tobytes())
-        h.update(extra.digest())
+        if extra_keys:
+            h.update(extra.digest())
         digests.append(h.digest())
 
 

@@ -258,3 +258,14 @@ def test_command_line_calibrates_a_vlm_on_images(tmp_path):
                                          out / "initial_adapter")
     batch = vlm_batches(processor)[0]
     assert rel(logits(reloaded, batch), logits(model, batch)) < 1e-5
+
+
+def test_the_data_fingerprint_covers_the_images():
+    from corda_fast.calibrate import data_fingerprint
+
+    _, processor = tiny_llava()
+    batches = vlm_batches(processor)
+    other = [{**b, "pixel_values": b["pixel_values"].flip(-1)} for b in batches]
+    config = corda_fast.CordaConfig(show_progress=False)
+    assert data_fingerprint(batches, config) == data_fingerprint(vlm_batches(processor), config)
+    assert data_fingerprint(other, config) != data_fingerprint(batches, config)
