@@ -303,10 +303,11 @@ def plan_source(model: nn.Module, loader: Any, targets: list[Target], config: Co
 
 def _check_cache(cache: str, loader: Any, config: CordaConfig) -> None:
     """An existing cache is readable, and made from the data ``loader`` yields (when a loader is given)."""
-    meta = json.loads(read_cache_metadata(cache).get("meta", "{}"))
+    header = read_cache_metadata(cache)
+    meta = json.loads(header.get("meta", "{}"))
     recorded = meta.get("data_fingerprint")
     if bool(meta.get("route_all_experts")) != config.calibration.route_all_experts and any(
-            name.endswith("]") for name in json.loads(read_cache_metadata(cache).get("members", "{}"))):
+            name.endswith("]") for name in json.loads(header.get("members", "{}"))):
         raise CacheError(f"covariance cache '{cache}' holds expert statistics made with route_all_experts="
                          f"{bool(meta.get('route_all_experts'))}; the config asks for "
                          f"{config.calibration.route_all_experts}. Recalibrate (overwrite_cache=True or another path).")
