@@ -399,6 +399,7 @@ def build(model: nn.Module, outcome: _Outcome, config: CordaConfig, initial_adap
     except BaseException:
         undo()
         raise
+    undo.release()
     return peft_model, quant_report, n_fused
 
 

@@ -25,6 +25,7 @@ PRECISIONS = ("float32", "float64")
 SVD_METHODS = ("auto", "gram", "svd")
 UNUSED_TARGET_POLICIES = ("error", "skip")
 QUANTIZED_RESIDUALS = ("requantize", "keep")
+SPILL_MODES = ("auto", "disk", "host", "memory")
 PLUS_ALPHA = ("scaling", "alpha")
 
 
@@ -349,6 +350,11 @@ class CordaConfig(_Replace):
         residual_folder: for a model accelerate offloads to disk, where the residuals of disk-offloaded layers are
             written (a new subfolder per call; the model reads them from there, so keep it while the model lives).
             Default: a subfolder of the model's own offload folder. The checkpoint's files are never written.
+        spill: where the build keeps each targeted weight's original while it writes the residual in place (for an
+            exact rollback if anything fails): ``"auto"`` (a temporary file for weights in host memory, host memory
+            for weights on an accelerator), ``"disk"``, ``"host"``, or ``"memory"`` (a copy beside each weight: the
+            targeted weights held twice until the build ends). Originals are dropped once the call succeeds.
+        spill_folder: the folder of the temporary file (default: the system's temporary folder).
         autocast_adapter_dtype: as PEFT's ``get_peft_model``: keep 16-bit models' adapters in float32.
         show_progress: tqdm progress bars.
     """
@@ -363,6 +369,8 @@ class CordaConfig(_Replace):
     quantized_residual: str = "requantize"
     requantize_config: Any = None
     residual_folder: Optional[str] = None
+    spill: str = "auto"
+    spill_folder: Optional[str] = None
     autocast_adapter_dtype: bool = True
     show_progress: bool = True
 
@@ -384,6 +392,11 @@ class CordaConfig(_Replace):
             if not isinstance(self.residual_folder, (str, os.PathLike)):
                 _fail(f"{own}.residual_folder", self.residual_folder, "None or a folder path")
             self.residual_folder = os.fspath(self.residual_folder)
+        _check_choice(own, "spill", self.spill, SPILL_MODES)
+        if self.spill_folder is not None:
+            if not isinstance(self.spill_folder, (str, os.PathLike)):
+                _fail(f"{own}.spill_folder", self.spill_folder, "None or a folder path")
+            self.spill_folder = os.fspath(self.spill_folder)
         _check_bool(own, "autocast_adapter_dtype", self.autocast_adapter_dtype)
         _check_bool(own, "show_progress", self.show_progress)
 

@@ -241,10 +241,12 @@ class _ResidualMap(Mapping):
 
 
 def store_residual(module: nn.Module, w_res: torch.Tensor, layer: str,
-                   store: Optional[ResidualStore]) -> Callable[[], None]:
+                   store: Optional[ResidualStore], spill=None) -> Callable[[], None]:
     """Put ``w_res`` (already in the weight's layout and dtype) in place of an offloaded ``module.weight`` where it
     lives, and return the zero-argument undo. Disk-offloaded weights go to ``store`` (their original files are never
-    written); ``store`` may be ``None`` only when none is disk-offloaded."""
+    written); ``store`` may be ``None`` only when none is disk-offloaded. A host-map weight is overwritten in place
+    when a ``spill`` (:class:`corda_fast.spill.Spill`) keeps its original, else replaced (the original stays
+    referenced by the undo)."""
     kind = location(module)
     if kind == "module":
         raise OffloadError(f"layer '{layer}' holds its weight itself: write the residual into the module.")
@@ -252,6 +254,10 @@ def store_residual(module: nn.Module, w_res: torch.Tensor, layer: str,
     if kind == "host":
         _, container, key = _where(hook, "weight")
         old = container[key]
+        if spill is not None and old.shape == w_res.shape and old.dtype == w_res.dtype:
+            spill.keep(layer, old)  # restored by the spill; nothing to undo here
+            old.copy_(w_res)
+            return lambda: None
         container[key] = w_res.to(old.device)
 
         def undo_host():

@@ -22,6 +22,7 @@ from . import offload, quant
 from .config import CordaConfig, LoraSpec
 from .decompose import LayerFactors
 from .preflight import ModelSnapshot
+from .spill import Spill
 from .targets import Target
 
 logger = logging.getLogger(__name__)
@@ -62,10 +63,11 @@ class _Undo:
     def __init__(self):
         self.described: dict = {}  # quantized layer -> its format
         self.swapped: dict = {}  # name -> original module, for quantized layers replaced by float ones ("keep")
-        self.originals: dict = {}  # name -> original float weight tensor
+        self.originals: dict = {}  # name -> the float weight tensor (overwritten in place; values kept in `spill`)
         self.params: dict = {}  # expert parameter key -> (experts module, parameter name, original data)
         self.quant_params: dict = {}  # name -> original quantized weight Parameter
         self.offloaded: list = []  # undo functions of residuals stored where an accelerate hook keeps the weight
+        self.spill = Spill()  # the original values of the tensors overwritten in place
         self.peft_model = None
 
     def restore(self, model: nn.Module, adapted: list[Target]) -> None:
@@ -78,6 +80,7 @@ class _Undo:
                 t.module.weight.data = self.originals[t.name]
             elif t.name in self.quant_params:
                 t.module.weight = self.quant_params[t.name]
+        self.spill.restore()  # the original values back into the same tensors
         if self.peft_model is not None:
             from .fused import unfuse
 
@@ -148,13 +151,15 @@ def _write_layer(layer, t: Target, f: LayerFactors, adapter_name: str, config: C
         quant.store_residual(base, w_res, config.requantize_config)
     elif held:  # where the weight lives: the hook's host map, or a residual store of our own on disk
         w_res = (w_res.t() if t.is_conv1d else w_res).to(t.module.weight.dtype).contiguous()
-        undo.offloaded.append(offload.store_residual(t.module, w_res, t.name, store))
+        undo.offloaded.append(offload.store_residual(t.module, w_res, t.name, store, undo.spill))
         del w, w_mat, w_res
         offload.release_host_memory()
-    else:
-        w = undo.originals[t.name]
-        w_res = w_res.to(w.dtype)
-        base.weight.data = (w_res.t() if t.is_conv1d else w_res).contiguous().to(w.device)
+    else:  # in place: the original goes to the spill first (never two copies of the model)
+        live = base.weight.data
+        if t.name in undo.described:  # w_mat may share the live tensor's storage: the report needs W_q itself
+            w_mat = w_mat.clone()
+        undo.spill.keep(t.name, live)
+        live.copy_(w_res.t() if t.is_conv1d else w_res)
     if t.name in undo.described and quant_report is not None:  # w_mat is W_q: the quantized weight, exactly
         quant_report[t.name] = {
             "quantization": undo.described[t.name],
@@ -204,7 +209,9 @@ def _write_experts(wrapper, ts: list[Target], factors: dict[str, LayerFactors], 
                                                        requires_grad=lora_a.requires_grad)
     wrapper.lora_B[adapter_name].weight = nn.Parameter(b_store.permute(1, 2, 0).reshape(b.shape[1], -1).to(device)
                                                        .contiguous(), requires_grad=lora_b.requires_grad)
-    getattr(module, param_name).data = w_res.to(device=device, dtype=original.dtype).contiguous()
+    live = getattr(module, param_name).data
+    undo.spill.keep(t0.param_key, live)  # in place, the original kept in the spill
+    live.copy_(w_res)
 
 
 def _expert_groups(adapted: list[Target], factors: dict) -> dict[str, list[Target]]:
@@ -240,7 +247,27 @@ def build_peft_model(model: nn.Module, factors: dict[str, LayerFactors], targets
         ``peft.PeftModel``. On any error the model is restored (adapters unloaded, weights, modules, modes and
         ``requires_grad`` as they were).
     """
-    return build_with_undo(model, factors, targets, config, lora, adapter_name, quant_report)[0]
+    peft_model, rollback = build_with_undo(model, factors, targets, config, lora, adapter_name, quant_report)
+    rollback.release()
+    return peft_model
+
+
+class Rollback:
+    """Calling it puts the model back exactly as it was before the build; :meth:`release` (once the caller's
+    own steps after the build have succeeded) drops the kept originals and removes the spill file."""
+
+    def __init__(self, restore, spill: Spill):
+        self._restore = restore
+        self.spill = spill
+
+    def __call__(self) -> None:
+        try:
+            self._restore()
+        finally:
+            self.spill.close()
+
+    def release(self) -> None:
+        self.spill.close()
 
 
 @torch.no_grad()
@@ -248,8 +275,10 @@ def build_with_undo(model: nn.Module, factors: dict[str, LayerFactors], targets:
                     config: Optional[CordaConfig] = None, lora: Optional[LoraSpec] = None,
                     adapter_name: str = "default", quant_report: Optional[dict] = None,
                     store: Optional[offload.ResidualStore] = None):
-    """:func:`build_peft_model`, also returning a zero-argument ``undo`` that puts the model back exactly as it was
-    (for a failure after the build: saving, fusing). ``store``: where residuals of disk-offloaded layers go."""
+    """:func:`build_peft_model`, also returning a :class:`Rollback` that puts the model back exactly as it was
+    (for a failure after the build: saving, fusing); call its ``release()`` once those steps succeeded. ``store``:
+    where residuals of disk-offloaded layers go. Targeted weights are overwritten in place, each original first
+    copied to ``config.spill`` (a temporary file by default), so the build never holds the weights twice."""
     from peft import get_peft_model
 
     config = config or CordaConfig()
@@ -258,6 +287,7 @@ def build_with_undo(model: nn.Module, factors: dict[str, LayerFactors], targets:
     lora_config = peft_lora_config(adapted, lora)
     expert_groups = _expert_groups(adapted, factors)
     undo = _Undo()
+    undo.spill = Spill(config.spill, config.spill_folder)
     snapshot = ModelSnapshot(model)
 
     def restore():
@@ -289,9 +319,11 @@ def build_with_undo(model: nn.Module, factors: dict[str, LayerFactors], targets:
         if leftover:
             raise RuntimeError(f"LoRA weights without CorDA factors: {leftover[:5]}")
     except BaseException:
-        restore()
+        Rollback(restore, undo.spill)()
         raise
-    return undo.peft_model, restore
+    logger.debug("build: %d original(s) spilled (%.1f MiB on disk, %.1f MiB in memory)", len(undo.spill),
+                 undo.spill.bytes_on_disk / 2**20, undo.spill.bytes_in_memory / 2**20)
+    return undo.peft_model, Rollback(restore, undo.spill)
 
 
 def save_initial_adapter(peft_model, path: str) -> None:

@@ -38,7 +38,9 @@ def not_converged_error(what: str, max_iter: int, last_lam: float, residual: str
 def damp(cov: torch.Tensor, lam: float) -> torch.Tensor:
     """The damped covariance ``C_f = C + λ·mean(diag C)·I``, in ``cov``'s dtype (the one place it is built in
     Python; the native kernel builds the same)."""
-    return cov + torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device) * (torch.diagonal(cov).mean() * lam)
+    out = cov.clone()
+    out.diagonal().add_(torch.diagonal(cov).mean() * lam)  # = cov + λ·mean·I, without a d×d identity
+    return out
 
 
 def damping_probes(d: int) -> torch.Tensor:
@@ -67,12 +69,12 @@ def find_damping(cov: torch.Tensor, start: float = 0.01, tol: float = 0.05, max_
     mean_diag = torch.diagonal(c).mean()
     if not bool(torch.isfinite(mean_diag)) or float(mean_diag) <= 0:
         raise degenerate_error(what, float(mean_diag))
-    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     lam = start
     err = float("nan")
     probes = (damping_probes(c.shape[0]) if probes is None else probes.float()).to(c.device)
     for _ in range(max_iter):
-        c_f = c + eye * (mean_diag * lam)  # = damp(c, lam), with the mean diagonal computed once
+        c_f = c.clone()
+        c_f.diagonal().add_(mean_diag * lam)  # = damp(c, lam), with the mean diagonal computed once
         chol, info = torch.linalg.cholesky_ex(c_f)
         if int(info) == 0:
             err = float((c_f @ torch.cholesky_solve(probes, chol) - probes).norm()) / 4.0  # /sqrt(16 probes)
@@ -83,7 +85,12 @@ def find_damping(cov: torch.Tensor, start: float = 0.01, tol: float = 0.05, max_
                 return lam
         else:
             inv, info = torch.linalg.inv_ex(c_f)
-            err = float(torch.dist(c_f @ inv, eye)) if int(info) == 0 else float("inf")
+            if int(info) == 0:
+                prod = c_f @ inv
+                prod.diagonal().sub_(1.0)
+                err = float(prod.norm())
+            else:
+                err = float("inf")
             if err < tol:
                 return lam
         lam *= 2
