@@ -3,7 +3,7 @@
 ::
 
     configure          LoraSpec + CordaConfig from lora_config / corda_config / shortcuts
-    plan_source        where the statistics come from: "cache" | "one_pass" | "streaming" | "plus"
+    plan_source        where the statistics come from: "cache" | "one_pass" | "streaming" | "plus" | "plus_streaming"
     run_source         statistics from that source, decomposed into factors (CorDA++: selection and allocation)
     build              the PEFT model (residual base + adapters); optionally saved, optionally fused
     fill_report        the one place the InitReport is filled
@@ -30,7 +30,7 @@ from .experts import split_name
 from .fingerprint import model_fingerprint
 from .fused import fuse
 from .peft_bridge import build_with_undo, save_initial_adapter
-from .plus import plan
+from .plus import decide, merge_scores, plan, score_candidates, selected_statistics
 from .preflight import (
     check_experts,
     check_no_adapters,
@@ -40,7 +40,7 @@ from .preflight import (
     check_writable,
 )
 from .stats import CacheError, CovarianceStats, read_cache_metadata
-from .streaming import iter_block_statistics
+from .streaming import iter_block_candidates, iter_block_statistics
 from .targets import Target, TargetError, resolve_targets
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class InitReport:
     """What :func:`init_adapters` did: per-layer rank / damping / adapted spectrum, and wall time per stage."""
 
     mode: str
-    source: str = "one_pass"  # where the statistics came from: "cache" | "one_pass" | "streaming" | "plus"
+    source: str = "one_pass"  # "cache" | "one_pass" | "streaming" | "plus" | "plus_streaming" (CorDA++, two passes)
     layers: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     n_statistics: int = 0
@@ -173,6 +173,15 @@ class _Outcome:
         for key, s in stats.sums.items():
             self.tokens[key] = (stats.n_tokens[key], stats.n_samples[key], int(s.shape[0]))
 
+    def tally_candidates(self, cands: list[CovarianceStats]) -> None:
+        """Count one block's candidate groups (streaming CorDA++): the groups' data add up, blocks do not."""
+        self.n_statistics += sum(len(c.sums) for c in cands)
+        self.statistics_bytes = max(self.statistics_bytes, sum(c.nbytes() for c in cands))
+        self.n_samples = max(self.n_samples, sum(max(c.n_samples.values()) for c in cands))
+        self.n_tokens = max(self.n_tokens, sum(max(c.n_tokens.values()) for c in cands))
+        for c in cands:
+            self.key_of.update(c.layer_keys())
+
     def tally(self, stats: CovarianceStats, disjoint: bool = False, peak: bool = False) -> None:
         """Count ``stats``: ``disjoint`` data (CorDA++ candidate groups) adds samples, else the largest count is
         kept; ``peak`` (streaming blocks) keeps the largest size, else sizes add up."""
@@ -242,10 +251,11 @@ def configure(lora_config=None, corda_config: Optional[CordaConfig] = None, **sh
     return lora, config
 
 
-def _statistics_may_not_fit(model: nn.Module, targets: list[Target]) -> bool:
-    """Whether the float32 statistics (upper bound: one per target) exceed a quarter of the free memory of the
-    model's device."""
-    need = sum(t.d_in * t.d_in * 4 for t in targets)
+def _statistics_may_not_fit(model: nn.Module, targets: list[Target], config: CordaConfig) -> bool:
+    """Whether the statistics (upper bound: one per target, per CorDA++ candidate) exceed a quarter of the free
+    memory of the model's device."""
+    per = 8 if config.precision == "float64" else 4
+    need = sum(t.d_in * t.d_in * per for t in targets) * (config.plus.candidates if config.plus is not None else 1)
     device = model_device(model)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
@@ -259,7 +269,8 @@ def _statistics_may_not_fit(model: nn.Module, targets: list[Target]) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- source
 def plan_source(model: nn.Module, loader: Any, targets: list[Target], config: CordaConfig) -> str:
-    """Which statistics source this call uses, checked before anything runs: ``"plus"`` (CorDA++ candidates),
+    """Which statistics source this call uses, checked before anything runs: ``"plus"`` (CorDA++ candidates;
+    ``"plus_streaming"`` block by block),
     ``"cache"`` (an existing ``covariance_cache``), ``"streaming"`` (block by block) or ``"one_pass"``."""
     calib = config.calibration
     cache = calib.covariance_cache
@@ -273,19 +284,17 @@ def plan_source(model: nn.Module, loader: Any, targets: list[Target], config: Co
                              "only: give every rank the same file (a shared filesystem) or another path.")
     streaming = calib.streaming
     if streaming == "auto":
-        streaming = config.plus is None and not cache_hit and _statistics_may_not_fit(model, targets)
+        streaming = not cache_hit and _statistics_may_not_fit(model, targets, config)
         if distributed.is_active(calib.distributed):  # free memory differs by rank; all must take the same path
             streaming = any(distributed.gather_objects(streaming))
     if config.plus is not None:
-        if streaming:
-            raise ValueError("CorDA++ (corda_config.plus) needs every layer's spectrum before any rank is known: it "
-                             "cannot stream block by block; use streaming=False.")
         if cache is not None:
             raise ValueError("CorDA++ (corda_config.plus) does not read or write a covariance_cache (its statistics "
                              "are per candidate group); drop covariance_cache.")
-        if loader is None:
-            raise ValueError("CorDA++ (corda_config.plus) needs a calibration `loader`.")
-        return "plus"
+        if loader is None or (streaming and callable(loader) and not hasattr(loader, "__iter__")):
+            raise ValueError("CorDA++ (corda_config.plus) needs a calibration `loader`"
+                             + (" of batches (iterable) to stream." if streaming else "."))
+        return "plus_streaming" if streaming else "plus"
     if streaming:
         if loader is None or (callable(loader) and not hasattr(loader, "__iter__")):
             raise ValueError("streaming=True needs an iterable calibration `loader` of batches.")
@@ -341,47 +350,92 @@ def run_source(source: str, model: nn.Module, loader: Any, targets: list[Target]
                config: CordaConfig) -> _Outcome:
     """Statistics from ``source``, decomposed into factors (each statistic released once decomposed)."""
     out = _Outcome({}, {}, targets, lora)
-    t0 = time.perf_counter()
-    if source == "plus":
-        candidates = collect_candidates(model, loader, config.plus.candidates, config, targets)
-        for c in candidates:
-            out.tally(c, disjoint=True)
-        t0 = _timed(out, "calibrate", t0)
-        out.plan = plan(candidates, targets, config, use_rslora=lora.use_rslora)
-        del candidates
-        t0 = _timed(out, "select_allocate", t0)
-        # every layer gets an explicit (escaped full-name) entry; the user's patterns were the uniform baseline
-        out.lora = lora.replace(rank_pattern=out.plan.rank_pattern, alpha_pattern=out.plan.alpha_pattern)
-        out.targets = resolve_targets(model, out.lora)
-        out.key_of = out.plan.stats.layer_keys()
-        out.record_tokens(out.plan.stats)
-        out.factors = _decompose(out.plan.stats, out.targets, config)
-        out.plan.stats = None  # released
-        _timed(out, "decompose", t0)
-    elif source == "streaming":
-        quiet = config.replace(show_progress=False)
-        for block_stats in iter_block_statistics(model, loader, config, targets):
-            out.tally(block_stats, peak=True)
-            t0 = _timed(out, "calibrate", t0)
-            out.factors.update(_decompose(block_stats, targets, quiet))
-            del block_stats
-            offload.release_host_memory()  # the block's statistics and decomposition workspace go back to the OS
-            t0 = _timed(out, "decompose", t0)
-    else:
-        cache = config.calibration.covariance_cache
-        if source == "cache":
-            stats = CovarianceStats.load(cache, model_fingerprint(model), targets, config.normalization)
-            logger.info("loaded covariance statistics from %s", cache)
-        else:
-            stats = collect_covariance(model, loader, config, targets)
-            if cache is not None and distributed.rank_and_world()[0] == 0:  # identical on every rank
-                stats.save(cache)
-        out.tally(stats)
-        t0 = _timed(out, "calibrate", t0)
-        out.factors = _decompose(stats, targets, config)  # statistics freed as they are used
-        del stats
-        _timed(out, "decompose", t0)
+    run = {"plus": _run_plus, "plus_streaming": _run_plus_streaming, "streaming": _run_streaming}.get(source, _run_stats)
+    run(out, source, model, loader, config)
     return out
+
+
+def _use_plan(out: _Outcome, model: nn.Module, plan_: Any) -> None:
+    """CorDA++'s ranks and alphas into the outcome: every layer gets an explicit (escaped full-name) entry; the
+    user's patterns were the uniform baseline."""
+    out.plan = plan_
+    out.lora = out.lora.replace(rank_pattern=plan_.rank_pattern, alpha_pattern=plan_.alpha_pattern)
+    out.targets = resolve_targets(model, out.lora)
+
+
+def _run_plus(out: _Outcome, source: str, model: nn.Module, loader: Any, config: CordaConfig) -> None:
+    t0 = time.perf_counter()
+    candidates = collect_candidates(model, loader, config.plus.candidates, config, out.targets)
+    for c in candidates:
+        out.tally(c, disjoint=True)
+    t0 = _timed(out, "calibrate", t0)
+    _use_plan(out, model, plan(candidates, out.targets, config, use_rslora=out.lora.use_rslora))
+    del candidates
+    t0 = _timed(out, "select_allocate", t0)
+    out.key_of = out.plan.stats.layer_keys()
+    out.record_tokens(out.plan.stats)
+    out.factors = _decompose(out.plan.stats, out.targets, config)
+    out.plan.stats = None  # released
+    _timed(out, "decompose", t0)
+
+
+def _run_plus_streaming(out: _Outcome, source: str, model: nn.Module, loader: Any, config: CordaConfig) -> None:
+    """CorDA++ block by block, in two passes: the first keeps each layer's candidate scores (spectra, compactness:
+    kilobytes) and drops the statistics; ranks are allocated over all layers; the second recomputes each block's
+    statistics and decomposes the chosen ones at their allocated ranks."""
+    quiet = config.replace(show_progress=False)
+    groups = config.plus.candidates
+    t0 = time.perf_counter()
+    scores = None
+    for cands in iter_block_candidates(model, loader, config, out.targets, groups):
+        out.tally_candidates(cands)
+        t0 = _timed(out, "calibrate", t0)
+        scores = merge_scores(scores, score_candidates(cands, out.targets, quiet))
+        del cands
+        offload.release_host_memory()
+        t0 = _timed(out, "select_allocate", t0)
+    _use_plan(out, model, decide(None, scores, out.targets, config, use_rslora=out.lora.use_rslora))
+    t0 = _timed(out, "select_allocate", t0)
+    for cands in iter_block_candidates(model, loader, config, out.targets, groups):
+        chosen = selected_statistics(cands, out.plan, scores.layer_keys)
+        del cands
+        out.key_of.update(chosen.layer_keys())
+        out.record_tokens(chosen)
+        t0 = _timed(out, "calibrate_again", t0)
+        out.factors.update(_decompose(chosen, out.targets, quiet))
+        del chosen
+        offload.release_host_memory()
+        t0 = _timed(out, "decompose", t0)
+
+
+def _run_streaming(out: _Outcome, source: str, model: nn.Module, loader: Any, config: CordaConfig) -> None:
+    quiet = config.replace(show_progress=False)
+    t0 = time.perf_counter()
+    for block_stats in iter_block_statistics(model, loader, config, out.targets):
+        out.tally(block_stats, peak=True)
+        t0 = _timed(out, "calibrate", t0)
+        out.factors.update(_decompose(block_stats, out.targets, quiet))
+        del block_stats
+        offload.release_host_memory()  # the block's statistics and decomposition workspace go back to the OS
+        t0 = _timed(out, "decompose", t0)
+
+
+def _run_stats(out: _Outcome, source: str, model: nn.Module, loader: Any, config: CordaConfig) -> None:
+    """One pass over the whole model, or a cache."""
+    t0 = time.perf_counter()
+    cache = config.calibration.covariance_cache
+    if source == "cache":
+        stats = CovarianceStats.load(cache, model_fingerprint(model), out.targets, config.normalization)
+        logger.info("loaded covariance statistics from %s", cache)
+    else:
+        stats = collect_covariance(model, loader, config, out.targets)
+        if cache is not None and distributed.rank_and_world()[0] == 0:  # identical on every rank
+            stats.save(cache)
+    out.tally(stats)
+    t0 = _timed(out, "calibrate", t0)
+    out.factors = _decompose(stats, out.targets, config)  # statistics freed as they are used
+    del stats
+    _timed(out, "decompose", t0)
 
 
 # ---------------------------------------------------------------------------------------------------- build, report
@@ -413,7 +467,7 @@ def fill_report(report: InitReport, outcome: _Outcome, quant_report: dict, n_fus
     report.statistics_mib = outcome.statistics_bytes / 2**20
     report.n_samples, report.n_tokens = outcome.n_samples, outcome.n_tokens
     report.cache_hit = report.source == "cache"
-    report.streaming = report.source == "streaming"
+    report.streaming = report.source in ("streaming", "plus_streaming")
     report.plus = outcome.plan
     report.fused = n_fused
     by_name = {t.name: t for t in outcome.targets}

@@ -381,12 +381,15 @@ def candidate_score(s: CandidateScore, selection_sum: str, rank: int, mode: str,
 
 
 @torch.no_grad()
-def decide(candidates: list[CovarianceStats], scores: CandidateScores, targets: list, config,
+def decide(candidates: Optional[list[CovarianceStats]], scores: CandidateScores, targets: list, config,
            use_rslora: bool = False, selection_sum: str = "all", score_at: str = "current",
            normalize: bool = True) -> PlusPlan:
     """Selection (per layer the candidate with the lowest :func:`candidate_score`; ties → the lowest index; a group
     in which the layer never ran cannot be chosen), :func:`allocate_ranks` under ``config.plus.budget`` (default:
     the uniform ranks' count) and the PEFT patterns.
+
+    ``candidates=None`` (streaming CorDA++: the statistics are gone once scored) leaves ``PlusPlan.stats`` empty;
+    :func:`selected_statistics` picks each block's chosen statistics in the second pass.
 
     ``selection_sum`` (:func:`candidate_score`), ``score_at`` (:func:`allocate_ranks`) and ``normalize`` are the
     transcription's open choices; ``benchmarks/ablation_plus.py`` found no reason to offer them (docs/corda_plus.md):
@@ -416,10 +419,10 @@ def decide(candidates: list[CovarianceStats], scores: CandidateScores, targets: 
     if realised < budget - max((l.d_in + l.d_out) for l in layers):
         logger.warning("CorDA++: only %d of the %d-parameter budget could be used (every layer at its max rank).",
                        realised, budget)
-    stats = _selected_statistics(candidates, layers, scores.layer_keys)
+    stats = _selected_statistics(candidates, layers, scores.layer_keys) if candidates is not None else None
     seconds = {"score": scores.seconds, "select_allocate": time.perf_counter() - t0}
     logger.info("CorDA++: %d layers, %d candidates scored in %.2fs; ranks %d..%d, %d of %d budget parameters",
-                len(layers), len(candidates), seconds["score"], min(ranks.values()), max(ranks.values()),
+                len(layers), len(layers[0].scores) if layers else 0, seconds["score"], min(ranks.values()), max(ranks.values()),
                 realised, budget)
     return PlusPlan(stats, rank_pattern, alpha_pattern, layers, budget, realised, seconds)
 
@@ -451,6 +454,24 @@ def _patterns(layers: list[PlusLayer], ranks: dict, by_name: dict, pconf, use_rs
         rank_pattern[key] = l.rank
         alpha_pattern[key] = l.alpha
     return rank_pattern, alpha_pattern
+
+
+def merge_scores(into: Optional[CandidateScores], more: CandidateScores) -> CandidateScores:
+    """The scores of two disjoint sets of layers (streaming CorDA++: block after block) as one."""
+    if into is None:
+        return more
+    into.layers.update(more.layers)
+    into.damping.update(more.damping)
+    into.layer_keys.update(more.layer_keys)
+    into.seconds += more.seconds
+    return into
+
+
+def selected_statistics(candidates: list[CovarianceStats], plan: PlusPlan, layer_keys: dict) -> CovarianceStats:
+    """The chosen statistics of the layers ``candidates`` hold (one block's, in streaming CorDA++'s second pass),
+    keyed and damped as :func:`decide` would have kept them."""
+    present = {n for c in candidates for n in c.layer_keys()}
+    return _selected_statistics(candidates, [l for l in plan.layers if l.name in present], layer_keys)
 
 
 def _selected_statistics(candidates: list[CovarianceStats], layers: list[PlusLayer],

@@ -109,8 +109,6 @@ def check_offload(model: nn.Module, targets: list[Target], config: CordaConfig) 
         if config.calibration.streaming is not True:
             raise offload.OffloadError("CalibrationConfig.onload_device moves one block at a time to the device: it "
                                        "needs streaming=True.")
-        if config.plus is not None:
-            raise offload.OffloadError("CalibrationConfig.onload_device needs streaming, which CorDA++ cannot use.")
         if any(t.quant is not None for t in targets):
             raise offload.OffloadError("CalibrationConfig.onload_device does not move quantized layers (their "
                                        "quantization state stays behind): load the quantized model on its device.")

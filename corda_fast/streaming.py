@@ -188,7 +188,6 @@ def _run_block(block: nn.Module, name: str, cached: list, collector: Collector, 
     collector.check_finite()
 
 
-@torch.no_grad()
 def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target],
                           cache_device: Optional[torch.device] = None) -> Iterator[CovarianceStats]:
     """Yield one :class:`CovarianceStats` per block that holds targets, in model order.
@@ -200,6 +199,15 @@ def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, ta
     The model is left as it was (hooks removed, every module's mode restored) whatever happens, including when the
     consumer stops early.
     """
+    for group_stats in iter_block_candidates(model, loader, config, targets, 1, cache_device):
+        yield group_stats[0]
+
+
+@torch.no_grad()
+def iter_block_candidates(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target], groups: int,
+                          cache_device: Optional[torch.device] = None) -> Iterator[list[CovarianceStats]]:
+    """:func:`iter_block_statistics` for CorDA++: per block, the statistics of each of ``groups`` candidate groups
+    (calibration batch ``i`` feeds group ``i mod groups``, as :func:`corda_fast.stages.collect_candidates`)."""
     device = model_device(model)
     multi = distributed.is_active(config.calibration.distributed)
     onload = config.calibration.onload_device
@@ -215,10 +223,14 @@ def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, ta
     with eval_mode(model):
         cached, total = _cache_first_block_inputs(model, loader, config, targets, prefix, blocks, kinds, device,
                                                   cache_device, multi)
+        if total < groups:
+            raise CalibrationError(f"the calibration loader yielded {total} batch(es) but {groups} candidate groups "
+                                   "were asked for (batch i feeds group i mod candidates): give at least as many "
+                                   "batches as candidates, or lower `candidates`.")
         for b, block in enumerate(tqdm(blocks, desc="corda_fast: calibrating block by block", unit="block",
                                        disable=not config.show_progress)):
             block_targets = [t for t in targets if t.name.startswith(f"{prefix}.{b}.")]
-            collector = Collector(block_targets, config, block_device)
+            collector = Collector(block_targets, config, block_device, groups)
             handles = collector.attach(block_targets)
             try:
                 with onloaded(block, onload), distributed.stage(multi, f"calibration of block '{prefix}.{b}'"):
@@ -230,10 +242,13 @@ def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, ta
             if multi:
                 collector.sync_ranks(len(cached))
             if block_targets:
-                stats = finish_statistics(collector, block_targets, config, fingerprint, total, t0)
-                stats.meta["block"] = f"{prefix}.{b}"
-                yield stats
-                del stats
+                out = [finish_statistics(collector, block_targets, config, fingerprint, total, t0, group=g)
+                       for g in range(groups)]
+                del collector
+                for stats in out:
+                    stats.meta["block"] = f"{prefix}.{b}"
+                yield out
+                del out
             offload.release_host_memory()  # one block's worth of host memory at a time, not a growing heap
 
 

@@ -212,7 +212,8 @@ def test_disk_offload_without_a_folder_is_refused_before_anything_runs(small_che
                                  onload_device="cpu")
 
 
-def test_corda_plus_on_a_disk_offloaded_model(small_checkpoint, tmp_path):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_corda_plus_on_a_disk_offloaded_model(small_checkpoint, tmp_path, streaming):
     from transformers import AutoModelForCausalLM
 
     d, size = small_checkpoint
@@ -222,12 +223,31 @@ def test_corda_plus_on_a_disk_offloaded_model(small_checkpoint, tmp_path):
     with torch.no_grad():
         original = model(ids).logits
     batches = [{"input_ids": torch.randint(0, 300, (2, 16))} for _ in range(4)]
+    cfg = corda_fast.CordaConfig(plus=corda_fast.PlusConfig(candidates=2), precision="float64", show_progress=False)
     pm, rep = corda_fast.init_adapters(model, batches, rank=4, target_modules=TARGETS, return_report=True,
-                                       corda_config=corda_fast.CordaConfig(plus=corda_fast.PlusConfig(candidates=2),
-                                                                           show_progress=False))
+                                       corda_config=cfg, streaming=streaming)
     assert rep.plus is not None and rep.weights["disk"] > 0
+    assert rep.source == ("plus_streaming" if streaming else "plus")
     with torch.no_grad():
         assert rel_max(pm(ids).logits, original) <= 1e-5
+    # the same plan and adapters as the model held in memory, calibrated in one pass
+    ref, ref_rep = corda_fast.init_adapters(AutoModelForCausalLM.from_pretrained(d), batches, rank=4,
+                                            target_modules=TARGETS, corda_config=cfg, return_report=True)
+    assert [(l.candidate, l.rank) for l in rep.plus.layers] == [(l.candidate, l.rank) for l in ref_rep.plus.layers]
+    da, db = _deltas(ref), _deltas(pm)
+    assert max(rel(db[k], da[k]) for k in da) <= 1e-6
+
+
+def test_corda_plus_onloading_on_cpu_equals_one_pass():
+    batches = [{"input_ids": torch.randint(0, 300, (2, 16))} for _ in range(4)]
+    cfg = corda_fast.CordaConfig(mode="kpm", precision="float64", plus=corda_fast.PlusConfig(candidates=2),
+                                 show_progress=False)
+    a = corda_fast.init_adapters(tiny_llama(), batches, rank=4, target_modules=TARGETS, corda_config=cfg)
+    b, rep = corda_fast.init_adapters(tiny_llama(), batches, rank=4, target_modules=TARGETS, corda_config=cfg,
+                                      streaming=True, onload_device="cpu", return_report=True)
+    assert rep.onload_device == "cpu" and rep.source == "plus_streaming"
+    da, db = _deltas(a), _deltas(b)
+    assert max(rel(db[k], da[k]) for k in da) <= 1e-6
 
 
 def test_onloading_options_are_checked_and_blocks_come_back():

@@ -19,6 +19,7 @@ from helpers import (
     padded_batches,
     random_samples,
     rel,
+    rel_max,
     tiny_gpt2,
     tiny_llama,
 )
@@ -261,7 +262,7 @@ def test_max_rank_factor_caps_each_layer_at_a_multiple_of_its_uniform_rank():
 
 @pytest.mark.parametrize("kwargs,err,match", [
     (dict(candidates=7), CalibrationError, "7 candidate groups"),
-    (dict(streaming=True), ValueError, "cannot stream"),
+    (dict(streaming=True, candidates=7), CalibrationError, "7 candidate groups"),
     (dict(budget=10), ValueError, "below the minimum"),
     (dict(covariance_cache="x.safetensors"), ValueError, "covariance_cache"),
     (dict(min_rank=100), ValueError, "min_rank=100 exceeds the max rank 64 of layer .model.layers.0.self_attn.k_proj"),
@@ -273,4 +274,43 @@ def test_bad_plus_input_leaves_model_unchanged(kwargs, err, match):
     kw.update(kwargs)
     with pytest.raises(err, match=match):
         init(model, padded_batches(random_samples(6), 2), **kw)
+    assert_model_unchanged(model, before)
+
+
+def _adapters(pm):
+    out = {}
+    for name, m in pm.base_model.model.named_modules():
+        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
+            out[name] = (m.lora_A["default"].weight.detach().double(), m.lora_B["default"].weight.detach().double(),
+                         m.get_base_layer().weight.detach().double())
+    return out
+
+
+@pytest.mark.parametrize("mode,candidates", [("kpm", 2), ("ipm", 1), ("ipm", 3)])
+def test_streaming_plus_equals_one_pass_plus(mode, candidates):
+    """Two passes block by block (scores kept, statistics dropped; then the chosen ones recomputed) give the one-pass
+    plan and adapters: float64, same ranks, same candidates, factors within 1e-6."""
+    batches = padded_batches(random_samples(9, seed=4), 2)
+    kw = dict(mode=mode, rank=4, plus=True, candidates=candidates, precision="float64", return_report=True)
+    pm1, r1 = init(tiny_llama(layers=3), batches, **kw)
+    pm2, r2 = init(tiny_llama(layers=3), batches, streaming=True, **kw)
+    assert r2.source == "plus_streaming" and r1.source == "plus"
+    assert [(l.name, l.candidate, l.rank) for l in r1.plus.layers] == [(l.name, l.candidate, l.rank)
+                                                                        for l in r2.plus.layers]
+    assert len({l.rank for l in r1.plus.layers}) > 1 or candidates == 1
+    assert (r2.n_samples, r2.n_tokens) == (r1.n_samples, r1.n_tokens)
+    a1, a2 = _adapters(pm1), _adapters(pm2)
+    assert a1.keys() == a2.keys() and len(a1) == 21
+    for name in a1:
+        for x, y in zip(a1[name], a2[name]):
+            assert rel_max(y, x) <= 1e-6, name
+    assert 0 < r2.statistics_mib < r1.statistics_mib  # one block's candidates at a time
+
+
+def test_streaming_plus_refuses_too_few_batches_before_any_change():
+    model = tiny_llama()
+    before = model_state(model)
+    with pytest.raises(CalibrationError, match="3 candidate groups"):
+        init(model, padded_batches(random_samples(4), 2), mode="kpm", rank=4, plus=True, candidates=3,
+             streaming=True)
     assert_model_unchanged(model, before)
