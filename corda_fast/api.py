@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from . import distributed, offload
+from . import block_cache, distributed, offload
 from .calibrate import collect_candidates, collect_covariance, data_fingerprint, model_device
 from .config import CordaConfig, CordaConfigError, LoraSpec
 from .decompose import LayerFactors, decompose, decompose_sharded
@@ -40,6 +40,7 @@ from .preflight import (
     check_writable,
 )
 from .stats import CacheError, CovarianceStats, read_cache_metadata
+from .streaming import block_cache as block_cache_for
 from .streaming import iter_block_candidates, iter_block_statistics
 from .targets import Target, TargetError, resolve_targets
 
@@ -270,18 +271,11 @@ def _statistics_may_not_fit(model: nn.Module, targets: list[Target], config: Cor
 # ---------------------------------------------------------------------------------------------------- source
 def plan_source(model: nn.Module, loader: Any, targets: list[Target], config: CordaConfig) -> str:
     """Which statistics source this call uses, checked before anything runs: ``"plus"`` (CorDA++ candidates;
-    ``"plus_streaming"`` block by block),
-    ``"cache"`` (an existing ``covariance_cache``), ``"streaming"`` (block by block) or ``"one_pass"``."""
+    ``"plus_streaming"`` block by block), ``"cache"`` (an existing, complete ``covariance_cache``), ``"streaming"``
+    (block by block; with a cache folder, resumable) or ``"one_pass"``."""
     calib = config.calibration
     cache = calib.covariance_cache
-    cache_hit = cache is not None and os.path.isfile(cache) and not calib.overwrite_cache
-    if cache is not None and distributed.is_active(calib.distributed):
-        # every rank must take the same path (their collectives must match); no rank writes the cache before all
-        # have passed this gather, so a shared filesystem gives every rank the same answer
-        hits = distributed.gather_objects(cache_hit)
-        if any(hits) != all(hits):
-            raise CacheError(f"covariance_cache '{cache}' exists on ranks {[r for r, h in enumerate(hits) if h]} "
-                             "only: give every rank the same file (a shared filesystem) or another path.")
+    folder, cache_hit = _cache_state(model, targets, config)
     streaming = calib.streaming
     if streaming == "auto":
         streaming = not cache_hit and _statistics_may_not_fit(model, targets, config)
@@ -295,23 +289,58 @@ def plan_source(model: nn.Module, loader: Any, targets: list[Target], config: Co
             raise ValueError("CorDA++ (corda_config.plus) needs a calibration `loader`"
                              + (" of batches (iterable) to stream." if streaming else "."))
         return "plus_streaming" if streaming else "plus"
-    if streaming:
+    if streaming and not (cache_hit and folder is None):
         if loader is None or (callable(loader) and not hasattr(loader, "__iter__")):
             raise ValueError("streaming=True needs an iterable calibration `loader` of batches.")
-        if cache is not None:
-            raise ValueError("streaming=True does not write or read a covariance_cache; use one or the other.")
+        if cache is not None and folder is None:
+            raise ValueError(f"streaming=True writes its covariance_cache as a folder, one file per block, so that a "
+                             f"run resumes: '{cache}' names a file; give a folder path (without the .safetensors "
+                             "suffix), or streaming=False to write one file.")
+        if folder is not None:
+            check_writable(cache, "covariance_cache folder")
         return "streaming"
     if cache_hit:
-        _check_cache(cache, loader, config)
+        _check_cache(cache, loader, config, folder)
         return "cache"
     if loader is None:
         raise ValueError("init_adapters needs a calibration `loader` (or an existing `covariance_cache`).")
-    check_writable(cache, "covariance_cache file")
+    if folder is not None and folder.present() and not calib.overwrite_cache:
+        raise CacheError(f"covariance cache folder '{cache}' holds {len(folder.present())} of {len(folder.by_block)} "
+                         "blocks (an interrupted streaming run): resume it with streaming=True, or recalibrate "
+                         "(overwrite_cache=True).")
+    check_writable(cache, "covariance_cache " + ("folder" if folder is not None else "file"))
     return "one_pass"
 
 
-def _check_cache(cache: str, loader: Any, config: CordaConfig) -> None:
-    """An existing cache is readable, and made from the data ``loader`` yields (when a loader is given)."""
+def _cache_state(model: nn.Module, targets: list[Target], config: CordaConfig):
+    """``(the BlockCache of a folder cache or None, whether the cache exists whole)``; ranks must agree."""
+    calib = config.calibration
+    cache = calib.covariance_cache
+    folder = block_cache_for(cache, model, targets, config) \
+        if cache is not None and block_cache.is_folder(cache) else None
+    if folder is not None and distributed.is_active(calib.distributed):
+        raise ValueError(f"covariance_cache '{cache}' is a folder (one file per block); with distributed calibration "
+                         "give a file (*.safetensors) instead.")
+    cache_hit = cache is not None and not calib.overwrite_cache and (
+        folder.complete() if folder is not None else os.path.isfile(cache))
+    if cache is not None and distributed.is_active(calib.distributed):
+        # every rank must take the same path (their collectives must match); no rank writes the cache before all
+        # have passed this gather, so a shared filesystem gives every rank the same answer
+        hits = distributed.gather_objects(cache_hit)
+        if any(hits) != all(hits):
+            raise CacheError(f"covariance_cache '{cache}' exists on ranks {[r for r, h in enumerate(hits) if h]} "
+                             "only: give every rank the same file (a shared filesystem) or another path.")
+    return folder, cache_hit
+
+
+def _check_cache(cache: str, loader: Any, config: CordaConfig, folder=None) -> None:
+    """An existing cache is readable, and made from the data ``loader`` yields (when a loader is given). A folder's
+    files are checked as they are read (their data fingerprint against the loader's)."""
+    if folder is not None:
+        if loader is not None and data_fingerprint(loader, config) is None:
+            raise CacheError(f"covariance cache folder '{cache}' exists, and a run_model() callable's data cannot be "
+                             "checked against it: pass loader=None to use it as it is, or another path.")
+        return
     header = read_cache_metadata(cache)
     meta = json.loads(header.get("meta", "{}"))
     recorded = meta.get("data_fingerprint")
@@ -411,7 +440,9 @@ def _run_plus_streaming(out: _Outcome, source: str, model: nn.Module, loader: An
 def _run_streaming(out: _Outcome, source: str, model: nn.Module, loader: Any, config: CordaConfig) -> None:
     quiet = config.replace(show_progress=False)
     t0 = time.perf_counter()
-    for block_stats in iter_block_statistics(model, loader, config, out.targets):
+    cache = config.calibration.covariance_cache
+    folder = block_cache_for(cache, model, out.targets, config) if cache is not None else None
+    for block_stats in iter_block_statistics(model, loader, config, out.targets, cache=folder):
         out.tally(block_stats, peak=True)
         t0 = _timed(out, "calibrate", t0)
         out.factors.update(_decompose(block_stats, out.targets, quiet))
@@ -424,12 +455,20 @@ def _run_stats(out: _Outcome, source: str, model: nn.Module, loader: Any, config
     """One pass over the whole model, or a cache."""
     t0 = time.perf_counter()
     cache = config.calibration.covariance_cache
-    if source == "cache":
+    folder = block_cache_for(cache, model, out.targets, config) \
+        if cache is not None and block_cache.is_folder(cache) else None
+    if source == "cache" and folder is not None:
+        found = data_fingerprint(loader, config) if loader is not None else None
+        stats = block_cache.load_folder(folder, model_fingerprint(model), found)
+        logger.info("loaded covariance statistics of %d blocks from %s", len(folder.by_block), cache)
+    elif source == "cache":
         stats = CovarianceStats.load(cache, model_fingerprint(model), out.targets, config.normalization)
         logger.info("loaded covariance statistics from %s", cache)
     else:
         stats = collect_covariance(model, loader, config, out.targets)
-        if cache is not None and distributed.rank_and_world()[0] == 0:  # identical on every rank
+        if folder is not None:
+            block_cache.save_folder(folder, stats, stats.model_fingerprint)
+        elif cache is not None and distributed.rank_and_world()[0] == 0:  # identical on every rank
             stats.save(cache)
     out.tally(stats)
     t0 = _timed(out, "calibrate", t0)

@@ -100,7 +100,8 @@ class CovarianceStats:
 
     # ------------------------------------------------------------------ cache
     def save(self, path: str) -> None:
-        """Write the statistics (sums and counts, so caches can be merged) as safetensors with metadata."""
+        """Write the statistics (sums and counts, so caches can be merged) as safetensors with metadata; the file
+        appears whole or not at all (written under another name, then renamed)."""
         from safetensors.torch import save_file
 
         keys = list(self.sums)
@@ -116,7 +117,9 @@ class CovarianceStats:
         }
         tensors = {f"stat{i}": self.sums[k].contiguous().cpu() for i, k in enumerate(keys)}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file(tensors, path, metadata=meta)
+        partial = f"{path}.partial"  # a killed write leaves this name, which no run reads
+        save_file(tensors, partial, metadata=meta)
+        os.replace(partial, path)
         logger.info("saved covariance statistics of %d inputs (%d layers) to %s", len(keys), len(self.layer_names()), path)
 
     @classmethod
@@ -195,6 +198,7 @@ def read_cache_metadata(path: str) -> dict:
     except Exception as exc:  # empty, truncated or not safetensors at all
         raise CacheError(f"covariance cache '{path}' is not a readable safetensors file ({type(exc).__name__}: "
                          f"{exc}); delete it or pass another path.") from exc
+    _check_length(path)
     fmt = meta.get("format")
     if fmt != CACHE_FORMAT:
         older = isinstance(fmt, str) and fmt.startswith("corda_fast.covariance.")
@@ -206,3 +210,17 @@ def read_cache_metadata(path: str) -> dict:
     if missing:
         raise CacheError(f"covariance cache '{path}' lacks {missing}; delete it or pass another path.")
     return meta
+
+
+def _check_length(path: str) -> None:
+    """A safetensors file as long as its header says (a truncated file's header may still read)."""
+    import struct
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        raise CacheError(f"covariance cache '{path}' is {size} bytes where its header says {8 + n + end} (truncated "
+                         "or appended to, e.g. by a run killed while writing it); delete it or pass another path.")

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, offload
+from .block_cache import BlockCache
 from .calibrate import (
     CalibrationError,
     Collector,
@@ -33,7 +34,7 @@ from .calibrate import (
     model_device,
 )
 from .config import CordaConfig
-from .fingerprint import model_fingerprint
+from .fingerprint import combine_digests, model_fingerprint
 from .stats import CovarianceStats
 from .targets import Target
 
@@ -67,6 +68,15 @@ def find_blocks(model: nn.Module, targets: list[Target]) -> tuple[str, nn.Module
         raise CalibrationError(
             f"streaming calibration walks one list of blocks, '{name}.*'; targets outside it: {outside[:5]}." + why)
     return name, blocks
+
+
+def block_cache(folder: str, model: nn.Module, targets: list[Target], config: CordaConfig) -> BlockCache:
+    """The :class:`~corda_fast.block_cache.BlockCache` of ``targets`` (all inside one list of blocks) in ``folder``."""
+    prefix, _ = find_blocks(model, targets)
+    by_block: dict[int, list[Target]] = {}
+    for t in targets:
+        by_block.setdefault(int(t.name[len(prefix) + 1:].split(".")[0]), []).append(t)
+    return BlockCache(folder, prefix, dict(sorted(by_block.items())), config)
 
 
 def _other_block_list(model: nn.Module, names: list[str], chosen: str) -> Optional[str]:
@@ -103,7 +113,7 @@ def block_kinds(model: nn.Module, blocks: nn.ModuleList) -> list:
 
 def _cache_first_block_inputs(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target], prefix: str,
                               blocks: nn.ModuleList, kinds: list, device, cache_device,
-                              multi: bool) -> tuple[list, int]:
+                              multi: bool, digest: Optional[list] = None) -> tuple[list, int]:
     """Run the model up to its first block on every batch — up to the first block of each kind when blocks differ
     (their masks do) — and return ``([(index, mask, (batch, seq), args, kwargs, {kind: (args, kwargs)})], total
     batches over ranks)`` with the inputs on ``cache_device``: block 0's are the stream's start, each other kind's
@@ -126,7 +136,7 @@ def _cache_first_block_inputs(model: nn.Module, loader: Any, config: CordaConfig
     try:
         run = forward_runner(model, targets)
         with distributed.stage(multi, "calibration (caching block inputs)"):
-            for i, kwargs, mask in iter_batches(loader, config, device, "caching block inputs"):
+            for i, kwargs, mask in iter_batches(loader, config, device, "caching block inputs", digest=digest):
                 current.clear()
                 try:
                     run(kwargs)
@@ -189,40 +199,65 @@ def _run_block(block: nn.Module, name: str, cached: list, collector: Collector, 
 
 
 def iter_block_statistics(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target],
-                          cache_device: Optional[torch.device] = None) -> Iterator[CovarianceStats]:
+                          cache_device: Optional[torch.device] = None,
+                          cache: Optional[BlockCache] = None) -> Iterator[CovarianceStats]:
     """Yield one :class:`CovarianceStats` per block that holds targets, in model order.
 
     Args:
         model, loader, config, targets: as :func:`corda_fast.stages.collect_covariance` (loader must be iterable).
         cache_device: where block inputs are kept between blocks (default: ``config.calibration.cache_device``,
             else the model's device; ``"cpu"`` frees accelerator memory at the cost of transfers).
+        cache: a :class:`~corda_fast.block_cache.BlockCache`: blocks written as they complete, done ones read.
     The model is left as it was (hooks removed, every module's mode restored) whatever happens, including when the
     consumer stops early.
     """
-    for group_stats in iter_block_candidates(model, loader, config, targets, 1, cache_device):
+    for group_stats in iter_block_candidates(model, loader, config, targets, 1, cache_device, cache):
         yield group_stats[0]
 
 
-@torch.no_grad()
-def iter_block_candidates(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target], groups: int,
-                          cache_device: Optional[torch.device] = None) -> Iterator[list[CovarianceStats]]:
-    """:func:`iter_block_statistics` for CorDA++: per block, the statistics of each of ``groups`` candidate groups
-    (calibration batch ``i`` feeds group ``i mod groups``, as :func:`corda_fast.stages.collect_candidates`)."""
+def _devices(model: nn.Module, config: CordaConfig, cache_device) -> tuple:
+    """``(the model's device, the onload device or None, where block inputs are kept, where blocks run)``."""
     device = model_device(model)
-    multi = distributed.is_active(config.calibration.distributed)
     onload = config.calibration.onload_device
     onload = torch.device(onload) if onload is not None else None
     cache_device = cache_device if cache_device is not None else config.calibration.cache_device
     cache_device = torch.device(cache_device) if cache_device is not None else device
-    block_device = onload if onload is not None else device
+    return device, onload, cache_device, onload if onload is not None else device
+
+
+class _NoStatistics:
+    """A collector that collects nothing: completed blocks of a resumed run only feed the next block."""
+
+    def start_batch(self, *args) -> None:
+        pass
+
+    record_finite = end_batch = check_finite = start_batch
+
+
+@torch.no_grad()
+def iter_block_candidates(model: nn.Module, loader: Any, config: CordaConfig, targets: list[Target], groups: int,
+                          cache_device: Optional[torch.device] = None,
+                          cache: Optional[BlockCache] = None) -> Iterator[list[CovarianceStats]]:
+    """:func:`iter_block_statistics` for CorDA++: per block, the statistics of each of ``groups`` candidate groups
+    (calibration batch ``i`` feeds group ``i mod groups``, as :func:`corda_fast.stages.collect_candidates`).
+
+    ``cache`` (a :class:`~corda_fast.block_cache.BlockCache`, one group only): each block's statistics are written to
+    its file as the block completes; blocks whose file is already there (checked against this model and data) are
+    read instead, and run without statistics only when a later block still has to be computed."""
+    device, onload, cache_device, block_device = _devices(model, config, cache_device)
+    multi = distributed.is_active(config.calibration.distributed)
     prefix, blocks = find_blocks(model, targets)
     kinds = block_kinds(model, blocks)
     dispatched = offload.is_dispatched(model)
     fingerprint = model_fingerprint(model)
     t0 = time.perf_counter()
+    digests: Optional[list] = [] if cache is not None else None
     with eval_mode(model):
         cached, total = _cache_first_block_inputs(model, loader, config, targets, prefix, blocks, kinds, device,
-                                                  cache_device, multi)
+                                                  cache_device, multi, digests)
+        if cache is not None:
+            cache.bind(fingerprint, combine_digests(digests, multi))
+        last_to_compute = max((b for b in (cache.by_block if cache else ()) if b not in cache.done), default=-1)
         if total < groups:
             raise CalibrationError(f"the calibration loader yielded {total} batch(es) but {groups} candidate groups "
                                    "were asked for (batch i feeds group i mod candidates): give at least as many "
@@ -230,6 +265,14 @@ def iter_block_candidates(model: nn.Module, loader: Any, config: CordaConfig, ta
         for b, block in enumerate(tqdm(blocks, desc="corda_fast: calibrating block by block", unit="block",
                                        disable=not config.show_progress)):
             block_targets = [t for t in targets if t.name.startswith(f"{prefix}.{b}.")]
+            if cache is not None and (b in cache.done or not block_targets):
+                if b < last_to_compute:  # feed a later block that still has to be computed
+                    with onloaded(block, onload):
+                        _run_block(block, f"{prefix}.{b}", cached, _NoStatistics(), block_device, cache_device, True,
+                                   trim=dispatched, kind=kinds[b])
+                if block_targets:
+                    yield [cache.read(b)]
+                continue
             collector = Collector(block_targets, config, block_device, groups)
             handles = collector.attach(block_targets)
             try:
@@ -247,6 +290,8 @@ def iter_block_candidates(model: nn.Module, loader: Any, config: CordaConfig, ta
                 del collector
                 for stats in out:
                     stats.meta["block"] = f"{prefix}.{b}"
+                if cache is not None:
+                    cache.write(b, out[0])
                 yield out
                 del out
             offload.release_host_memory()  # one block's worth of host memory at a time, not a growing heap

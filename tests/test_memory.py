@@ -99,3 +99,133 @@ def test_bad_spill_settings_are_refused_by_name():
         corda_fast.CordaConfig(spill="ssd")
     with pytest.raises(corda_fast.CordaConfigError, match=r"CordaConfig.spill_folder=3"):
         corda_fast.CordaConfig(spill_folder=3)
+
+
+# ---------------------------------------------------------------------------------------------------- block cache
+def _deltas(pm) -> dict:
+    out = {}
+    for name, m in pm.base_model.model.named_modules():
+        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
+            out[name] = m.scaling["default"] * (m.lora_B["default"].weight.double() @ m.lora_A["default"].weight.double())
+    return out
+
+
+def _same_adapters(a, b, tol=1e-12):
+    da, db = _deltas(a), _deltas(b)
+    assert da.keys() == db.keys() and da
+    for k in da:
+        assert rel_max(db[k], da[k]) <= tol, k
+
+
+def _stamps(folder):
+    return {f: (os.stat(os.path.join(folder, f)).st_ino, os.stat(os.path.join(folder, f)).st_mtime_ns)
+            for f in sorted(os.listdir(folder))}
+
+
+BATCHES = padded_batches(random_samples(6, seed=2), 2)
+
+
+def test_streaming_writes_one_file_per_block_and_resumes_after_an_interruption(tmp_path, monkeypatch):
+    folder = str(tmp_path / "stats")
+    kw = dict(rank=4, mode="kpm", precision="float64")
+    reference = corda_fast.init_adapters(tiny_llama(layers=4), BATCHES, **Setup(streaming=True, **kw).kw)
+    real = corda_fast.api._decompose
+    seen = []
+
+    def dies_at_block_2(stats, targets, config):
+        seen.append(stats.meta.get("block"))
+        if stats.meta.get("block") == "model.layers.2":
+            raise KeyboardInterrupt("killed (test)")
+        return real(stats, targets, config)
+
+    monkeypatch.setattr(corda_fast.api, "_decompose", dies_at_block_2)
+    model = tiny_llama(layers=4)
+    before = model_state(model)
+    with pytest.raises(KeyboardInterrupt):
+        corda_fast.init_adapters(model, BATCHES, **Setup(streaming=True, covariance_cache=folder, **kw).kw)
+    assert_model_unchanged(model, before)
+    done = _stamps(folder)
+    assert sorted(done) == ["block-00000.safetensors", "block-00001.safetensors", "block-00002.safetensors"]
+    monkeypatch.setattr(corda_fast.api, "_decompose", real)
+    computed = []
+    finish = corda_fast.streaming.finish_statistics
+    monkeypatch.setattr(corda_fast.streaming, "finish_statistics",
+                        lambda c, ts, *a, **k: computed.append(ts[0].name.split(".")[2]) or finish(c, ts, *a, **k))
+    pm, report = corda_fast.init_adapters(tiny_llama(layers=4), BATCHES, return_report=True,
+                                          **Setup(streaming=True, covariance_cache=folder, **kw).kw)
+    assert computed == ["3"], "only the block without a file is calibrated"
+    after = _stamps(folder)
+    assert {f: after[f] for f in done} == done, "files of completed blocks were rewritten"
+    assert len(after) == 4
+    _same_adapters(reference, pm)
+    assert report.n_samples == 6
+
+
+def test_a_folder_cache_serves_one_pass_and_a_one_pass_folder_serves_streaming(tmp_path, monkeypatch):
+    kw = dict(rank=4, mode="ipm", precision="float64")
+    streamed = str(tmp_path / "streamed")
+    a = corda_fast.init_adapters(tiny_llama(layers=3), BATCHES, **Setup(streaming=True, covariance_cache=streamed,
+                                                                         **kw).kw)
+    b, rep = corda_fast.init_adapters(tiny_llama(layers=3), BATCHES, return_report=True,
+                                      **Setup(covariance_cache=streamed, **kw).kw)
+    assert rep.source == "cache"
+    _same_adapters(a, b)
+    one_pass = str(tmp_path / "one_pass")
+    c = corda_fast.init_adapters(tiny_llama(layers=3), BATCHES, **Setup(covariance_cache=one_pass, **kw).kw)
+    assert sorted(os.listdir(one_pass)) == [f"block-0000{i}.safetensors" for i in range(3)]
+    monkeypatch.setattr(corda_fast.streaming, "finish_statistics", None)  # nothing may be calibrated
+    d = corda_fast.init_adapters(tiny_llama(layers=3), BATCHES, **Setup(streaming=True, covariance_cache=one_pass,
+                                                                         **kw).kw)
+    _same_adapters(c, d)
+    _same_adapters(a, d, 1e-10)
+    file = str(tmp_path / "cov.safetensors")  # a one-pass file serves a streaming run as it is
+    corda_fast.init_adapters(tiny_llama(layers=3), BATCHES, **Setup(covariance_cache=file, **kw).kw)
+    e, rep = corda_fast.init_adapters(tiny_llama(layers=3), BATCHES, return_report=True,
+                                      **Setup(streaming=True, covariance_cache=file, **kw).kw)
+    assert rep.source == "cache"
+    _same_adapters(c, e)
+
+
+def _run(folder, model=None, batches=BATCHES, **extra):
+    return corda_fast.init_adapters(model or tiny_llama(layers=3), batches,
+                                    **Setup(rank=4, streaming=True, covariance_cache=folder, **extra).kw)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign_block", "other_data", "not_safetensors", "other_model"])
+def test_a_bad_block_file_is_refused_by_name(damage, tmp_path):
+    folder = tmp_path / "stats"
+    _run(str(folder))
+    target = folder / "block-00001.safetensors"
+    if damage == "truncated":
+        data = target.read_bytes()
+        target.write_bytes(data[: len(data) - 100])
+    elif damage == "foreign_block":
+        target.write_bytes((folder / "block-00000.safetensors").read_bytes())
+    elif damage == "other_data":
+        _run(str(tmp_path / "other"), batches=padded_batches(random_samples(6, seed=9), 2))
+        target.write_bytes((tmp_path / "other" / "block-00001.safetensors").read_bytes())
+    elif damage == "not_safetensors":
+        target.write_text("hello")
+    else:
+        _run(str(tmp_path / "other"), model=tiny_llama(layers=3, seed=5))
+        target.write_bytes((tmp_path / "other" / "block-00001.safetensors").read_bytes())
+    model = tiny_llama(layers=3)
+    before = model_state(model)
+    with pytest.raises(corda_fast.CacheError, match=str(target).replace(".", r"\.")):
+        _run(str(folder), model=model)
+    assert_model_unchanged(model, before)
+    _run(str(folder), overwrite_cache=True)  # recalibrating over it works
+
+
+def test_a_partial_write_is_never_read_and_folder_misuse_is_explained(tmp_path):
+    folder = tmp_path / "stats"
+    _run(str(folder))
+    os.remove(folder / "block-00002.safetensors")
+    (folder / "block-00002.safetensors.partial").write_bytes(b"half a file")  # a run killed while writing
+    _run(str(folder))  # block 2 recomputed, the partial file ignored
+    assert (folder / "block-00002.safetensors").exists()
+    os.remove(folder / "block-00002.safetensors")
+    with pytest.raises(corda_fast.CacheError, match="holds 2 of 3 blocks.*streaming=True"):
+        corda_fast.init_adapters(tiny_llama(layers=3), BATCHES, **Setup(rank=4, covariance_cache=str(folder)).kw)
+    with pytest.raises(ValueError, match="writes its covariance_cache as a folder"):
+        _run(str(tmp_path / "new.safetensors"))
