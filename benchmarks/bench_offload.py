@@ -23,13 +23,29 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-from offload_worker import make_model  # noqa: E402
+from offload_worker import BATCH, PLUS_CANDIDATES, SAMPLES, SEQ, TARGETS, make_model  # noqa: E402
 
 from common import environment  # noqa: E402
 
-MODES = ["corda_inmemory", "corda_streaming", "corda", "floor"]
+MODES = ["corda_inmemory", "corda_streaming", "corda", "floor", "plus_inmemory", "plus_streaming"]
 LABEL = {"corda_inmemory": "in memory (one pass)", "corda_streaming": "in memory, streaming",
-         "corda": "disk offload (device_map, host = size/4)", "floor": "floor: offloaded inference only"}
+         "corda": "disk offload (device_map, host = size/4)", "floor": "floor: offloaded inference only",
+         "plus_inmemory": "CorDA++ in memory (one pass)", "plus_streaming": "CorDA++ in memory, streaming"}
+PLAN_MODE = {"corda_inmemory": "one_pass", "corda_streaming": "streaming", "corda": "disk_offload",
+             "plus_inmemory": "plus", "plus_streaming": "plus_streaming"}
+
+
+def predicted(model_dir: str, cpu_bytes: int) -> dict:
+    """``plan_memory``'s host peak (MiB) per mode for this model and the workers' calibration, on a host without a
+    GPU."""
+    import torch
+
+    import corda_fast
+
+    plan = corda_fast.plan_memory(model_dir, samples=SAMPLES, seq_len=SEQ, batch_size=BATCH, target_modules=TARGETS,
+                                  candidates=PLUS_CANDIDATES, max_memory={"cpu": cpu_bytes}, device_memory=0,
+                                  threads=torch.get_num_threads())
+    return {m: plan.modes[p].host_peak_bytes / 2**20 for m, p in PLAN_MODE.items()}
 
 
 def run(mode: str, d: str, work: str, cpu_bytes: int) -> dict:
@@ -45,6 +61,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, nargs="+", default=[8, 24, 48])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     p.add_argument("--out", default=os.path.join(HERE, "results", "offload_cpu.json"))
     args = p.parse_args()
     rows = []
@@ -52,9 +69,10 @@ def main():
         root = tempfile.mkdtemp(prefix="corda_offload_bench_")
         try:
             size = make_model(os.path.join(root, "model"), layers)
-            runs = {m: [] for m in MODES}
+            plan = predicted(os.path.join(root, "model"), size // 4)
+            runs = {m: [] for m in args.modes}
             for r in range(args.repeats):
-                for mode in MODES:  # interleaved
+                for mode in args.modes:  # interleaved
                     work = os.path.join(root, f"{mode}_{r}")
                     runs[mode].append(run(mode, os.path.join(root, "model"), work, size // 4))
                     shutil.rmtree(work, ignore_errors=True)
@@ -66,7 +84,7 @@ def main():
                              "peak_min": min(x["peak"] for x in rs), "peak_max": max(x["peak"] for x in rs),
                              "seconds": statistics.median(x["seconds"] for x in rs),
                              "seconds_min": min(x["seconds"] for x in rs),
-                             "seconds_max": max(x["seconds"] for x in rs)})
+                             "seconds_max": max(x["seconds"] for x in rs), "predicted_mib": plan.get(mode)})
         finally:
             shutil.rmtree(root, ignore_errors=True)
     result = {"benchmark": "offload", "config": vars(args), "environment": environment(), "rows": rows}
@@ -78,15 +96,19 @@ def main():
 
 
 def markdown(result: dict) -> str:
-    rows = ["| model | mode | peak host memory above baseline, MiB (min-max) | x model size | seconds (min-max) |",
-            "|---|---|---|---:|---|"]
+    rows = ["| model | mode | peak host memory above baseline, MiB (min-max) | x model size | seconds (min-max) "
+            "| planned, MiB | planned / measured |",
+            "|---|---|---|---:|---|---:|---:|"]
     for r in result["rows"]:
+        plan = r.get("predicted_mib")
         rows.append(f"| {r['layers']} blocks, {r['model_mib']:.0f} MiB | {LABEL[r['mode']]} | "
                     f"{r['peak_mib']:.0f} ({r['peak_min']:.0f}-{r['peak_max']:.0f}) | {r['peak_mib'] / r['model_mib']:.2f} | "
-                    f"{r['seconds']:.1f} ({r['seconds_min']:.1f}-{r['seconds_max']:.1f}) |")
+                    f"{r['seconds']:.1f} ({r['seconds_min']:.1f}-{r['seconds_max']:.1f}) | "
+                    + (f"{plan:.0f} | {plan / r['peak_mib']:.2f} |" if plan else "- | - |"))
     env, c = result["environment"], result["config"]
     rows.append(f"\nRandom Llama blocks (hidden 512, MLP 1024, float32), IPM r=8 on the 7 projections, 16 x 64 "
-                f"calibration tokens; load + init_adapters + save_residual_base per process; median (min-max) of "
+                f"calibration tokens, CorDA++ with {PLUS_CANDIDATES} candidates; planned: corda_fast.plan_memory's host "
+                f"peak for the mode; load + init_adapters + save_residual_base per process; median (min-max) of "
                 f"{c['repeats']} runs; {env['cpu_count']} CPUs, torch {env['torch']}, transformers {env['transformers']}, "
                 f"commit {env['corda_fast_commit']}, {env['date']}")
     return "\n".join(rows)
@@ -101,6 +123,8 @@ def plot(result: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for mode in MODES:
         rs = [r for r in result["rows"] if r["mode"] == mode]
+        if not rs:
+            continue
         ax.plot([r["model_mib"] for r in rs], [r["peak_mib"] for r in rs], marker="o", label=LABEL[mode])
     sizes = sorted({r["model_mib"] for r in result["rows"]})
     ax.plot(sizes, sizes, color="k", lw=0.8, ls="--", label="= model size")

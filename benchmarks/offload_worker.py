@@ -1,11 +1,13 @@
 """Peak resident memory of one run, for benchmarks/bench_offload.py and tests/test_offload.py.
 
-    python offload_worker.py {floor|corda|corda_inmemory|corda_streaming} MODEL_DIR WORK_DIR CPU_BYTES
+    python offload_worker.py MODE MODEL_DIR WORK_DIR CPU_BYTES
+    (MODE: floor | corda | corda_inmemory | corda_streaming | plus_inmemory | plus_streaming)
 
 floor: load with device_map="auto" (host limit CPU_BYTES, the rest on disk in WORK_DIR/offload) and run the
 calibration batches through the model (plain offloaded inference); corda: the same load, then
 init_adapters(streaming=True) and save_residual_base; corda_inmemory / corda_streaming: the model loaded whole
-into memory, then init_adapters (one pass / streaming) and save_residual_base. Prints one JSON line: peak and
+into memory, then init_adapters (one pass / streaming) and save_residual_base; plus_*: the same with CorDA++ (2
+candidates). Prints one JSON line: peak and
 after-load resident memory in MiB above the baseline (after imports and a warm-up of torch's linear algebra, whose
 workspaces do not depend on the model; the peak is reset there), and seconds. Linux only (/proc).
 """
@@ -19,6 +21,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import corda_fast
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PLUS_CANDIDATES = 2
+SAMPLES, SEQ, BATCH = 16, 64, 4  # 4 batches of 4 x 64 tokens
 
 
 def make_model(d: str, layers: int) -> int:
@@ -69,17 +75,16 @@ def main():
     loaded = peak_mib() - base
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
-    batches = [{"input_ids": torch.randint(0, vocab, (4, 64), generator=g)} for _ in range(4)]
+    batches = [{"input_ids": torch.randint(0, vocab, (BATCH, SEQ), generator=g)} for _ in range(SAMPLES // BATCH)]
     if what == "floor":
         with torch.no_grad():
             for b in batches:
                 model(**b)
     else:
-        pm = corda_fast.init_adapters(model, batches, rank=8,
-                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                      "down_proj"],
-                                      streaming=what != "corda_inmemory",
-                                      corda_config=corda_fast.CordaConfig(show_progress=False))
+        plus = corda_fast.PlusConfig(candidates=PLUS_CANDIDATES) if what.startswith("plus") else None
+        pm = corda_fast.init_adapters(model, batches, rank=8, target_modules=TARGETS,
+                                      streaming=what not in ("corda_inmemory", "plus_inmemory"),
+                                      corda_config=corda_fast.CordaConfig(show_progress=False, plus=plus))
         corda_fast.save_residual_base(pm, os.path.join(work, "residual_base"))
     print(json.dumps({"what": what, "peak": peak_mib() - base, "after_load": loaded,
                       "seconds": time.perf_counter() - t0}))

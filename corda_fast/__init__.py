@@ -17,6 +17,7 @@ from .data import calibration_batches, pad_batches
 from .decompose import DampingError
 from .export import save_for_trainers
 from .fused import fuse, unfuse
+from .memory_plan import MemoryPlan, plan_memory
 from .peft_bridge import save_as_lora, save_initial_adapter, save_residual_base
 from .stats import CacheError
 from .targets import TargetError
@@ -41,6 +42,8 @@ __all__ = [
     "save_for_trainers",
     "fuse",
     "unfuse",
+    "plan_memory",
+    "MemoryPlan",
     "CordaConfigError",
     "CalibrationError",
     "CacheError",

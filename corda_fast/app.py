@@ -27,6 +27,8 @@ def run(args) -> Optional[str]:
     """Run the parsed command; returns the text to print (``None`` on a non-zero rank of a distributed job)."""
     if args.command == "env":
         return json.dumps(run_env(), indent=1)
+    if args.command == "plan":
+        return run_plan(args)
     if args.command in ("convert", "merge", "eval"):
         return {"convert": run_convert, "merge": run_merge, "eval": run_eval}[args.command](args)
     if args.command == "demo":
@@ -181,6 +183,8 @@ def run_init(args) -> tuple[dict, Any]:
     if rank == 0 and os.path.exists(work):
         shutil.rmtree(work)
     _check_model(args.model)
+    if rank == 0:
+        _memory_check(args, device)
     source = None
     if args.data != "builtin":  # the data is found and opened before the model is loaded
         from .data import load_source
@@ -199,6 +203,63 @@ def run_init(args) -> tuple[dict, Any]:
     job = {"model": model_dir, "rank": args.rank, "method": args.method, "world": world,
            "drift": drift, "scale": scale}
     return _write_outputs(args, peft_model, tok, report, job, work), report
+
+
+# ---------------------------------------------------------------------------------------------------- memory plan
+def _plan_for(args, device: str):
+    """``(plan_memory for these flags, the mode init will run)``, or ``(None, None)`` without a config.json."""
+    import corda_fast
+
+    from .memory_plan import mode_of
+
+    if not os.path.isfile(os.path.join(str(args.model), "config.json")):
+        return None, None
+    dispatched = getattr(args, "device_map", None) is not None
+    onload = getattr(args, "onload_device", None) is not None
+    on_gpu = str(device).startswith("cuda") or onload or dispatched
+    targets = args.target_modules
+    if targets is None:
+        targets = None if getattr(args, "target_parameters", None) is None else []
+    plus = args.method == "corda++"
+    plan = corda_fast.plan_memory(
+        args.model, samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
+        target_modules=targets, precision=args.precision, dtype=args.dtype,
+        candidates=(args.candidates or corda_fast.PlusConfig().candidates) if plus else 1,
+        max_memory=args.max_memory, host_memory=getattr(args, "host_memory", None),
+        device_memory=getattr(args, "device_memory", None) if on_gpu else 0)
+    return plan, mode_of({"on": True}.get(args.streaming, False), plus, onload, dispatched)
+
+
+def _memory_check(args, device: str) -> None:
+    """Print the planned peak of the mode these flags run; refuse one that does not fit unless
+    ``--ignore-memory-plan``."""
+    try:
+        plan, mode = _plan_for(args, device)
+    except Exception as exc:  # a config transformers cannot build on the meta device: plan nothing, say so
+        logger.warning("memory plan: not available for '%s' (%s: %s)", args.model, type(exc).__name__, exc)
+        return
+    if plan is None:
+        logger.info("memory plan: skipped ('%s' has no config.json)", args.model)
+        return
+    logger.info("%s", plan.line(mode))
+    if not plan.modes[mode].fits:
+        others = [m for m, e in plan.modes.items() if e.fits]
+        msg = (f"{plan.line(mode)}. Modes that fit: {others or 'none'} (python -m corda_fast plan --model ... shows "
+               "them all).")
+        if not getattr(args, "ignore_memory_plan", False):
+            raise MemoryError(msg + " Pass --ignore-memory-plan to run anyway.")
+        logger.warning("%s Going on (--ignore-memory-plan).", msg)
+
+
+def run_plan(args) -> str:
+    """The ``plan`` job: every mode's predicted peaks for ``init`` with the same flags (``--json``: as JSON)."""
+    plan, mode = _plan_for(args, "cuda" if args.device in ("cuda", "auto") else args.device)
+    if plan is None:
+        raise ValueError(f"model '{args.model}' has no config.json to plan from.")
+    if args.json:
+        return json.dumps({**plan.to_dict(), "init_mode": mode}, indent=1)
+    return plan.table() + f"\n\ninit with these flags runs '{mode}': " + ("fits." if plan.modes[mode].fits else
+                                                                         f"does NOT fit ({plan.modes[mode].why_not}).")
 
 
 def _write_outputs(args, peft_model, tok, report, job: dict, work: str) -> dict:

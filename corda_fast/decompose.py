@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, ops
 from .config import CordaConfig
-from .ops import DampingError, damp, decompose_layer, degenerate_error, find_damping, not_converged_error
+from .ops import DampingError, damp_, decompose_layer, degenerate_error, find_damping, not_converged_error
 from .stats import CovarianceStats
 from .targets import Target
 
@@ -118,7 +118,8 @@ def _decompose_torch(stats: CovarianceStats, by_key: dict, config: CordaConfig, 
         names = [t.name for t in layer_targets]
         lam = find_damping(c, starts.get(key, damping.start), damping.tol, damping.max_iter,
                            what=f"layer(s) {names}")  # float32
-        c_f = damp(c, lam)
+        c_f = damp_(c, lam)  # `c` is this job's own copy: damped in place, one d×d less at the peak
+        del c
         if release:
             stats.sums.pop(key, None)
         chol, info = torch.linalg.cholesky_ex(c_f)
@@ -126,7 +127,7 @@ def _decompose_torch(stats: CovarianceStats, by_key: dict, config: CordaConfig, 
             raise DampingError(f"damped covariance of layer(s) {names} is not positive definite (λ={lam}).")
         done = []
         for t in layer_targets:
-            w = t.weight_matrix().detach().to(device=c.device, dtype=work)
+            w = t.weight_matrix().detach().to(device=c_f.device, dtype=work)
             a, b, s_r = decompose_layer(w, chol, c_f, t.rank, config.mode, t.scaling, method)
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise DampingError(f"non-finite adapter factors for layer '{t.name}' (λ={lam}).")

@@ -24,14 +24,23 @@ import torch
 from . import backends as _backends  # noqa: F401  (registers the compiled kernels)
 from . import covariance, linalg, lowrank, registry
 from .covariance import sample_scales, symmetrize, triangle_blocks
-from .linalg import DampingError, damp, damping_probes, decompose_layer, degenerate_error, find_damping, not_converged_error
+from .linalg import (
+    DampingError,
+    damp,
+    damp_,
+    damping_probes,
+    decompose_layer,
+    degenerate_error,
+    find_damping,
+    not_converged_error,
+)
 from .lowrank import FusedLoRALinearFunction, fused_lora_linear
 from .registry import BACKEND_ENV, BackendError, available, choose, describe, registrations, why_not
 
 __all__ = ["covariance", "linalg", "lowrank", "registry",
            "xtx_accumulate", "lowrank_gemm", "damped_cholesky", "batched_decompose", "choose", "available",
            "describe", "registrations", "why_not", "extension_status", "BackendError", "BACKEND_ENV", "symmetrize",
-           "triangle_blocks", "sample_scales", "find_damping", "damp", "damping_probes", "decompose_layer",
+           "triangle_blocks", "sample_scales", "find_damping", "damp", "damp_", "damping_probes", "decompose_layer",
            "degenerate_error", "not_converged_error", "DampingError", "FusedLoRALinearFunction", "fused_lora_linear"]
 
 

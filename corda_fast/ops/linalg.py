@@ -43,6 +43,12 @@ def damp(cov: torch.Tensor, lam: float) -> torch.Tensor:
     return out
 
 
+def damp_(cov: torch.Tensor, lam: float) -> torch.Tensor:
+    """:func:`damp` in place on ``cov`` (a copy the caller owns): the same values, without a second ``d×d``."""
+    cov.diagonal().add_(torch.diagonal(cov).mean() * lam)
+    return cov
+
+
 def damping_probes(d: int) -> torch.Tensor:
     """The 16 fixed random probes (float32, seed 0) of the damping estimate, shared by every kernel."""
     return torch.randn(d, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float32)

@@ -1,0 +1,371 @@
+"""How much memory each way of running CorDA needs, before anything is loaded: :func:`plan_memory`.
+
+The model is built from its ``config.json`` on the meta device (no weight is read), the targets are resolved as
+``init_adapters`` would, and the peaks are summed from the sizes the code allocates:
+
+==========  =====================================================================================================
+term        what it is
+==========  =====================================================================================================
+``P``       the model's weights (and buffers) in the load dtype
+``P_t``     the targeted weights (their originals go to the build's spill: a file for a model in host memory, host
+            memory for a model on a GPU)
+``W_b``     the largest block's weights; ``W_l`` the largest targeted layer's
+``S``       every statistic (one per distinct input: q/k/v share one, gate/up one), ``d_in²`` each in the statistics
+            precision; ``S_b`` the largest block's; CorDA++ holds ``candidates`` of each
+``A``       streaming's cached block inputs: ``tokens · hidden`` in the model dtype
+``D``       one decomposition's workspace (the statistic's damped float64 copy and Cholesky factor ``2·8·d²``;
+            the weight and ``W·C`` in float64; the Gram matrix and its eigenvectors), times the statistics
+            decomposed at once (one per CPU core on the host, one on a GPU)
+``X``       one batch's activations: a block's (streaming) or the whole forward's with the logits (one pass)
+``O``       the runtime's own overhead (PEFT wrapping, allocator slack, thread pools): measured on the host, see
+            ``HOST_OVERHEAD``
+==========  =====================================================================================================
+
+Modes: ``one_pass`` ``P + S + max(X, D) + O``; ``streaming`` ``P + S_b + A + max(X_b, D) + O``; ``plus`` (CorDA++ in
+one pass) ``P + c·S + max(X, D) + O``; ``plus_streaming`` ``P + c·S_b + A + max(X_b, D) + O``; ``onloading`` host
+``P + A + O``, device ``W_b + S_b + max(X_b, D)``; ``disk_offload`` host ``M + F + S_b + A + W_l + D + O_d`` (``M``
+accelerate's host budget, ``F`` the checkpoint pages read through while offloaded layers run), disk ``P − M − G``
+read from the checkpoint plus ``P_t`` of the disk-offloaded share in the residual store. With a GPU the in-memory
+modes put the model there (their peak is then device memory; the spill ``P_t`` goes to host memory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MODES = ("one_pass", "streaming", "onloading", "disk_offload", "plus", "plus_streaming")
+# Inputs read by sibling layers of one module: one statistic for the family (the calibration shares them).
+_SHARED_FAMILIES = ({"q_proj", "k_proj", "v_proj"}, {"query", "key", "value"}, {"gate_proj", "up_proj"},
+                    {"w1", "w3"}, {"q", "k", "v"})
+# Host memory the runtime adds on top of the terms (PEFT's wrapping, allocator slack, the forward's temporaries),
+# as a share of the model's weights plus a constant: fitted on the CPU benchmark (docs/offload.md, "planner").
+HOST_OVERHEAD = (0.08, 48 * 2**20)
+# Checkpoint pages a disk-offloaded run keeps resident, as a share of the weights read from disk, and its own slack
+# (accelerate's hooks keep no model-sized state): fitted the same way.
+DISK_PAGE_SHARE = 0.12
+DISK_OVERHEAD = 16 * 2**20
+
+
+@dataclass
+class ModeEstimate:
+    """One mode's predicted peaks (bytes) and whether they fit the machine."""
+
+    host_peak_bytes: int
+    device_peak_bytes: int
+    disk_bytes: int
+    fits: bool
+    terms: dict = field(default_factory=dict)
+    why_not: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    """:func:`plan_memory`'s answer: the sizes it summed and each mode's estimate."""
+
+    model: str
+    dtype: str
+    params_bytes: int
+    targeted_bytes: int
+    blocks: int
+    block_bytes: int
+    statistics_bytes: int
+    block_statistics_bytes: int
+    inputs_bytes: int
+    decomposition_bytes: int
+    host_available: Optional[int]
+    device_available: Optional[int]
+    disk_available: Optional[int]
+    modes: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["modes"] = {k: asdict(v) for k, v in self.modes.items()}
+        return out
+
+    def line(self, mode: str) -> str:
+        """``streaming: host 1.2 GiB, device 0 B, disk 0.4 GiB — fits`` (what ``init`` prints before it starts)."""
+        m = self.modes[mode]
+        return (f"memory plan, {mode}: host {gib(m.host_peak_bytes)}, device {gib(m.device_peak_bytes)}, disk "
+                f"{gib(m.disk_bytes)} (available: host {gib(self.host_available)}, device {gib(self.device_available)}"
+                f", disk {gib(self.disk_available)}) — " + ("fits" if m.fits else f"does NOT fit: {m.why_not}"))
+
+    def table(self) -> str:
+        rows = [f"{self.model}: {gib(self.params_bytes)} of weights ({self.dtype}), {self.blocks} blocks, targeted "
+                f"{gib(self.targeted_bytes)}; statistics {gib(self.statistics_bytes)} in all, "
+                f"{gib(self.block_statistics_bytes)} per block; cached block inputs {gib(self.inputs_bytes)}; one "
+                f"decomposition {gib(self.decomposition_bytes)}",
+                f"available: host {gib(self.host_available)}, device {gib(self.device_available)}, disk "
+                f"{gib(self.disk_available)}", "",
+                f"{'mode':15s} {'host peak':>12s} {'device peak':>12s} {'disk':>10s}  fits"]
+        for name, m in self.modes.items():
+            rows.append(f"{name:15s} {gib(m.host_peak_bytes):>12s} {gib(m.device_peak_bytes):>12s} "
+                        f"{gib(m.disk_bytes):>10s}  {'yes' if m.fits else 'no: ' + m.why_not}")
+        return "\n".join(rows)
+
+
+def gib(n: Optional[int]) -> str:
+    if n is None:
+        return "?"
+    if n < 2**30:
+        return f"{n / 2**20:.0f} MiB"
+    return f"{n / 2**30:.1f} GiB"
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+def _meta_model(config: Any):
+    """The model of ``config`` on the meta device (a causal LM, else an image-text-to-text model, else the base)."""
+    import transformers
+
+    with torch.device("meta"):
+        for auto in ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModel"):
+            try:
+                return getattr(transformers, auto).from_config(config)
+            except (ValueError, KeyError):
+                continue
+    raise ValueError(f"no transformers model class builds the config of type {type(config).__name__}.")
+
+
+def _load_config(model: Union[str, dict, Any]):
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model, getattr(model, "_name_or_path", "") or type(model).__name__
+    if isinstance(model, dict):
+        cfg = dict(model)
+        kind = cfg.pop("model_type")
+        return AutoConfig.for_model(kind, **cfg), kind
+    path = os.fspath(model)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"model folder '{path}' has no config.json (a GGUF-only folder cannot be planned from "
+                             "its config).")
+        return AutoConfig.from_pretrained(path), path
+    if os.path.isfile(path):
+        with open(path) as f:
+            return _load_config(json.load(f))[0], path
+    raise ValueError(f"model '{path}' is neither a model folder, a config.json, nor a config.")
+
+
+def _statistic_sizes(targets: list) -> dict[str, int]:
+    """``{statistic key: d_in}`` with sibling q/k/v (gate/up, ...) of one module sharing a statistic."""
+    out: dict[str, int] = {}
+    for t in targets:
+        parent, _, leaf = t.param_key.rpartition(".") if t.expert is not None else t.name.rpartition(".")
+        family = next((min(f) for f in _SHARED_FAMILIES if leaf in f), None)
+        key = f"{parent}.{family}:{t.d_in}" if family is not None else t.name
+        out[key] = t.d_in
+    return out
+
+
+def _block_index(name: str, prefix: str) -> Optional[int]:
+    if not name.startswith(prefix + "."):
+        return None
+    head = name[len(prefix) + 1:].split(".")[0]
+    return int(head) if head.isdigit() else None
+
+
+def _decomposition(targets: list, parallel: int, by_block: dict) -> int:
+    """``D``: the widest statistic's workspace (its damped float64 copy and Cholesky factor), its largest layer in
+    float64 (``W`` and ``W·C``) and Gram matrix with eigenvectors, times the statistics decomposed at once."""
+    def one(t) -> int:
+        small = min(t.d_out, t.d_in)
+        return 2 * 8 * t.d_in**2 + 2 * 8 * t.d_out * t.d_in + 2 * 8 * small**2
+
+    if not targets:
+        return 0
+    costs = sorted((one(t) for t in targets), reverse=True)
+    width = max(1, min(parallel, max((len(v) for v in by_block.values()), default=1)))
+    return sum(costs[:width])
+
+
+@dataclass
+class _Sizes:
+    P: int
+    P_t: int
+    L: int
+    W_b: int
+    W_l: int
+    S: int
+    S_b: int
+    A: int
+    D: int
+    X: int
+    X_b: int
+
+
+def _sizes(model, targets: list, *, elt: int, prec: int, tokens: int, batch_tokens: int, parallel: int) -> _Sizes:
+    from .streaming import find_blocks
+
+    P = sum(p.numel() * elt for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
+    P_t = sum(t.d_in * t.d_out * elt for t in targets)
+    W_l = max((t.d_in * t.d_out * elt for t in targets), default=0)
+    prefix, blocks = find_blocks(model, targets)
+    W_b = max((sum(p.numel() for p in b.parameters()) * elt for b in blocks), default=0)
+    stats = _statistic_sizes(targets)
+    per_block: dict = {}
+    for key, d in stats.items():
+        per_block.setdefault(_block_index(key, prefix), []).append(d)
+    S = sum(d * d * prec for d in stats.values())
+    S_b = max((sum(d * d * prec for d in ds) for ds in per_block.values()), default=0)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = int(getattr(cfg, "hidden_size", 0) or max((t.d_in for t in targets), default=0))
+    inter = int(getattr(cfg, "intermediate_size", 0) or 4 * hidden)
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    A = tokens * hidden * elt
+    X_b = batch_tokens * (4 * hidden + 3 * inter) * elt
+    X = X_b + batch_tokens * vocab * 4 + 2 * batch_tokens * hidden * 4
+    D = _decomposition(targets, parallel, per_block)
+    return _Sizes(P, P_t, len(blocks), W_b, W_l, S, S_b, A, D, X, X_b)
+
+
+# ---------------------------------------------------------------------------------------------------- the machine
+def host_available() -> Optional[int]:
+    """Memory the host can give now (``MemAvailable``), or ``None`` where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def device_available() -> Optional[int]:
+    """Free memory of the current CUDA device, or ``None`` without one."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0])
+    return None
+
+
+def _parse_size(value) -> int:
+    if isinstance(value, (int, float)):
+        return int(value)
+    t = str(value).strip().lower().replace(" ", "")
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "tb": 10**12, "b": 1}
+    for unit, factor in units.items():
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * factor)
+    return int(float(t))
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+def plan_memory(model: Union[str, dict, Any], *, samples: int = 256, seq_len: int = 2048, batch_size: int = 8,
+                rank: int = 8, target_modules: Union[None, str, list] = None, precision: str = "float32",
+                dtype: Optional[str] = None, candidates: int = 1, max_memory: Optional[dict] = None,
+                host_memory: Optional[int] = None, device_memory: Optional[int] = None,
+                disk_memory: Optional[int] = None, threads: Optional[int] = None) -> MemoryPlan:
+    """Predicted peak host memory, device memory and disk of each mode, from the model's config alone.
+
+    Args:
+        model: a model folder (its ``config.json``), a ``config.json`` path, a transformers config, or a dict
+            with ``model_type``.
+        samples, seq_len, batch_size: the calibration (``samples · seq_len`` tokens).
+        rank, target_modules: as ``init_adapters`` (default targets: every linear layer but the head).
+        precision: the statistics' precision; dtype: the load dtype (default: the config's, else float32).
+        candidates: CorDA++'s candidate statistics per layer (the ``plus`` modes).
+        max_memory: accelerate's limits for ``disk_offload`` (``{"cpu": "64GiB", 0: "20GiB"}``; default: host a
+            quarter of the weights, no GPU share).
+        host_memory, device_memory, disk_memory: what is available (default: found on this machine; no device
+            when no GPU is found).
+        threads: statistics decomposed at once on the host (default ``torch.get_num_threads()``).
+    Returns:
+        :class:`MemoryPlan`; ``.table()`` for people, ``.to_dict()`` for programs.
+    """
+    from .config import LoraSpec
+    from .targets import resolve_targets
+
+    config, name = _load_config(model)
+    dtype = dtype or str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    dtype = dtype.replace("torch.", "")
+    elt = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    prec = 8 if precision == "float64" else 4
+    meta = _meta_model(config)
+    targets = resolve_targets(meta, LoraSpec(r=rank, target_modules=target_modules))
+    device = device_memory if device_memory is not None else device_available()
+    on_gpu = bool(device)
+    parallel = 1 if on_gpu else (threads or torch.get_num_threads())
+    z = _sizes(meta, targets, elt=elt, prec=prec, tokens=samples * seq_len, batch_tokens=batch_size * seq_len,
+               parallel=parallel)
+    host = host_memory if host_memory is not None else host_available()
+    disk = disk_memory if disk_memory is not None else _disk_free()
+    plan = MemoryPlan(name if isinstance(name, str) else str(name), dtype, z.P, z.P_t, z.L, z.W_b, z.S, z.S_b, z.A,
+                      z.D, host, device, disk)
+    plan.modes = _modes(z, candidates, on_gpu, max_memory, host, device, disk)
+    return plan
+
+
+def _overhead(P: int) -> int:
+    return int(HOST_OVERHEAD[0] * P + HOST_OVERHEAD[1])
+
+
+def _modes(z: _Sizes, c: int, on_gpu: bool, max_memory: Optional[dict], host, device, disk) -> dict:
+    O = _overhead(z.P)
+    in_memory = {
+        "one_pass": z.P + z.S + max(z.X, z.D),
+        "streaming": z.P + z.S_b + z.A + max(z.X_b, z.D),
+        "plus": z.P + c * z.S + max(z.X, z.D),
+        "plus_streaming": z.P + c * z.S_b + z.A + max(z.X_b, z.D),
+    }
+    out = {}
+    for mode, peak in in_memory.items():
+        if on_gpu:  # the model on the device; the spill (originals) in host memory
+            out[mode] = (O + z.P_t, peak, 0)
+        else:  # the model in host memory; the spill on disk
+            out[mode] = (peak + O, 0, z.P_t)
+    out["onloading"] = (z.P + z.A + O, z.W_b + z.S_b + max(z.X_b, z.D), 0) if on_gpu else \
+        (z.P + z.A + z.S_b + max(z.X_b, z.D) + O, 0, z.P_t)
+    mm = {str(k): _parse_size(v) for k, v in (max_memory or {}).items()}
+    M = mm.get("cpu", z.P // 4)
+    G = sum(v for k, v in mm.items() if k.isdigit())
+    from_disk = max(0, z.P - M - G)
+    F = int(DISK_PAGE_SHARE * from_disk)
+    work = z.S_b + z.A + z.W_l + z.D
+    share = from_disk / z.P if z.P else 0.0
+    residuals = int(z.P_t * share)
+    if on_gpu and G:
+        out["disk_offload"] = (M + F + DISK_OVERHEAD, G + work + z.X_b, residuals)
+    else:
+        out["disk_offload"] = (M + F + work + DISK_OVERHEAD, 0, residuals)
+    estimates = {}
+    for mode in MODES:
+        h, d, k = (int(x) for x in out[mode])
+        why = []
+        if host is not None and h > host:
+            why.append(f"host needs {gib(h)} of {gib(host)}")
+        if d and (device is None or d > device):
+            why.append(f"device needs {gib(d)} of {gib(device)}")
+        if disk is not None and k > disk:
+            why.append(f"disk needs {gib(k)} of {gib(disk)}")
+        estimates[mode] = ModeEstimate(h, d, k, not why, {"O": O}, "; ".join(why))
+    return estimates
+
+
+def _disk_free() -> Optional[int]:
+    import shutil
+    import tempfile
+
+    try:
+        return int(shutil.disk_usage(tempfile.gettempdir()).free)
+    except OSError:
+        return None
+
+
+def mode_of(streaming: Any, plus: bool, onload: bool, dispatched: bool) -> str:
+    """The :data:`MODES` entry a run with these settings uses."""
+    if dispatched:
+        return "disk_offload"
+    if onload:
+        return "onloading"
+    if plus:
+        return "plus_streaming" if streaming is True else "plus"
+    return "streaming" if streaming is True else "one_pass"

@@ -1,0 +1,106 @@
+"""The memory planner: sizes from the config alone equal what a real run allocates; the command line prints it and
+init refuses a mode that will not fit."""
+
+import json
+
+import pytest
+
+import corda_fast
+from corda_fast import cli
+from corda_fast.memory_plan import MODES, mode_of
+
+from helpers import Setup, padded_batches, random_samples, tiny_llama, tiny_model_dir
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(tiny_model_dir(tmp_path_factory.mktemp("llama"), tiny_llama(layers=3, hidden=96)))
+
+
+def test_sizes_from_the_config_equal_the_real_models_and_statistics(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    plan = corda_fast.plan_memory(model_dir, samples=6, seq_len=16, batch_size=2, target_modules=TARGETS,
+                                  precision="float64", device_memory=0, host_memory=2**34)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert plan.params_bytes == sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+    targets = corda_fast.stages.resolve_targets(model, corda_fast.LoraSpec(target_modules=TARGETS))
+    assert plan.targeted_bytes == sum(t.module.weight.numel() * 4 for t in targets)
+    assert plan.blocks == 3
+    cfg = Setup(target_modules=TARGETS, precision="float64")
+    stats = corda_fast.stages.collect_covariance(model, padded_batches(random_samples(6), 2), *cfg.stage)
+    assert plan.statistics_bytes == stats.nbytes(), "q/k/v and gate/up share one statistic each, as calibration does"
+    _, report = corda_fast.init_adapters(model, padded_batches(random_samples(6), 2), return_report=True,
+                                         **Setup(target_modules=TARGETS, precision="float64", streaming=True).kw)
+    assert plan.block_statistics_bytes == round(report.statistics_mib * 2**20)
+    assert plan.inputs_bytes == 6 * 16 * 96 * 4
+
+
+def test_modes_order_and_fit(model_dir):
+    kw = dict(samples=64, seq_len=256, batch_size=8, target_modules=TARGETS, device_memory=0)
+    roomy = corda_fast.plan_memory(model_dir, host_memory=2**40, candidates=3, **kw)
+    assert set(roomy.modes) == set(MODES) and all(m.fits for m in roomy.modes.values())
+    h = {k: v.host_peak_bytes for k, v in roomy.modes.items()}
+    assert h["plus"] - h["one_pass"] == 2 * roomy.statistics_bytes  # 3 candidates: twice the statistics more
+    assert h["plus_streaming"] - h["streaming"] == 2 * roomy.block_statistics_bytes
+    assert h["streaming"] > h["one_pass"], "16k tokens of a 96-wide model: the cached inputs outweigh the statistics"
+    few = corda_fast.plan_memory(model_dir, host_memory=2**40, **{**kw, "samples": 4, "seq_len": 32})
+    assert few.modes["streaming"].host_peak_bytes < few.modes["one_pass"].host_peak_bytes
+    assert roomy.modes["one_pass"].disk_bytes == roomy.targeted_bytes  # the spill file
+    tight = corda_fast.plan_memory(model_dir, host_memory=h["one_pass"] + 1, candidates=3, **kw)
+    assert tight.modes["one_pass"].fits and not tight.modes["plus"].fits and not tight.modes["streaming"].fits
+    assert "host needs" in tight.modes["plus"].why_not
+    gpu = corda_fast.plan_memory(model_dir, host_memory=2**40, **{**kw, "device_memory": 2**40}, threads=1)
+    cpu1 = corda_fast.plan_memory(model_dir, host_memory=2**40, **kw, threads=1)
+    overhead = cpu1.modes["one_pass"].terms["O"]
+    assert gpu.modes["one_pass"].device_peak_bytes == cpu1.modes["one_pass"].host_peak_bytes - overhead
+    assert gpu.modes["one_pass"].host_peak_bytes == overhead + gpu.targeted_bytes  # the spill, in host memory
+    assert gpu.modes["one_pass"].disk_bytes == 0
+    assert gpu.modes["onloading"].device_peak_bytes < gpu.modes["streaming"].device_peak_bytes
+    assert mode_of(True, True, False, False) == "plus_streaming" and mode_of(False, False, True, False) == "onloading"
+
+
+def test_plan_command_prints_json_and_a_table(model_dir, capsys):
+    assert cli.main(["plan", "--model", model_dir, "--json", "--samples", "4", "--seq-len", "32",
+                     "--host-memory", "64GiB"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["init_mode"] == "one_pass"
+    for mode in ("one_pass", "streaming", "onloading", "disk_offload", "plus"):
+        assert {"host_peak_bytes", "device_peak_bytes", "disk_bytes", "fits"} <= set(out["modes"][mode])
+    assert cli.main(["plan", "--model", model_dir, "--streaming", "on", "--host-memory", "1MiB"]) == 0
+    text = capsys.readouterr().out
+    assert "init with these flags runs 'streaming': does NOT fit" in text
+
+
+def test_init_refuses_a_mode_that_does_not_fit_unless_told(model_dir, tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    from corda_fast import demo
+
+    data.write_text(" ".join(demo.builtin_text().split()[:2000]))
+    args = ["init", "--model", model_dir, "--data", str(data), "--samples", "4", "--seq-len", "16", "--batch-size",
+            "2", "--rank", "2", "--concatenate", "--out", str(tmp_path / "out"), "--quiet"]
+    assert cli.main(args + ["--host-memory", "1MiB"]) == 1
+    err = capsys.readouterr().err
+    assert "does NOT fit" in err and "--ignore-memory-plan" in err
+    assert not (tmp_path / "out").exists()
+    assert cli.main(args + ["--host-memory", "1MiB", "--ignore-memory-plan"]) == 0
+    assert (tmp_path / "out" / "corda_report.json").exists()
+
+
+@pytest.mark.parametrize("name,hidden,inter,layers,params", [("llama2-7b", 4096, 11008, 32, 6.74e9),
+                                                              ("llama2-70b", 8192, 28672, 80, 68.98e9)])
+def test_the_shipped_7b_and_70b_examples_plan(name, hidden, inter, layers, params):
+    import os
+
+    d = os.path.join(os.path.dirname(__file__), "..", "examples", "configs", name)
+    plan = corda_fast.plan_memory(d, samples=256, seq_len=2048, dtype="bfloat16", device_memory=0,
+                                  host_memory=2**40, target_modules=TARGETS)
+    assert plan.blocks == layers
+    assert abs(plan.params_bytes / 2 - params) < 0.01 * params  # the published parameter counts
+    assert plan.block_statistics_bytes == 4 * (3 * hidden**2 + inter**2)  # q/k/v, o, gate/up, down
+    assert plan.statistics_bytes == layers * plan.block_statistics_bytes
+    assert plan.inputs_bytes == 256 * 2048 * hidden * 2
+    assert plan.modes["streaming"].host_peak_bytes < plan.modes["one_pass"].host_peak_bytes
