@@ -362,11 +362,13 @@ def _check_cache(cache: str, loader: Any, config: CordaConfig, folder=None) -> N
                          f"passed: {way_out}.")
 
 
-def _decompose(stats: CovarianceStats, targets: list[Target], config: CordaConfig) -> dict[str, LayerFactors]:
-    """Decompose (releasing each statistic once used), spread over the ranks when calibration is distributed."""
+def _decompose(stats: CovarianceStats, targets: list[Target], config: CordaConfig,
+               bases: Optional[dict] = None) -> dict[str, LayerFactors]:
+    """Decompose (releasing each statistic once used), spread over the ranks when calibration is distributed;
+    ``bases`` (CorDA++'s scored eigen-decompositions) are reused where given."""
     if distributed.is_active(config.calibration.distributed):
         return decompose_sharded(stats, targets, config, release=True)
-    return decompose(stats, targets, config, release=True)
+    return decompose(stats, targets, config, release=True, bases=bases)
 
 
 def _timed(outcome: _Outcome, stage: str, t0: float) -> float:
@@ -398,13 +400,15 @@ def _run_plus(out: _Outcome, source: str, model: nn.Module, loader: Any, config:
     for c in candidates:
         out.tally(c, disjoint=True)
     t0 = _timed(out, "calibrate", t0)
-    _use_plan(out, model, plan(candidates, out.targets, config, use_rslora=out.lora.use_rslora))
+    reuse = config.resolved_svd_method == "gram" and not distributed.is_active(config.calibration.distributed)
+    _use_plan(out, model, plan(candidates, out.targets, config, use_rslora=out.lora.use_rslora, keep_bases=reuse))
     del candidates
     t0 = _timed(out, "select_allocate", t0)
     out.key_of = out.plan.stats.layer_keys()
     out.record_tokens(out.plan.stats)
-    out.factors = _decompose(out.plan.stats, out.targets, config)
+    out.factors = _decompose(out.plan.stats, out.targets, config, out.plan.bases)  # one candidate: scored bases reused
     out.plan.stats = None  # released
+    out.plan.bases = {}
     _timed(out, "decompose", t0)
 
 

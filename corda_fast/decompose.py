@@ -67,7 +67,8 @@ def map_per_core(fn, items: list, on_cpu: bool) -> list:
 
 @torch.no_grad()
 def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[CordaConfig] = None,
-              device: Optional[torch.device] = None, release: bool = False) -> dict[str, LayerFactors]:
+              device: Optional[torch.device] = None, release: bool = False,
+              bases: Optional[dict] = None) -> dict[str, LayerFactors]:
     """CorDA factors for every target that has a statistic.
 
     Args:
@@ -77,6 +78,8 @@ def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[Co
         device: where to decompose (default: each statistic's device).
         release: drop each statistic from ``stats.sums`` once its layers are decomposed (bounds peak memory
             when the statistics are not needed afterwards).
+        bases: ``{layer: (ops.gram_basis of W·C_f, eigenvalue scale)}`` computed before (CorDA++'s scoring): those
+            layers skip ``W·C_f``, its Gram matrix and eigen-decomposition (each basis dropped once used).
     Returns:
         ``{layer name: LayerFactors}`` in target order.
     """
@@ -87,12 +90,12 @@ def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[Co
     bar = tqdm(total=sum(len(v) for v in by_key.values()), desc="corda_fast: decomposing", unit="layer",
                disable=not config.show_progress)
     stat_device = device if device is not None else next(iter(stats.sums.values())).device if stats.sums else None
-    kernel = ops.choose("batched_decompose", stat_device) if by_key else "torch"
+    kernel = ops.choose("batched_decompose", stat_device) if by_key and not bases else "torch"
     try:
         if kernel == "native":
             out = _decompose_native(stats, by_key, config, device, release, bar)
         else:
-            out = _decompose_torch(stats, by_key, config, device, release, bar)
+            out = _decompose_torch(stats, by_key, config, device, release, bar, bases or {})
     finally:
         bar.close()
     logger.info("decomposed %d layers (%d distinct statistics, %s, %s, %s kernel) in %.2fs", len(out), len(by_key),
@@ -102,7 +105,7 @@ def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[Co
 
 
 def _decompose_torch(stats: CovarianceStats, by_key: dict, config: CordaConfig, device, release: bool,
-                     bar) -> dict[str, LayerFactors]:
+                     bar, bases: dict) -> dict[str, LayerFactors]:
     """The reference path: per statistic (groups spread over the CPU cores) the damping search and the Cholesky
     factor once, then every layer that reads it."""
     dtype = config.dtype
@@ -128,7 +131,12 @@ def _decompose_torch(stats: CovarianceStats, by_key: dict, config: CordaConfig, 
         done = []
         for t in layer_targets:
             w = t.weight_matrix().detach().to(device=c_f.device, dtype=work)
-            a, b, s_r = decompose_layer(w, chol, c_f, t.rank, config.mode, t.scaling, method)
+            reuse = bases.pop(t.name, None) if method == "gram" else None
+            got = None if reuse is None else ops.factors_from_basis(
+                tuple(x.to(c_f.device) if torch.is_tensor(x) else x for x in reuse[0]), w, c_f, chol, t.rank,
+                config.mode, t.scaling, eval_scale=reuse[1])
+            a, b, s_r = got if got is not None else decompose_layer(w, chol, c_f, t.rank, config.mode, t.scaling,
+                                                                    method)
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise DampingError(f"non-finite adapter factors for layer '{t.name}' (λ={lam}).")
             done.append(LayerFactors(t.name, a.to(dtype), b.to(dtype), s_r.to(dtype), t.scaling, lam, key))

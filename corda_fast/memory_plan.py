@@ -22,11 +22,13 @@ term        what it is
 ==========  =====================================================================================================
 
 Modes: ``one_pass`` ``P + S + max(X, D) + O``; ``streaming`` ``P + S_b + A + max(X_b, D) + O``; ``plus`` (CorDA++ in
-one pass) ``P + c·S + max(X, D) + O``; ``plus_streaming`` ``P + c·S_b + A + max(X_b, D) + O``; ``onloading`` host
-``P + A + O``, device ``W_b + S_b + max(X_b, D)``; ``disk_offload`` host ``M + F + S_b + A + W_l + D + O_d`` (``M``
-accelerate's host budget, ``F`` the checkpoint pages read through while offloaded layers run), disk ``P − M − G``
-read from the checkpoint plus ``P_t`` of the disk-offloaded share in the residual store. With a GPU the in-memory
-modes put the model there (their peak is then device memory; the spill ``P_t`` goes to host memory).
+one pass) ``P + c·S + max(X, D) + O``, plus ``B`` with one candidate (the scored eigenvectors kept for the
+decomposition, ``Σ min(d_in, d_out)²·8``); ``plus_streaming`` ``P + c·S_b + A + max(X_b, D) + O``; ``onloading``
+host ``P + A + O``, device ``W_b + S_b + max(X_b, D)``; ``disk_offload`` host ``M + F + S_b + A + W_l + D + O_d``
+(``M`` accelerate's host budget, ``F`` the checkpoint pages read through while offloaded layers run, ``O_d`` its
+slack), disk ``P − M − G`` read from the checkpoint plus ``P_t`` of the disk-offloaded share in the residual store.
+With a GPU the in-memory modes put the model there (their peak is then device memory; the spill ``P_t`` goes to
+host memory).
 """
 
 from __future__ import annotations
@@ -199,6 +201,7 @@ class _Sizes:
     D: int
     X: int
     X_b: int
+    B: int  # CorDA++ with one candidate, in one pass: every layer's scored eigenvectors, kept for the decomposition
 
 
 def _sizes(model, targets: list, *, elt: int, prec: int, tokens: int, batch_tokens: int, parallel: int) -> _Sizes:
@@ -223,7 +226,8 @@ def _sizes(model, targets: list, *, elt: int, prec: int, tokens: int, batch_toke
     X_b = batch_tokens * (4 * hidden + 3 * inter) * elt
     X = X_b + batch_tokens * vocab * 4 + 2 * batch_tokens * hidden * 4
     D = _decomposition(targets, parallel, per_block)
-    return _Sizes(P, P_t, len(blocks), W_b, W_l, S, S_b, A, D, X, X_b)
+    B = sum(min(t.d_in, t.d_out) ** 2 * 8 for t in targets)
+    return _Sizes(P, P_t, len(blocks), W_b, W_l, S, S_b, A, D, X, X_b, B)
 
 
 # ---------------------------------------------------------------------------------------------------- the machine
@@ -313,7 +317,7 @@ def _modes(z: _Sizes, c: int, on_gpu: bool, max_memory: Optional[dict], host, de
     in_memory = {
         "one_pass": z.P + z.S + max(z.X, z.D),
         "streaming": z.P + z.S_b + z.A + max(z.X_b, z.D),
-        "plus": z.P + c * z.S + max(z.X, z.D),
+        "plus": z.P + c * z.S + (z.B if c == 1 else 0) + max(z.X, z.D),
         "plus_streaming": z.P + c * z.S_b + z.A + max(z.X_b, z.D),
     }
     out = {}

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .config import PlusConfig
 from .decompose import map_per_core
-from .ops import damp, find_damping
+from .ops import damp, find_damping, gram_basis
 from .stats import CovarianceStats
 
 logger = logging.getLogger(__name__)
@@ -199,6 +199,7 @@ class PlusPlan:
     budget: int
     realised: int
     seconds: dict = field(default_factory=dict)
+    bases: dict = field(default_factory=dict)  # layer -> (gram basis, eigenvalue scale), with plan(keep_bases=True)
 
     def rank_histogram(self) -> dict:
         """``{module kind: {rank: number of layers}}``, the kind being the last component of the layer name."""
@@ -277,6 +278,7 @@ class CandidateScore:
     frobenius: float
     sigma: torch.Tensor
     scale: float
+    basis: Optional[tuple] = None  # :func:`ops.gram_basis` of the normalized W·C_f, kept for the decomposition
 
 
 @dataclass
@@ -291,7 +293,8 @@ class CandidateScores:
 
 
 @torch.no_grad()
-def plan(candidates: list[CovarianceStats], targets: list, config, use_rslora: bool = False) -> PlusPlan:
+def plan(candidates: list[CovarianceStats], targets: list, config, use_rslora: bool = False,
+         keep_bases: bool = False) -> PlusPlan:
     """CorDA++ between calibration and decomposition: :func:`score_candidates`, then :func:`decide`.
 
     Args:
@@ -299,15 +302,18 @@ def plan(candidates: list[CovarianceStats], targets: list, config, use_rslora: b
         targets: resolved targets (their ``rank`` is the uniform rank; ``module.weight`` is read only).
         config: :class:`CordaConfig` (``mode``, ``damping``, ``plus``: budget, ranks, scoring options).
         use_rslora: the LoRA scaling rule (``LoraConfig.use_rslora``), for ``plus.alpha="scaling"``.
+        keep_bases: keep each layer's scored eigen-decomposition (one candidate only) in ``PlusPlan.bases``, so the
+            decomposition reuses it instead of computing it again (``Σ min(d_in, d_out)²`` float64 held meanwhile).
     Returns:
         :class:`PlusPlan`; ``rank_pattern`` / ``alpha_pattern`` key every layer by its escaped full name.
     """
-    scores = score_candidates(candidates, targets, config)
+    scores = score_candidates(candidates, targets, config, keep_bases=keep_bases and len(candidates) == 1)
     return decide(candidates, scores, targets, config, use_rslora=use_rslora)
 
 
 @torch.no_grad()
-def score_candidates(candidates: list[CovarianceStats], targets: list, config) -> CandidateScores:
+def score_candidates(candidates: list[CovarianceStats], targets: list, config,
+                     keep_bases: bool = False) -> CandidateScores:
     """Every candidate of every layer scored at one damping per statistic.
 
     Per statistic (one job per statistic, spread over the CPU cores): each candidate's covariance scaled to unit mean
@@ -345,9 +351,9 @@ def score_candidates(candidates: list[CovarianceStats], targets: list, config) -
             ev = torch.linalg.eigvalsh(c_f)
             lo, hi = float(ev[0]), float(ev[-1])
             for t in by_key[key]:
-                sigma = _spectrum(t.weight_matrix().detach().to(device=c.device, dtype=torch.float64) @ c_f)
+                sigma, basis = _layer_spectrum(t, c_f, keep_bases)
                 out[t.name][g] = CandidateScore(math.log(_pi(lo, hi, t.d_out)),
-                                                float((sigma**2).sum() / sigma[0] ** 2), sigma, scales[g])
+                                                float((sigma**2).sum() / sigma[0] ** 2), sigma, scales[g], basis)
             del c_f
         bar.update(1)
         return key, lam, out
@@ -424,7 +430,9 @@ def decide(candidates: Optional[list[CovarianceStats]], scores: CandidateScores,
     logger.info("CorDA++: %d layers, %d candidates scored in %.2fs; ranks %d..%d, %d of %d budget parameters",
                 len(layers), len(layers[0].scores) if layers else 0, seconds["score"], min(ranks.values()), max(ranks.values()),
                 realised, budget)
-    return PlusPlan(stats, rank_pattern, alpha_pattern, layers, budget, realised, seconds)
+    bases = {l.name: (scores.layers[l.name][l.candidate].basis, scores.layers[l.name][l.candidate].scale ** 2)
+             for l in layers if scores.layers[l.name][l.candidate].basis is not None}
+    return PlusPlan(stats, rank_pattern, alpha_pattern, layers, budget, realised, seconds, bases)
 
 
 def _caps(layers: list[PlusLayer], pconf) -> Optional[dict]:
@@ -432,6 +440,16 @@ def _caps(layers: list[PlusLayer], pconf) -> Optional[dict]:
     if pconf.max_rank_factor is None:
         return None
     return {l.name: max(pconf.min_rank, int(pconf.max_rank_factor * l.uniform_rank)) for l in layers}
+
+
+def _layer_spectrum(t, c_f: torch.Tensor, keep_basis: bool) -> tuple[torch.Tensor, Optional[tuple]]:
+    """``(σ of W·C_f descending, the gram basis or None)``; with ``keep_basis`` the eigenvectors are computed too, for
+    the decomposition to reuse."""
+    w = t.weight_matrix().detach().to(device=c_f.device, dtype=torch.float64)
+    if not keep_basis:
+        return _spectrum(w @ c_f), None
+    basis, _ = gram_basis(w, c_f)
+    return basis[0].clamp(min=0).sqrt().flip(0).cpu(), basis
 
 
 def _spectrum(m: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,11 @@ def test_modes_order_and_fit(model_dir):
     assert set(roomy.modes) == set(MODES) and all(m.fits for m in roomy.modes.values())
     h = {k: v.host_peak_bytes for k, v in roomy.modes.items()}
     assert h["plus"] - h["one_pass"] == 2 * roomy.statistics_bytes  # 3 candidates: twice the statistics more
+    one = corda_fast.plan_memory(model_dir, host_memory=2**40, **kw)  # one candidate keeps the scored eigenvectors
+    targets = corda_fast.stages.resolve_targets(tiny_llama(layers=3, hidden=96),
+                                                corda_fast.LoraSpec(target_modules=TARGETS))
+    kept = sum(min(t.d_in, t.d_out) ** 2 * 8 for t in targets)
+    assert one.modes["plus"].host_peak_bytes - one.modes["one_pass"].host_peak_bytes == kept
     assert h["plus_streaming"] - h["streaming"] == 2 * roomy.block_statistics_bytes
     assert h["streaming"] > h["one_pass"], "16k tokens of a 96-wide model: the cached inputs outweigh the statistics"
     few = corda_fast.plan_memory(model_dir, host_memory=2**40, **{**kw, "samples": 4, "seq_len": 32})

@@ -314,3 +314,32 @@ def test_streaming_plus_refuses_too_few_batches_before_any_change():
         init(model, padded_batches(random_samples(4), 2), mode="kpm", rank=4, plus=True, candidates=3,
              streaming=True)
     assert_model_unchanged(model, before)
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_reusing_the_scored_eigenbases_gives_the_same_factors(mode, monkeypatch):
+    """One candidate: the decomposition reuses the eigen-decomposition scoring computed (W·C_f on the unit-mean
+    covariance, eigenvalues rescaled) instead of computing it again; the factors equal the recomputed ones."""
+    from corda_fast.decompose import decompose
+
+    model = tiny_llama(layers=2)
+    cfg = Setup(mode=mode, rank=4, plus=True)
+    targets = resolve_targets(model, cfg.lora)
+    cands = collect_candidates(model, padded_batches(random_samples(6, seed=3), 2), 1, cfg.corda, targets)
+    reused, fresh = plan(cands, targets, cfg.corda, keep_bases=True), plan(cands, targets, cfg.corda)
+    assert len(reused.bases) == len(targets) and not fresh.bases
+    assert reused.rank_pattern == fresh.rank_pattern and len(set(reused.rank_pattern.values())) > 1
+    lora = cfg.lora.replace(rank_pattern=reused.rank_pattern, alpha_pattern=reused.alpha_pattern)
+    ranked = resolve_targets(model, lora)
+    calls = []
+    real = corda_fast.ops.factors_from_basis
+    monkeypatch.setattr(corda_fast.ops, "factors_from_basis", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = decompose(reused.stats, ranked, cfg.corda, bases=dict(reused.bases))
+    assert len(calls) == len(ranked), "every layer reused its basis"
+    b = decompose(fresh.stats, ranked, cfg.corda)
+    assert len(calls) == len(ranked)
+    for name in b:
+        da = a[name].scaling * (a[name].B.double() @ a[name].A.double())
+        db = b[name].scaling * (b[name].B.double() @ b[name].A.double())
+        assert rel(da, db) <= 1e-5, name
+        assert torch.allclose(a[name].singular_values.double(), b[name].singular_values.double(), rtol=1e-5)

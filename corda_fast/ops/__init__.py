@@ -31,7 +31,9 @@ from .linalg import (
     damping_probes,
     decompose_layer,
     degenerate_error,
+    factors_from_basis,
     find_damping,
+    gram_basis,
     not_converged_error,
 )
 from .lowrank import FusedLoRALinearFunction, fused_lora_linear
@@ -41,6 +43,7 @@ __all__ = ["covariance", "linalg", "lowrank", "registry",
            "xtx_accumulate", "lowrank_gemm", "damped_cholesky", "batched_decompose", "choose", "available",
            "describe", "registrations", "why_not", "extension_status", "BackendError", "BACKEND_ENV", "symmetrize",
            "triangle_blocks", "sample_scales", "find_damping", "damp", "damp_", "damping_probes", "decompose_layer",
+           "gram_basis", "factors_from_basis",
            "degenerate_error", "not_converged_error", "DampingError", "FusedLoRALinearFunction", "fused_lora_linear"]
 
 

@@ -12,6 +12,8 @@ These pure-torch functions are the CPU path of :func:`corda_fast.stages.decompos
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import registry
@@ -126,30 +128,59 @@ def decompose_layer(weight: torch.Tensor, chol: torch.Tensor, c_f: torch.Tensor,
         ``(A (r, d_in), B (d_out, r), S_r (r,))`` with ``A = diag(√(S_r/s)) V̂_rᵀ``, ``B = U_r diag(√(S_r/s))``,
         ``V̂_r = C_f⁻¹ V_r`` (triangular solves, kept columns only), singular values in descending order.
     """
-    out_dtype = weight.dtype
-    m = weight.double() @ c_f.double() if method == "gram" else weight @ c_f  # the Gram route needs float64
-    d_out, d_in = m.shape
-    u_r = v_r = None
     if method == "gram":
-        small_side_is_out = d_out <= d_in
-        g = m @ m.mT if small_side_is_out else m.mT @ m
-        evals, evecs = torch.linalg.eigh(g)  # ascending
-        n = evals.shape[0]
-        sl = _kept(n, rank, mode)
-        order = torch.arange(n - 1, -1, -1, device=evals.device)[sl]  # descending, like svd
-        s_r = evals.index_select(0, order).clamp(min=0).sqrt()
-        s_max = float(evals[-1].clamp(min=0).sqrt())
-        if float(s_r.min()) > 1e-8 * s_max:
-            vecs = evecs.index_select(1, order)
-            if small_side_is_out:
-                u_r, v_r = vecs, (m.mT @ vecs) / s_r
-            else:
-                u_r, v_r = (m @ vecs) / s_r, vecs
-    if u_r is None:
-        m = m.to(out_dtype)
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        sl = _kept(s.shape[0], rank, mode)
-        u_r, s_r, v_r = u[:, sl], s[sl], vh[sl].mT
+        basis, m = gram_basis(weight, c_f)
+        out = factors_from_basis(basis, weight, c_f, chol, rank, mode, scaling, m=m)
+        if out is not None:
+            return out
+        return _factors_by_svd(m.to(weight.dtype), chol, rank, mode, scaling)
+    return _factors_by_svd(weight @ c_f, chol, rank, mode, scaling)
+
+
+def gram_basis(weight: torch.Tensor, c_f: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+    """``((eigenvalues ascending, eigenvectors, whether the Gram is M·Mᵀ), M)`` of the Gram matrix of
+    ``M = W·C_f`` on its smaller side, in float64: the spectrum CorDA++ scores, and the basis of the decomposition."""
+    m = weight.double() @ c_f.double()
+    out_side = m.shape[0] <= m.shape[1]
+    g = m @ m.mT if out_side else m.mT @ m
+    evals, evecs = torch.linalg.eigh(g)  # ascending
+    return (evals, evecs, out_side), m
+
+
+def factors_from_basis(basis: tuple, weight: torch.Tensor, c_f: torch.Tensor, chol: torch.Tensor, rank: int,
+                       mode: str, scaling: float, m: Optional[torch.Tensor] = None, eval_scale: float = 1.0):
+    """The factors of :func:`decompose_layer`'s ``"gram"`` route from a :func:`gram_basis` computed before (``m``
+    may be dropped: the kept vectors are mapped through ``W`` and ``C_f`` instead; ``eval_scale`` multiplies the
+    eigenvalues, for a basis computed on a rescaled covariance). ``None`` where a kept σ is below 1e-8·σ_max (the
+    caller falls back to the SVD)."""
+    evals, evecs, out_side = basis
+    out_dtype = weight.dtype
+    n = evals.shape[0]
+    order = torch.arange(n - 1, -1, -1, device=evals.device)[_kept(n, rank, mode)]  # descending, like svd
+    kept = evals.index_select(0, order)
+    if eval_scale != 1.0:
+        kept = kept * eval_scale
+    s_r = kept.clamp(min=0).sqrt()
+    s_max = float((evals[-1] * eval_scale).clamp(min=0).sqrt())
+    if not float(s_r.min()) > 1e-8 * s_max:
+        return None
+    vecs = evecs.index_select(1, order)
+    if m is not None:
+        other = m.mT @ vecs if out_side else m @ vecs
+    else:
+        w64, c64 = weight.double(), c_f.double()
+        other = c64 @ (w64.mT @ vecs) if out_side else w64 @ (c64 @ vecs)
+    u_r, v_r = (vecs, other / s_r) if out_side else (other / s_r, vecs)
+    return _finish(u_r, s_r, v_r, chol, scaling, out_dtype)
+
+
+def _factors_by_svd(m: torch.Tensor, chol: torch.Tensor, rank: int, mode: str, scaling: float):
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    sl = _kept(s.shape[0], rank, mode)
+    return _finish(u[:, sl], s[sl], vh[sl].mT, chol, scaling, m.dtype)
+
+
+def _finish(u_r, s_r, v_r, chol, scaling: float, out_dtype):
     v_hat = torch.cholesky_solve(v_r.to(chol.dtype), chol)  # (d_in, r) = C_f⁻¹ V_r
     root = (s_r / scaling).sqrt()
     a = (v_hat * root.to(v_hat.dtype)).mT.contiguous()
