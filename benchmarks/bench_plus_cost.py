@@ -7,6 +7,7 @@ stages (``calibrate``, ``select_allocate``, ``decompose``, ``build``, ``save``) 
 memory; the table gives the median (min–max) and the ratio of medians to CorDA.
 
     python benchmarks/bench_plus_cost.py                 # ~10 min on 2 cores
+    python benchmarks/bench_plus_cost.py --samples 32 --seq-len 64   # the small calibration (~5 min)
     python benchmarks/bench_plus_cost.py --repeats 1
 """
 
@@ -51,17 +52,23 @@ def worker(out: str, extra: list[str]) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--samples", type=int, default=None, help="calibration samples (default: the demo's, 64)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the demo's, 256)")
     p.add_argument("--worker", nargs=2, metavar=("OUT", "CONFIG"), help=argparse.SUPPRESS)
-    p.add_argument("--out", default=os.path.join(HERE, "results", "plus_cost_cpu.json"))
+    p.add_argument("--out", default=None)
     args = p.parse_args()
+    size = [*(["--samples", str(args.samples)] if args.samples else []),
+            *(["--seq-len", str(args.seq_len)] if args.seq_len else [])]
     if args.worker:
-        worker(args.worker[0], CONFIGS[args.worker[1]])
+        worker(args.worker[0], CONFIGS[args.worker[1]] + size)
         return
+    name = "plus_cost_cpu.json" if not size else f"plus_cost_{args.samples or 64}x{args.seq_len or 256}_cpu.json"
+    args.out = args.out or os.path.join(HERE, "results", name)
     runs = {name: [] for name in CONFIGS}
     for _ in range(args.repeats):
         for name in CONFIGS:
             with tempfile.TemporaryDirectory() as tmp:
-                subprocess.run([sys.executable, __file__, "--worker", tmp, name], check=True)
+                subprocess.run([sys.executable, __file__, "--worker", tmp, name, *size], check=True)
                 with open(os.path.join(tmp, "cost.json")) as f:
                     runs[name].append(json.load(f))
             print(name, runs[name][-1], flush=True)
@@ -71,7 +78,8 @@ def main():
         summary[name] = {"wall": spread([r["wall"] for r in rs]),
                          "peak_rss_mib": spread([r["peak_rss_mib"] for r in rs]),
                          "stages": {k: statistics.median(r["seconds"].get(k, 0.0) for r in rs) for k in stages}}
-    result = {"environment": environment(), "repeats": args.repeats, "runs": runs, "summary": summary}
+    result = {"environment": environment(), "repeats": args.repeats, "runs": runs, "summary": summary,
+              "calibration": {"samples": args.samples or 64, "seq_len": args.seq_len or 256}}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(markdown(result))
@@ -80,8 +88,10 @@ def main():
 def markdown(result: dict) -> str:
     s = result["summary"]
     base = s["corda"]
-    rows = ["| demo (SmolLM2-135M, KPM r=16) | end to end s | vs CorDA | calibrate | select + allocate | decompose | "
-            "peak RSS MiB | vs CorDA |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    cal = result.get("calibration", {"samples": 64, "seq_len": 256})
+    rows = [f"| demo (SmolLM2-135M, KPM r=16, {cal['samples']} x {cal['seq_len']} tokens) | end to end s | vs CorDA "
+            "| calibrate | select + allocate | decompose | peak RSS MiB | vs CorDA |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in s.items():
         w, m, st = r["wall"], r["peak_rss_mib"], r["stages"]
         rows.append(f"| {name} | {w['median']:.1f} ({w['min']:.1f}–{w['max']:.1f}) | "

@@ -32,6 +32,7 @@ TABLES = {  # name: (result file, module with markdown())
     "offload": ("offload_cpu.json", "bench_offload"),
     "ablation_plus": ("ablation_plus.json", "ablation_plus"),
     "plus_cost": ("plus_cost_cpu.json", "bench_plus_cost"),
+    "plus_cost_small": ("plus_cost_32x64_cpu.json", "bench_plus_cost"),
     "convert": ("convert_smollm2.json", "bench_convert"),
     "compare": ("compare_methods.json", "compare_methods"),
     "experts": ("experts_cpu.json", "bench_experts"),

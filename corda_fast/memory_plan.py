@@ -23,7 +23,7 @@ term        what it is
 
 Modes: ``one_pass`` ``P + S + max(X, D) + O``; ``streaming`` ``P + S_b + A + max(X_b, D) + O``; ``plus`` (CorDA++ in
 one pass) ``P + c·S + max(X, D) + O``, plus ``B`` with one candidate (the scored eigenvectors kept for the
-decomposition, ``Σ min(d_in, d_out)²·8``); ``plus_streaming`` ``P + c·S_b + A + max(X_b, D) + O``; ``onloading``
+decomposition, ``Σ min(d, 4r)·min(d_in, d_out)·8``); ``plus_streaming`` ``P + c·S_b + A + max(X_b, D) + O``; ``onloading``
 host ``P + A + O``, device ``W_b + S_b + max(X_b, D)``; ``disk_offload`` host ``M + F + S_b + A + W_l + D + O_d``
 (``M`` accelerate's host budget, ``F`` the checkpoint pages read through while offloaded layers run, ``O_d`` its
 slack), disk ``P − M − G`` read from the checkpoint plus ``P_t`` of the disk-offloaded share in the residual store.
@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
 import torch
+
+from .plus import KEEP_FACTOR
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +228,7 @@ def _sizes(model, targets: list, *, elt: int, prec: int, tokens: int, batch_toke
     X_b = batch_tokens * (4 * hidden + 3 * inter) * elt
     X = X_b + batch_tokens * vocab * 4 + 2 * batch_tokens * hidden * 4
     D = _decomposition(targets, parallel, per_block)
-    B = sum(min(t.d_in, t.d_out) ** 2 * 8 for t in targets)
+    B = sum(min(t.d_in, t.d_out, KEEP_FACTOR * t.rank) * min(t.d_in, t.d_out) * 8 for t in targets)
     return _Sizes(P, P_t, len(blocks), W_b, W_l, S, S_b, A, D, X, X_b, B)
 
 
@@ -329,7 +331,7 @@ def _modes(z: _Sizes, c: int, on_gpu: bool, max_memory: Optional[dict], host, de
     out["onloading"] = (z.P + z.A + O, z.W_b + z.S_b + max(z.X_b, z.D), 0) if on_gpu else \
         (z.P + z.A + z.S_b + max(z.X_b, z.D) + O, 0, z.P_t)
     mm = {str(k): _parse_size(v) for k, v in (max_memory or {}).items()}
-    M = mm.get("cpu", z.P // 4)
+    M = min(mm.get("cpu", z.P // 4), z.P)
     G = sum(v for k, v in mm.items() if k.isdigit())
     from_disk = max(0, z.P - M - G)
     F = int(DISK_PAGE_SHARE * from_disk)

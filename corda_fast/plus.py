@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .config import PlusConfig
 from .decompose import map_per_core
-from .ops import damp, find_damping, gram_basis
+from .ops import damp, find_damping, gram_basis, trim_basis
 from .stats import CovarianceStats
 
 logger = logging.getLogger(__name__)
@@ -303,7 +303,8 @@ def plan(candidates: list[CovarianceStats], targets: list, config, use_rslora: b
         config: :class:`CordaConfig` (``mode``, ``damping``, ``plus``: budget, ranks, scoring options).
         use_rslora: the LoRA scaling rule (``LoraConfig.use_rslora``), for ``plus.alpha="scaling"``.
         keep_bases: keep each layer's scored eigen-decomposition (one candidate only) in ``PlusPlan.bases``, so the
-            decomposition reuses it instead of computing it again (``Σ min(d_in, d_out)²`` float64 held meanwhile).
+            decomposition reuses it instead of computing it again: the eigenvalues and the eigenvectors a rank up to
+            the layer's cap (else ``KEEP_FACTOR`` times its uniform rank) needs, float64, held meanwhile.
     Returns:
         :class:`PlusPlan`; ``rank_pattern`` / ``alpha_pattern`` key every layer by its escaped full name.
     """
@@ -351,7 +352,7 @@ def score_candidates(candidates: list[CovarianceStats], targets: list, config,
             ev = torch.linalg.eigvalsh(c_f)
             lo, hi = float(ev[0]), float(ev[-1])
             for t in by_key[key]:
-                sigma, basis = _layer_spectrum(t, c_f, keep_bases)
+                sigma, basis = _layer_spectrum(t, c_f, _kept_vectors(t, config) if keep_bases else 0, config.mode)
                 out[t.name][g] = CandidateScore(math.log(_pi(lo, hi, t.d_out)),
                                                 float((sigma**2).sum() / sigma[0] ** 2), sigma, scales[g], basis)
             del c_f
@@ -442,14 +443,28 @@ def _caps(layers: list[PlusLayer], pconf) -> Optional[dict]:
     return {l.name: max(pconf.min_rank, int(pconf.max_rank_factor * l.uniform_rank)) for l in layers}
 
 
-def _layer_spectrum(t, c_f: torch.Tensor, keep_basis: bool) -> tuple[torch.Tensor, Optional[tuple]]:
-    """``(σ of W·C_f descending, the gram basis or None)``; with ``keep_basis`` the eigenvectors are computed too, for
-    the decomposition to reuse."""
+# Eigenvectors kept per layer for the decomposition to reuse, as a multiple of its uniform rank (when no cap bounds
+# the allocated rank): a layer allocated more is computed afresh.
+KEEP_FACTOR = 4
+
+
+def _kept_vectors(t, config) -> int:
+    """How many eigenvectors of ``t``'s scored basis the decomposition may need: its rank cap, else
+    ``KEEP_FACTOR`` times its uniform rank."""
+    pconf = config.plus or PlusConfig()
+    caps = [c for c in (pconf.max_rank, int(pconf.max_rank_factor * t.rank) if pconf.max_rank_factor else None)
+            if c is not None]
+    return max(1, min(caps) if caps else KEEP_FACTOR * t.rank)
+
+
+def _layer_spectrum(t, c_f: torch.Tensor, keep: int, mode: str) -> tuple[torch.Tensor, Optional[tuple]]:
+    """``(σ of W·C_f descending, the gram basis or None)``; with ``keep`` > 0 the eigenvectors are computed too and
+    the ``keep`` a decomposition can use are kept (:func:`ops.trim_basis`)."""
     w = t.weight_matrix().detach().to(device=c_f.device, dtype=torch.float64)
-    if not keep_basis:
+    if not keep:
         return _spectrum(w @ c_f), None
     basis, _ = gram_basis(w, c_f)
-    return basis[0].clamp(min=0).sqrt().flip(0).cpu(), basis
+    return basis[0].clamp(min=0).sqrt().flip(0).cpu(), trim_basis(basis, keep, mode)
 
 
 def _spectrum(m: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(ROOT, "benchmarks", "gpu_suite.sh")
-STEPS = ["env", "kernels", "native", "calibration", "fused", "decompose", "experts"]
+STEPS = ["env", "kernels", "native", "calibration", "fused", "decompose", "experts", "memory"]
 
 
 def _branches() -> tuple[str, str]:
@@ -46,7 +46,7 @@ def test_dry_run_passes_and_writes_every_result(tmp_path):
         rows = list(csv.DictReader(f, delimiter="\t"))
     assert [r["step"] for r in rows] == STEPS and all(r["rc"] == "0" for r in rows), rows
     assert json.loads((tmp_path / "env.json").read_text())["torch"]
-    for name in ("calibration", "fused", "decompose"):
+    for name in ("calibration", "fused", "decompose", "memory"):
         result = json.loads((tmp_path / f"{name}.json").read_text())
         assert result["environment"]["torch"] and result["environment"]["corda_fast_commit"], name
     # the packages the GPU machine lacks were absent during the run

@@ -333,11 +333,22 @@ def test_reusing_the_scored_eigenbases_gives_the_same_factors(mode, monkeypatch)
     ranked = resolve_targets(model, lora)
     calls = []
     real = corda_fast.ops.factors_from_basis
-    monkeypatch.setattr(corda_fast.ops, "factors_from_basis", lambda *a, **k: calls.append(1) or real(*a, **k))
+    def counted(*a, **k):
+        out = real(*a, **k)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(corda_fast.ops, "factors_from_basis", counted)
     a = decompose(reused.stats, ranked, cfg.corda, bases=dict(reused.bases))
-    assert len(calls) == len(ranked), "every layer reused its basis"
+    within = [t for t in ranked if t.rank <= 4 * 4]  # KEEP_FACTOR x the uniform rank 4: those reuse their basis
+    assert len(calls) == len(ranked) and sum(calls) == len(within) > 0  # the others were computed afresh
     b = decompose(fresh.stats, ranked, cfg.corda)
     assert len(calls) == len(ranked)
+    # a rank beyond the kept eigenvectors is refused (the caller recomputes), never read from the wrong columns
+    w, c = torch.randn(6, 9, dtype=torch.float64), torch.eye(9, dtype=torch.float64) * 2
+    basis = corda_fast.ops.trim_basis(corda_fast.ops.gram_basis(w, c)[0], 2, mode)
+    chol = torch.linalg.cholesky(c)
+    assert real(basis, w, c, chol, 3, mode, 1.0) is None and real(basis, w, c, chol, 2, mode, 1.0) is not None
     for name in b:
         da = a[name].scaling * (a[name].B.double() @ a[name].A.double())
         db = b[name].scaling * (b[name].B.double() @ b[name].A.double())

@@ -35,6 +35,7 @@ from .linalg import (
     find_damping,
     gram_basis,
     not_converged_error,
+    trim_basis,
 )
 from .lowrank import FusedLoRALinearFunction, fused_lora_linear
 from .registry import BACKEND_ENV, BackendError, available, choose, describe, registrations, why_not
@@ -43,7 +44,7 @@ __all__ = ["covariance", "linalg", "lowrank", "registry",
            "xtx_accumulate", "lowrank_gemm", "damped_cholesky", "batched_decompose", "choose", "available",
            "describe", "registrations", "why_not", "extension_status", "BackendError", "BACKEND_ENV", "symmetrize",
            "triangle_blocks", "sample_scales", "find_damping", "damp", "damp_", "damping_probes", "decompose_layer",
-           "gram_basis", "factors_from_basis",
+           "gram_basis", "factors_from_basis", "trim_basis",
            "degenerate_error", "not_converged_error", "DampingError", "FusedLoRALinearFunction", "fused_lora_linear"]
 
 

@@ -138,22 +138,33 @@ def decompose_layer(weight: torch.Tensor, chol: torch.Tensor, c_f: torch.Tensor,
 
 
 def gram_basis(weight: torch.Tensor, c_f: torch.Tensor) -> tuple[tuple, torch.Tensor]:
-    """``((eigenvalues ascending, eigenvectors, whether the Gram is M·Mᵀ), M)`` of the Gram matrix of
-    ``M = W·C_f`` on its smaller side, in float64: the spectrum CorDA++ scores, and the basis of the decomposition."""
+    """``((eigenvalues ascending, eigenvectors, whether the Gram is M·Mᵀ, index of the first eigenvector kept), M)``
+    of the Gram matrix of ``M = W·C_f`` on its smaller side, in float64: the spectrum CorDA++ scores, and the basis
+    of the decomposition (:func:`trim_basis` keeps only the eigenvectors a decomposition may use)."""
     m = weight.double() @ c_f.double()
     out_side = m.shape[0] <= m.shape[1]
     g = m @ m.mT if out_side else m.mT @ m
     evals, evecs = torch.linalg.eigh(g)  # ascending
-    return (evals, evecs, out_side), m
+    return (evals, evecs, out_side, 0), m
+
+
+def trim_basis(basis: tuple, keep: int, mode: str) -> tuple:
+    """``basis`` with only the ``keep`` eigenvectors a decomposition of rank ≤ ``keep`` uses (the largest for IPM,
+    the smallest for KPM); a larger rank finds them missing and is computed afresh."""
+    evals, evecs, out_side, first = basis
+    n = evecs.shape[1]
+    keep = min(keep, n)
+    lo = n - keep if mode == "ipm" else 0
+    return evals, evecs[:, lo:lo + keep].clone(), out_side, first + lo
 
 
 def factors_from_basis(basis: tuple, weight: torch.Tensor, c_f: torch.Tensor, chol: torch.Tensor, rank: int,
                        mode: str, scaling: float, m: Optional[torch.Tensor] = None, eval_scale: float = 1.0):
     """The factors of :func:`decompose_layer`'s ``"gram"`` route from a :func:`gram_basis` computed before (``m``
     may be dropped: the kept vectors are mapped through ``W`` and ``C_f`` instead; ``eval_scale`` multiplies the
-    eigenvalues, for a basis computed on a rescaled covariance). ``None`` where a kept σ is below 1e-8·σ_max (the
-    caller falls back to the SVD)."""
-    evals, evecs, out_side = basis
+    eigenvalues, for a basis computed on a rescaled covariance). ``None`` where a kept σ is below 1e-8·σ_max or an
+    eigenvector needed was not kept (the caller computes the layer afresh)."""
+    evals, evecs, out_side, first = basis
     out_dtype = weight.dtype
     n = evals.shape[0]
     order = torch.arange(n - 1, -1, -1, device=evals.device)[_kept(n, rank, mode)]  # descending, like svd
@@ -164,7 +175,9 @@ def factors_from_basis(basis: tuple, weight: torch.Tensor, c_f: torch.Tensor, ch
     s_max = float((evals[-1] * eval_scale).clamp(min=0).sqrt())
     if not float(s_r.min()) > 1e-8 * s_max:
         return None
-    vecs = evecs.index_select(1, order)
+    if int(order.min()) < first or int(order.max()) >= first + evecs.shape[1]:
+        return None  # a rank beyond the kept eigenvectors
+    vecs = evecs.index_select(1, order - first)
     if m is not None:
         other = m.mT @ vecs if out_side else m @ vecs
     else:
