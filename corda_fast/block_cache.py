@@ -93,6 +93,11 @@ class BlockCache:
         if self.data_fingerprint is not None and meta.get("data_fingerprint") != self.data_fingerprint:
             raise CacheError(f"covariance cache file '{path}' was computed from other calibration data than the "
                              "loader passed: another folder, or CalibrationConfig(overwrite_cache=True).")
+        held = {n for names in json.loads(header.get("members", "{}")).values() for n in names}
+        missing = [t.name for t in self.by_block[b] if t.name not in held]
+        if missing:
+            raise CacheError(f"covariance cache file '{path}' has no statistic for {missing[:3]} (made for other "
+                             "target_modules): another folder, or CalibrationConfig(overwrite_cache=True).")
         if bool(meta.get("route_all_experts")) != self.route_all_experts and any(
                 n.endswith("]") for n in json.loads(header.get("members", "{}"))):
             raise CacheError(f"covariance cache file '{path}' holds expert statistics made with route_all_experts="

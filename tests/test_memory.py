@@ -191,7 +191,8 @@ def _run(folder, model=None, batches=BATCHES, **extra):
                                     **Setup(rank=4, streaming=True, covariance_cache=folder, **extra).kw)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign_block", "other_data", "not_safetensors", "other_model"])
+@pytest.mark.parametrize("damage", ["truncated", "foreign_block", "other_data", "not_safetensors", "other_model",
+                                    "other_targets"])
 def test_a_bad_block_file_is_refused_by_name(damage, tmp_path):
     folder = tmp_path / "stats"
     _run(str(folder))
@@ -206,6 +207,9 @@ def test_a_bad_block_file_is_refused_by_name(damage, tmp_path):
         target.write_bytes((tmp_path / "other" / "block-00001.safetensors").read_bytes())
     elif damage == "not_safetensors":
         target.write_text("hello")
+    elif damage == "other_targets":
+        _run(str(tmp_path / "other"), target_modules=["q_proj", "v_proj"])
+        target.write_bytes((tmp_path / "other" / "block-00001.safetensors").read_bytes())
     else:
         _run(str(tmp_path / "other"), model=tiny_llama(layers=3, seed=5))
         target.write_bytes((tmp_path / "other" / "block-00001.safetensors").read_bytes())
