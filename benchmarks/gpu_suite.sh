@@ -99,7 +99,7 @@ if [ "$DRY" = 1 ]; then
     step decompose 60 "$PY" benchmarks/bench_decompose.py --device cpu --shapes 48x40 40x48 --layers-per-shape 2 \
         --rank 4 --repeats 1 --modes kpm --out "$OUT/decompose.json"
     step experts 60 "$PY" benchmarks/bench_experts.py --device cpu --experts 8 --repeats 1 --out "$OUT/experts.json"
-    step memory 60 "$PY" benchmarks/bench_memory_gpu.py --device cpu --hidden 64 --layers 2 --samples 4 --seq-len 16 \
+    step memory 50 "$PY" benchmarks/bench_memory_gpu.py --device cpu --hidden 64 --layers 2 --samples 4 --seq-len 16 \
         --batch-size 2 --out "$OUT/memory.json"
 else
     step env 15 "$PY" -m corda_fast env
