@@ -36,6 +36,7 @@ from .preflight import (
     check_no_adapters,
     check_offload,
     check_shared_weights,
+    check_spill,
     check_task_type,
     check_writable,
 )
@@ -635,6 +636,7 @@ def _preflight(model: nn.Module, loader: Any, lora: LoraSpec, config: CordaConfi
     check_experts(model, targets, lora, config)
     _check_quantized(targets, config)
     weights = check_offload(model, targets, config)
+    check_spill(targets, config)
     check_writable(initial_adapter_dir, "initial_adapter_dir folder")
     source = plan_source(model, loader, targets, config)
     onload = config.calibration.onload_device

@@ -121,6 +121,33 @@ def check_offload(model: nn.Module, targets: list[Target], config: CordaConfig) 
     return where
 
 
+def check_spill(targets: list[Target], config: CordaConfig) -> None:
+    """The build's spill file (``CordaConfig.spill`` ``"auto"`` / ``"disk"``) fits where it goes: its folder is
+    writable and has room for the originals of the targeted weights held in host memory (plus 5%)."""
+    import shutil
+    import tempfile
+
+    if config.spill not in ("auto", "disk"):
+        return
+    held = [t for t in targets if t.expert is None and t.quant is None and offload.location(t.module) == "module"]
+    tensors = [t.module.weight for t in held]
+    tensors += list({id(t.module): getattr(t.module, t.param_name) for t in targets if t.expert is not None}.values())
+    need = sum(w.numel() * w.element_size() for w in tensors
+               if config.spill == "disk" or w.device.type == "cpu")
+    if not need:
+        return
+    folder = config.spill_folder or tempfile.gettempdir()
+    check_writable(folder, "CordaConfig.spill_folder folder")
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(os.path.abspath(probe))
+    free = shutil.disk_usage(probe).free
+    if free < need * 1.05:
+        raise OSError(f"the build spills the originals of the targeted weights ({need / 2**30:.2f} GiB) to '{folder}', "
+                      f"which has {free / 2**30:.2f} GiB free: set CordaConfig.spill_folder to a larger disk, or "
+                      "spill='host' (a copy in host memory) / 'memory' (beside each weight).")
+
+
 def check_writable(path: Optional[str], what: str) -> None:
     """``path`` (a file, or a folder when ``what`` ends in "folder") can be written: an existing one is of the
     right kind and writable, a new one's nearest existing parent is a writable folder."""

@@ -233,3 +233,20 @@ def test_a_partial_write_is_never_read_and_folder_misuse_is_explained(tmp_path):
         corda_fast.init_adapters(tiny_llama(layers=3), BATCHES, **Setup(rank=4, covariance_cache=str(folder)).kw)
     with pytest.raises(ValueError, match="writes its covariance_cache as a folder"):
         _run(str(tmp_path / "new.safetensors"))
+
+
+def test_a_spill_that_will_not_fit_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    model = tiny_llama(layers=2)
+    before = model_state(model)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    ran = []
+    with pytest.raises(OSError, match=r"spills the originals .* to '.*spill'.*spill_folder"):
+        corda_fast.init_adapters(model, lambda: ran.append(1), **Setup(rank=4, spill_folder=str(tmp_path / "spill")).kw)
+    assert not ran
+    assert_model_unchanged(model, before)
+    # in host memory instead: no disk needed
+    corda_fast.init_adapters(model, padded_batches(random_samples(4), 2), **Setup(rank=4, spill="host").kw)
