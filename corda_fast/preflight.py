@@ -131,7 +131,7 @@ def check_spill(targets: list[Target], config: CordaConfig) -> None:
         return
     held = [t for t in targets if t.expert is None and t.quant is None and offload.location(t.module) == "module"]
     tensors = [t.module.weight for t in held]
-    tensors += list({id(t.module): getattr(t.module, t.param_name) for t in targets if t.expert is not None}.values())
+    tensors += list({t.param_key: getattr(t.module, t.param_name) for t in targets if t.expert is not None}.values())
     need = sum(w.numel() * w.element_size() for w in tensors
                if config.spill == "disk" or w.device.type == "cpu")
     if not need:

@@ -250,3 +250,26 @@ def test_a_spill_that_will_not_fit_is_refused_before_anything_runs(tmp_path, mon
     assert_model_unchanged(model, before)
     # in host memory instead: no disk needed
     corda_fast.init_adapters(model, padded_batches(random_samples(4), 2), **Setup(rank=4, spill="host").kw)
+
+
+def test_the_spill_check_counts_every_expert_parameter(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from corda_fast.preflight import check_spill
+
+    from helpers import tiny_moe
+
+    model = tiny_moe("qwen3_moe")
+    cfg = Setup(target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                spill_folder=str(tmp_path))
+    targets = corda_fast.stages.resolve_targets(model, cfg.lora)
+    params = {t.param_key: getattr(t.module, t.param_name) for t in targets}
+    assert len(params) == 2 * len(model.model.layers)
+    need = sum(p.numel() * p.element_size() for p in params.values())
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, int(need * 1.06)))
+    check_spill(targets, cfg.corda)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, int(need * 0.9)))
+    with pytest.raises(OSError, match="spills the originals"):
+        check_spill(targets, cfg.corda)
