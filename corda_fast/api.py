@@ -313,12 +313,18 @@ def plan_source(model: nn.Module, loader: Any, targets: list[Target], config: Co
     return "one_pass"
 
 
+def _cache_folder(model: nn.Module, targets: list[Target], config: CordaConfig):
+    """The :class:`~corda_fast.block_cache.BlockCache` when ``covariance_cache`` names a folder, else ``None``."""
+    cache = config.calibration.covariance_cache
+    return block_cache_for(cache, model, targets, config) if cache is not None and block_cache.is_folder(cache) \
+        else None
+
+
 def _cache_state(model: nn.Module, targets: list[Target], config: CordaConfig):
     """``(the BlockCache of a folder cache or None, whether the cache exists whole)``; ranks must agree."""
     calib = config.calibration
     cache = calib.covariance_cache
-    folder = block_cache_for(cache, model, targets, config) \
-        if cache is not None and block_cache.is_folder(cache) else None
+    folder = _cache_folder(model, targets, config)
     if folder is not None and distributed.is_active(calib.distributed):
         raise ValueError(f"covariance_cache '{cache}' is a folder (one file per block); with distributed calibration "
                          "give a file (*.safetensors) instead.")
@@ -445,8 +451,7 @@ def _run_plus_streaming(out: _Outcome, source: str, model: nn.Module, loader: An
 def _run_streaming(out: _Outcome, source: str, model: nn.Module, loader: Any, config: CordaConfig) -> None:
     quiet = config.replace(show_progress=False)
     t0 = time.perf_counter()
-    cache = config.calibration.covariance_cache
-    folder = block_cache_for(cache, model, out.targets, config) if cache is not None else None
+    folder = _cache_folder(model, out.targets, config)  # streaming writes only folders (checked in plan_source)
     for block_stats in iter_block_statistics(model, loader, config, out.targets, cache=folder):
         out.tally(block_stats, peak=True)
         t0 = _timed(out, "calibrate", t0)
@@ -460,8 +465,7 @@ def _run_stats(out: _Outcome, source: str, model: nn.Module, loader: Any, config
     """One pass over the whole model, or a cache."""
     t0 = time.perf_counter()
     cache = config.calibration.covariance_cache
-    folder = block_cache_for(cache, model, out.targets, config) \
-        if cache is not None and block_cache.is_folder(cache) else None
+    folder = _cache_folder(model, out.targets, config)
     if source == "cache" and folder is not None:
         found = data_fingerprint(loader, config) if loader is not None else None
         stats = block_cache.load_folder(folder, model_fingerprint(model), found)

@@ -39,14 +39,12 @@ def _max_memory(text: str) -> dict:
 
 def _size(text: str) -> int:
     """argparse type: bytes, or a number with KB / MB / GB (powers of 1000) or KiB / MiB / GiB."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    t = text.strip().lower()
-    for unit, factor in units.items():
-        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(t[: -len(unit)]) * factor)
-    if t.isdigit():
-        return int(t)
-    raise argparse.ArgumentTypeError(f"{text!r}: expected a size, e.g. 2GB, 500MiB or a number of bytes")
+    from .memory_plan import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(text: str) -> int:

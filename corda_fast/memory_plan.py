@@ -34,7 +34,6 @@ host memory).
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
@@ -42,8 +41,6 @@ from typing import Any, Optional, Union
 import torch
 
 from .plus import KEEP_FACTOR
-
-logger = logging.getLogger(__name__)
 
 MODES = ("one_pass", "streaming", "onloading", "disk_offload", "plus", "plus_streaming")
 # Inputs read by sibling layers of one module: one statistic for the family (the calibration shares them).
@@ -252,16 +249,21 @@ def device_available() -> Optional[int]:
     return None
 
 
-def _parse_size(value) -> int:
-    if isinstance(value, (int, float)):
+_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+          "tb": 10**12, "b": 1}
+
+
+def parse_size(value) -> int:
+    """Bytes from an int, or a string like ``2GB`` / ``500MiB`` / ``64 GiB`` (KB, MB, GB, TB are powers of 1000;
+    KiB ... TiB of 1024) or a plain number of bytes (accelerate's ``max_memory`` values, the CLI's sizes)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return int(value)
     t = str(value).strip().lower().replace(" ", "")
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-             "tb": 10**12, "b": 1}
-    for unit, factor in units.items():
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * factor)
-    return int(float(t))
+    number = next((t[: -len(u)] for u in _UNITS if t.endswith(u)), t)
+    factor = next((f for u, f in _UNITS.items() if t.endswith(u)), 1)
+    if not number.replace(".", "", 1).isdigit():
+        raise ValueError(f"{value!r}: expected a size, e.g. 2GB, 500MiB or a number of bytes")
+    return int(float(number) * factor)
 
 
 # ---------------------------------------------------------------------------------------------------- the plan
@@ -330,7 +332,7 @@ def _modes(z: _Sizes, c: int, on_gpu: bool, max_memory: Optional[dict], host, de
             out[mode] = (peak + O, 0, z.P_t)
     out["onloading"] = (z.P + z.A + O, z.W_b + z.S_b + max(z.X_b, z.D), 0) if on_gpu else \
         (z.P + z.A + z.S_b + max(z.X_b, z.D) + O, 0, z.P_t)
-    mm = {str(k): _parse_size(v) for k, v in (max_memory or {}).items()}
+    mm = {str(k): parse_size(v) for k, v in (max_memory or {}).items()}
     M = min(mm.get("cpu", z.P // 4), z.P)
     G = sum(v for k, v in mm.items() if k.isdigit())
     from_disk = max(0, z.P - M - G)

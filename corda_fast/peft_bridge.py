@@ -60,14 +60,14 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 class _Undo:
     """What :func:`build_peft_model` changed on the user's model, to put back on failure."""
 
-    def __init__(self):
+    def __init__(self, spill: Spill):
         self.described: dict = {}  # quantized layer -> its format
         self.swapped: dict = {}  # name -> original module, for quantized layers replaced by float ones ("keep")
         self.originals: dict = {}  # name -> the float weight tensor (overwritten in place; values kept in `spill`)
         self.params: dict = {}  # expert parameter key -> (experts module, parameter name, original data)
         self.quant_params: dict = {}  # name -> original quantized weight Parameter
         self.offloaded: list = []  # undo functions of residuals stored where an accelerate hook keeps the weight
-        self.spill = Spill()  # the original values of the tensors overwritten in place
+        self.spill = spill  # the original values of the tensors overwritten in place
         self.peft_model = None
 
     def restore(self, model: nn.Module, adapted: list[Target]) -> None:
@@ -286,8 +286,7 @@ def build_with_undo(model: nn.Module, factors: dict[str, LayerFactors], targets:
     adapted = [t for t in targets if t.name in factors]
     lora_config = peft_lora_config(adapted, lora)
     expert_groups = _expert_groups(adapted, factors)
-    undo = _Undo()
-    undo.spill = Spill(config.spill, config.spill_folder)
+    undo = _Undo(Spill(config.spill, config.spill_folder))
     snapshot = ModelSnapshot(model)
 
     def restore():
