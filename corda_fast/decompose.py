@@ -19,9 +19,9 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed, ops
+from . import distributed, offload, ops
 from .config import CordaConfig
-from .ops import DampingError, damp_, decompose_layer, degenerate_error, find_damping, not_converged_error
+from .ops import DampingError, damp_, degenerate_error, find_damping, not_converged_error
 from .stats import CovarianceStats
 from .targets import Target
 
@@ -106,49 +106,82 @@ def decompose(stats: CovarianceStats, targets: list[Target], config: Optional[Co
 
 def _decompose_torch(stats: CovarianceStats, by_key: dict, config: CordaConfig, device, release: bool,
                      bar, bases: dict) -> dict[str, LayerFactors]:
-    """The reference path: per statistic (groups spread over the CPU cores) the damping search and the Cholesky
-    factor once, then every layer that reads it."""
-    dtype = config.dtype
-    method = config.resolved_svd_method
-    work = torch.float64 if method == "gram" else dtype
-    damping = config.damping
-    starts = stats.meta.get("damping_start", {})
+    """The reference path: per statistic (groups spread over the CPU cores) the damping search once, then every layer
+    that reads it, then one Cholesky factor for all of them.
 
-    def run_group(key: str, layer_targets: list[Target]) -> list[LayerFactors]:
-        c = stats.covariance(key, work)  # a float64 statistic keeps its digits
-        if device is not None:
-            c = c.to(device)
-        names = [t.name for t in layer_targets]
-        lam = find_damping(c, starts.get(key, damping.start), damping.tol, damping.max_iter,
-                           what=f"layer(s) {names}")  # float32
-        c_f = damp_(c, lam)  # `c` is this job's own copy: damped in place, one d×d less at the peak
-        del c
-        if release:
-            stats.sums.pop(key, None)
-        chol, info = torch.linalg.cholesky_ex(c_f)
-        if int(info) != 0:
-            raise DampingError(f"damped covariance of layer(s) {names} is not positive definite (λ={lam}).")
-        done = []
-        for t in layer_targets:
-            w = t.weight_matrix().detach().to(device=c_f.device, dtype=work)
-            reuse = bases.pop(t.name, None) if method == "gram" else None
-            got = None if reuse is None else ops.factors_from_basis(
-                tuple(x.to(c_f.device) if torch.is_tensor(x) else x for x in reuse[0]), w, c_f, chol, t.rank,
-                config.mode, t.scaling, eval_scale=reuse[1])
-            a, b, s_r = got if got is not None else decompose_layer(w, chol, c_f, t.rank, config.mode, t.scaling,
-                                                                    method)
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise DampingError(f"non-finite adapter factors for layer '{t.name}' (λ={lam}).")
-            done.append(LayerFactors(t.name, a.to(dtype), b.to(dtype), s_r.to(dtype), t.scaling, lam, key))
-            bar.update(1)
-        return done
-
+    Memory: a group holds its damped covariance (one ``d×d`` of the working dtype) plus one layer's workspace; the
+    Cholesky factor is computed in the damped covariance's own storage once every layer has its kept singular
+    triplets (only the final triangular solves need it), and on the host freed pages go back to the system after
+    each step (:func:`~corda_fast.offload.release_host_memory`)."""
+    work = torch.float64 if config.resolved_svd_method == "gram" else config.dtype
     on_cpu = all(s.device.type == "cpu" for s in stats.sums.values()) and (
         device is None or torch.device(device).type == "cpu")
+
+    def run_group(key: str, layer_targets: list[Target]) -> list[LayerFactors]:
+        c_f, lam = _damped_covariance(stats, key, [t.name for t in layer_targets], config, work, device, release,
+                                      on_cpu)
+        done = _group_factors(c_f, lam, key, layer_targets, config, work, bases, bar)
+        if on_cpu:
+            offload.release_host_memory()
+        return done
+
     out: dict[str, LayerFactors] = {}
-    for group in map_per_core(lambda kv: run_group(*kv), list(by_key.items()), on_cpu):
+    # narrow statistics first: with `release`, the wide ones (the largest workspaces) run once the narrow ones'
+    # statistics are gone; the output order is the targets' whatever the order of work
+    items = sorted(by_key.items(), key=lambda kv: stats.sums[kv[0]].shape[0])
+    for group in map_per_core(lambda kv: run_group(*kv), items, on_cpu):
         out.update((f.name, f) for f in group)
     return out
+
+
+def _damped_covariance(stats: CovarianceStats, key: str, names: list, config: CordaConfig, work, device,
+                       release: bool, on_cpu: bool) -> tuple[torch.Tensor, float]:
+    """``(C_f, λ)`` of one statistic: the damping search on a float32 copy (damped in place), then the float64 (or
+    working-dtype) covariance damped in its own storage; the statistic is dropped from ``stats`` with ``release``."""
+    damping = config.damping
+    c32 = stats.covariance_float32(key)  # the search's input: no working-dtype d×d beside its workspace
+    lam = find_damping(c32 if device is None else c32.to(device),
+                       stats.meta.get("damping_start", {}).get(key, damping.start), damping.tol, damping.max_iter,
+                       what=f"layer(s) {names}", overwrite=True)
+    del c32
+    if on_cpu:
+        offload.release_host_memory()
+    c_f = stats.covariance(key, work)  # a float64 statistic keeps its digits; this job's own copy
+    if device is not None:
+        c_f = c_f.to(device)
+    if release:
+        stats.sums.pop(key, None)
+    return damp_(c_f, lam), lam
+
+
+def _group_factors(c_f: torch.Tensor, lam: float, key: str, layer_targets: list[Target], config: CordaConfig, work,
+                   bases: dict, bar) -> list[LayerFactors]:
+    """Factors of the layers reading one damped covariance: each layer's kept triplets from ``C_f``, then ``C_f`` is
+    factored in place (``C_f`` itself is not needed after) and the triangular solves finish every layer."""
+    method = config.resolved_svd_method
+    kept = []
+    for t in layer_targets:
+        w = t.weight_matrix().detach().to(c_f.device)
+        reuse = bases.pop(t.name, None) if method == "gram" else None
+        if reuse is not None:
+            reuse = (tuple(x.to(c_f.device) if torch.is_tensor(x) else x for x in reuse[0]), reuse[1])
+        kept.append(ops.kept_triplets(w if method == "gram" else w.to(work), c_f, t.rank, config.mode, method,
+                                      basis=None if reuse is None else reuse[0],
+                                      eval_scale=1.0 if reuse is None else reuse[1]))
+        del w
+    chol, info = torch.linalg.cholesky_ex(c_f, out=(c_f, torch.empty((), dtype=torch.int32, device=c_f.device)))
+    if int(info) != 0:
+        raise DampingError(f"damped covariance of layer(s) {[t.name for t in layer_targets]} is not positive "
+                           f"definite (λ={lam}).")
+    done = []
+    for t, triplets in zip(layer_targets, kept):
+        a, b, s_r = ops.finish_factors(*triplets, chol, t.scaling, work)
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise DampingError(f"non-finite adapter factors for layer '{t.name}' (λ={lam}).")
+        dtype = config.dtype
+        done.append(LayerFactors(t.name, a.to(dtype), b.to(dtype), s_r.to(dtype), t.scaling, lam, key))
+        bar.update(1)
+    return done
 
 
 # Bytes of statistics (and their damped copies, factors and damping trials) one native call may hold.

@@ -134,22 +134,36 @@ def disk_folders(model: nn.Module) -> list[str]:
 
 
 def release_host_memory() -> None:
-    """Hand freed heap memory back to the operating system (glibc ``malloc_trim``; a no-op elsewhere). Loading
-    offloaded weights allocates and frees many large blocks; without this, glibc keeps the freed pages, and resident
-    memory grows with each block instead of staying at one block's worth."""
-    global _TRIM
+    """Hand freed heap memory back to the operating system: glibc's ``malloc_trim`` and, where torch's BLAS is MKL,
+    the calling thread's cached MKL buffers (a no-op where neither exists). Loading offloaded weights allocates and
+    frees many large blocks, and each decomposition leaves its workspaces in the calling thread's allocator and MKL
+    pools; without this, resident memory grows with each block instead of staying at one block's worth."""
+    global _TRIM, _MKL_FREE
     if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
+        _TRIM, _MKL_FREE = _find_release_functions()
     if _TRIM:
         _TRIM(0)
+    if _MKL_FREE:
+        _MKL_FREE()  # this thread's buffers only: safe while other threads run MKL
+
+
+def _find_release_functions():
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        trim = False
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        mkl = ctypes.CDLL(lib).mkl_serv_thread_free_buffers if os.path.exists(lib) else False
+    except (OSError, AttributeError):
+        mkl = False
+    return trim, mkl
 
 
 _TRIM = None
+_MKL_FREE = None
 
 
 # ---------------------------------------------------------------------------------------------------- residual store

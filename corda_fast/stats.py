@@ -53,7 +53,16 @@ class CovarianceStats:
     def covariance(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """``C = sum / n_samples`` for statistic ``key`` (``(d, d)``)."""
         s = self.sums[key]
-        return s.to(dtype or s.dtype) / self.n_samples[key]
+        return s.to(dtype or s.dtype, copy=True).div_(self.n_samples[key])  # one d×d, not a cast and a quotient
+
+    def covariance_float32(self, key: str, rows: int = 256) -> torch.Tensor:
+        """``covariance(key, float64)`` rounded to float32 (the damping search's input), computed a block of rows at a
+        time: the same values without a float64 ``d×d``."""
+        s = self.sums[key]
+        out = torch.empty(s.shape, dtype=torch.float32, device=s.device)
+        for i in range(0, s.shape[0], rows):
+            out[i:i + rows] = s[i:i + rows].to(torch.float64, copy=True).div_(self.n_samples[key])
+        return out
 
     def layer_names(self) -> list[str]:
         return list(self.layer_keys())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from corda_fast import DampingError
-from corda_fast.decompose import decompose_layer
+from corda_fast.ops import decompose_layer
 from corda_fast.stages import find_damping
 
 from helpers import reference_damping, reference_factors, rel
@@ -146,3 +146,52 @@ def test_probe_residual_estimate_tracks_peft_lu_residual():
     assert len(ratios) >= 15
     assert all(1 / 8 < r < 8 for r in ratios), [round(r, 2) for r in ratios]
     assert max(abs(math.log(r)) for r in ratios) > 0  # the two differ: the fallback zone is needed
+
+
+# ---------------------------------------------------------------------------------------------------- low-memory route
+@pytest.mark.parametrize("d_out,d_in", [(37, 300), (300, 37), (41, 41)])  # both Gram sides, row blocks of W
+@pytest.mark.parametrize("mode", ["ipm", "kpm"])
+def test_triplets_without_m_match_the_reference(d_out, d_in, mode, monkeypatch):
+    """Dropping M = W·C_f (Gram summed over row blocks of a float32 W, kept vectors mapped through W and C_f, the
+    eigenvectors in the Gram's storage) gives the factors of the route that keeps M, against float64."""
+    import corda_fast.ops.linalg as linalg
+
+    monkeypatch.setattr(linalg, "_ROWS", 16)  # several row blocks at these sizes
+    w = torch.randn(d_out, d_in)
+    c = spd(d_in, 2 * d_in + 3, seed=5)
+    lam = find_damping(c)
+    cf = c + torch.eye(d_in, dtype=torch.float64) * torch.diagonal(c).mean() * lam
+    chol = torch.linalg.cholesky(cf)
+    rank = 5
+    kept_m = linalg.kept_triplets(w.double(), cf, rank, mode, keep_m=True)
+    no_m = linalg.kept_triplets(w, cf, rank, mode, keep_m=False)
+    assert all(x.dtype == torch.float64 for x in no_m)
+    a1, b1, s1 = linalg.finish_factors(*kept_m, chol, 0.5, torch.float64)
+    a2, b2, s2 = linalg.finish_factors(*no_m, chol, 0.5, torch.float64)
+    d_ref, _ = reference_factors(w, c, rank, mode, 0.5, lam)
+    assert rel(0.5 * b2 @ a2, d_ref) < 1e-9 and rel(0.5 * b1 @ a1, 0.5 * b2 @ a2) < 1e-10
+    assert torch.allclose(s1, s2, rtol=1e-10)
+    e1 = linalg.gram_basis(w.double(), cf)[0][0]
+    e2, _, side, _ = linalg.gram_basis(w, cf, keep_m=False)[0]
+    assert side == (d_out <= d_in) and torch.allclose(e1, e2, rtol=1e-9, atol=1e-12 * float(e1[-1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float32_covariance_and_in_place_search_equal_the_copies(dtype):
+    """The damping search's float32 input built by row blocks is bit-identical to rounding the float64 covariance,
+    and a search that damps its input in place accepts the same λ as one that copies (the input is left as it was
+    only in the second)."""
+    from corda_fast.stats import CovarianceStats
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(500, 300, generator=g, dtype=dtype) * torch.logspace(-5, 1, 300, dtype=dtype)
+    stats = CovarianceStats(sums={"k": x.T @ x}, n_samples={"k": 37}, n_tokens={"k": 500}, members={"k": ["l"]},
+                            normalization="none", model_fingerprint="f")
+    c32 = stats.covariance_float32("k", rows=64)
+    assert torch.equal(c32, stats.covariance("k", torch.float64).float())
+    assert torch.equal(stats.covariance("k", torch.float64), stats.sums["k"].double() / 37)
+    kept = c32.clone()
+    lam = find_damping(c32, start=1e-9)
+    assert torch.equal(c32, kept)  # copied: untouched
+    assert find_damping(c32, start=1e-9, overwrite=True) == lam and lam >= 4e-9  # several trials, in place
+    assert not torch.equal(c32, kept)  # damped in place: the caller gave it away

@@ -101,7 +101,7 @@ def test_parity_with_peft_against_float64(mode, seed, svd_method):
 def test_same_statistic_decomposition_as_accurate_as_peft(mode):
     """Given the very same fp32 statistic, our decomposition (Cholesky solve of the kept columns) is as accurate
     as PEFT's (explicit inverse, full V̂), layer by layer, against float64."""
-    from corda_fast.decompose import decompose_layer, find_damping
+    from corda_fast.ops import decompose_layer, find_damping
 
     rank, s = 8, 2.0
     base = tiny_llama(hidden=128, layers=2, seed=3)

@@ -57,7 +57,7 @@ def damping_probes(d: int) -> torch.Tensor:
 
 
 def find_damping(cov: torch.Tensor, start: float = 0.01, tol: float = 0.05, max_iter: int = 40,
-                 what: str = "statistic", probes: torch.Tensor | None = None) -> float:
+                 what: str = "statistic", probes: torch.Tensor | None = None, overwrite: bool = False) -> float:
     """The PEFT / reference damping rule: the smallest ``λ = start·2^k`` with ``‖C_f C_f⁻¹ − I‖_F < tol`` where
     ``C_f = C + λ·mean(diag C)·I``, evaluated in float32.
 
@@ -70,37 +70,41 @@ def find_damping(cov: torch.Tensor, start: float = 0.01, tol: float = 0.05, max_
     Args:
         cov: ``(d, d)`` covariance (any float dtype; evaluated in float32).
         what: name used in errors (the layers sharing this statistic).
+        overwrite: a float32 ``cov`` is the search's to damp in place (its values are not kept); otherwise it is
+            copied (one float32 ``d×d``).
     Raises:
         DampingError: after ``max_iter`` doublings, or for a non-finite / non-positive-trace statistic.
     """
-    c = cov.float()
-    mean_diag = torch.diagonal(c).mean()
+    c = cov if overwrite and cov.dtype == torch.float32 else cov.to(torch.float32, copy=True)  # damped in place
+    diag = c.diagonal().clone()
+    mean_diag = diag.mean()
     if not bool(torch.isfinite(mean_diag)) or float(mean_diag) <= 0:
         raise degenerate_error(what, float(mean_diag))
     lam = start
     err = float("nan")
     probes = (damping_probes(c.shape[0]) if probes is None else probes.float()).to(c.device)
     for _ in range(max_iter):
-        c_f = c.clone()
-        c_f.diagonal().add_(mean_diag * lam)  # = damp(c, lam), with the mean diagonal computed once
-        chol, info = torch.linalg.cholesky_ex(c_f)
+        c.diagonal().copy_(diag + mean_diag * lam)  # = damp(cov, lam) in float32, without a d×d per trial
+        chol, info = torch.linalg.cholesky_ex(c)
         if int(info) == 0:
-            err = float((c_f @ torch.cholesky_solve(probes, chol) - probes).norm()) / 4.0  # /sqrt(16 probes)
+            err = float((c @ torch.cholesky_solve(probes, chol) - probes).norm()) / 4.0  # /sqrt(16 probes)
         else:
             err = float("inf")
         if not tol / 8 <= err < 8 * tol:  # clear-cut: PEFT's LU residual would decide the same
             if err < tol:
                 return lam
         else:
-            inv, info = torch.linalg.inv_ex(c_f)
+            inv, info = torch.linalg.inv_ex(c)
             if int(info) == 0:
-                prod = c_f @ inv
+                prod = torch.mm(c, inv, out=chol)  # the factor is done with: its storage takes C_f·C_f⁻¹
+                del inv
                 prod.diagonal().sub_(1.0)
                 err = float(prod.norm())
             else:
                 err = float("inf")
             if err < tol:
                 return lam
+        del chol
         lam *= 2
     raise not_converged_error(what, max_iter, lam / 2, f"={err:.3g}", tol)
 
@@ -123,29 +127,76 @@ def decompose_layer(weight: torch.Tensor, chol: torch.Tensor, c_f: torch.Tensor,
             vectors of the other side (``M v / σ``), computed in float64: 1.3-1.4x faster than a float32 SVD on CPU
             for rectangular layers, on par for square ones (``benchmarks/bench_ops.py``), and more accurate
             (σ error ≈ ε64·σ_max²/σ against ε32·σ_max); when a kept σ is below 1e-8·σ_max, where
-            squaring stops paying, it falls back to the SVD in the input dtype.
+            squaring stops paying, it falls back to the SVD of ``M`` in float64.
     Returns:
         ``(A (r, d_in), B (d_out, r), S_r (r,))`` with ``A = diag(√(S_r/s)) V̂_rᵀ``, ``B = U_r diag(√(S_r/s))``,
         ``V̂_r = C_f⁻¹ V_r`` (triangular solves, kept columns only), singular values in descending order.
     """
-    if method == "gram":
-        basis, m = gram_basis(weight, c_f)
-        out = factors_from_basis(basis, weight, c_f, chol, rank, mode, scaling, m=m)
-        if out is not None:
-            return out
-        return _factors_by_svd(m.to(weight.dtype), chol, rank, mode, scaling)
-    return _factors_by_svd(weight @ c_f, chol, rank, mode, scaling)
+    u_r, s_r, v_r = kept_triplets(weight, c_f, rank, mode, method, keep_m=True)
+    return finish_factors(u_r, s_r, v_r, chol, scaling, weight.dtype)
 
 
-def gram_basis(weight: torch.Tensor, c_f: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+def kept_triplets(weight: torch.Tensor, c_f: torch.Tensor, rank: int, mode: str, method: str = "gram",
+                  basis: Optional[tuple] = None, eval_scale: float = 1.0, keep_m: bool = False):
+    """The ``rank`` kept singular triplets ``(U_r, S_r, V_r)`` of ``M = W·C_f`` (σ descending) as
+    :func:`decompose_layer` computes them, from ``W`` and ``C_f`` alone: the Cholesky factor is only needed after,
+    by :func:`finish_factors`, so a caller may factor ``C_f`` in its own storage once every layer reading it has its
+    triplets. ``"gram"`` works in float64 from any ``W`` dtype; ``basis`` (a :func:`gram_basis` computed before)
+    skips the Gram matrix; ``keep_m=False`` drops ``M`` before the eigen-decomposition (the kept vectors are mapped
+    through ``W`` and ``C_f`` instead: ``d_out·d_in`` less at the peak, two products with ``r`` columns more)."""
+    if method != "gram":
+        return _svd_triplets(weight @ c_f, rank, mode)
+    got = None if basis is None else _triplets_from_basis(basis, weight, c_f, rank, mode, None, eval_scale)
+    if got is not None:
+        return got
+    basis, m = gram_basis(weight, c_f, keep_m=keep_m)
+    got = _triplets_from_basis(basis, weight, c_f, rank, mode, m)
+    if got is not None:
+        return got
+    del basis
+    return _svd_triplets(m if m is not None else weight.double() @ c_f.double(), rank, mode)
+
+
+def gram_basis(weight: torch.Tensor, c_f: torch.Tensor, keep_m: bool = True) -> tuple[tuple, Optional[torch.Tensor]]:
     """``((eigenvalues ascending, eigenvectors, whether the Gram is M·Mᵀ, index of the first eigenvector kept), M)``
     of the Gram matrix of ``M = W·C_f`` on its smaller side, in float64: the spectrum CorDA++ scores, and the basis
-    of the decomposition (:func:`trim_basis` keeps only the eigenvectors a decomposition may use)."""
-    m = weight.double() @ c_f.double()
-    out_side = m.shape[0] <= m.shape[1]
-    g = m @ m.mT if out_side else m.mT @ m
-    evals, evecs = torch.linalg.eigh(g)  # ascending
+    of the decomposition (:func:`trim_basis` keeps only the eigenvectors a decomposition may use).
+
+    With ``keep_m=False`` ``M`` is not returned (``None``) and never held whole when the Gram is ``MᵀM`` (summed over
+    row blocks of ``W``); ``W`` is converted to float64 a row block at a time and the eigenvectors overwrite the Gram
+    matrix: at the peak ``C_f``, the Gram matrix and the eigen-solver's workspace."""
+    c64 = c_f.double()
+    d_out, d_in = weight.shape
+    out_side = d_out <= d_in
+    if keep_m:
+        m = weight.double() @ c64
+        g = m @ m.mT if out_side else m.mT @ m
+    elif out_side:
+        m = _rows_times(weight, c64)
+        g = m @ m.mT
+        m = None
+    else:
+        g = torch.zeros(d_in, d_in, dtype=torch.float64, device=c64.device)
+        for i in range(0, d_out, _ROWS):
+            part = weight[i:i + _ROWS].double() @ c64
+            g.addmm_(part.mT, part)
+        m = None
+    evals = torch.empty(g.shape[0], dtype=torch.float64, device=g.device)
+    evals, evecs = torch.linalg.eigh(g, out=(evals, g))  # ascending; the eigenvectors take the Gram's storage
     return (evals, evecs, out_side, 0), m
+
+
+_ROWS = 256  # row block of W converted to float64 at a time
+
+
+def _rows_times(weight: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``W·rhs`` in float64 with ``W`` converted a row block at a time (no float64 copy of the whole ``W``)."""
+    if weight.dtype == torch.float64:
+        return weight @ rhs
+    out = torch.empty(weight.shape[0], rhs.shape[1], dtype=torch.float64, device=rhs.device)
+    for i in range(0, weight.shape[0], _ROWS):
+        torch.mm(weight[i:i + _ROWS].double(), rhs, out=out[i:i + _ROWS])
+    return out
 
 
 def trim_basis(basis: tuple, keep: int, mode: str) -> tuple:
@@ -164,8 +215,13 @@ def factors_from_basis(basis: tuple, weight: torch.Tensor, c_f: torch.Tensor, ch
     may be dropped: the kept vectors are mapped through ``W`` and ``C_f`` instead; ``eval_scale`` multiplies the
     eigenvalues, for a basis computed on a rescaled covariance). ``None`` where a kept σ is below 1e-8·σ_max or an
     eigenvector needed was not kept (the caller computes the layer afresh)."""
+    got = _triplets_from_basis(basis, weight, c_f, rank, mode, m, eval_scale)
+    return None if got is None else finish_factors(*got, chol, scaling, weight.dtype)
+
+
+def _triplets_from_basis(basis: tuple, weight: torch.Tensor, c_f: torch.Tensor, rank: int, mode: str,
+                         m: Optional[torch.Tensor], eval_scale: float = 1.0):
     evals, evecs, out_side, first = basis
-    out_dtype = weight.dtype
     n = evals.shape[0]
     order = torch.arange(n - 1, -1, -1, device=evals.device)[_kept(n, rank, mode)]  # descending, like svd
     kept = evals.index_select(0, order)
@@ -181,19 +237,20 @@ def factors_from_basis(basis: tuple, weight: torch.Tensor, c_f: torch.Tensor, ch
     if m is not None:
         other = m.mT @ vecs if out_side else m @ vecs
     else:
-        w64, c64 = weight.double(), c_f.double()
-        other = c64 @ (w64.mT @ vecs) if out_side else w64 @ (c64 @ vecs)
-    u_r, v_r = (vecs, other / s_r) if out_side else (other / s_r, vecs)
-    return _finish(u_r, s_r, v_r, chol, scaling, out_dtype)
+        c64 = c_f.double()
+        other = c64 @ _rows_times(weight.mT, vecs) if out_side else _rows_times(weight, c64 @ vecs)
+    return (vecs, s_r, other / s_r) if out_side else (other / s_r, s_r, vecs)
 
 
-def _factors_by_svd(m: torch.Tensor, chol: torch.Tensor, rank: int, mode: str, scaling: float):
+def _svd_triplets(m: torch.Tensor, rank: int, mode: str):
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     sl = _kept(s.shape[0], rank, mode)
-    return _finish(u[:, sl], s[sl], vh[sl].mT, chol, scaling, m.dtype)
+    return u[:, sl], s[sl], vh[sl].mT
 
 
-def _finish(u_r, s_r, v_r, chol, scaling: float, out_dtype):
+def finish_factors(u_r: torch.Tensor, s_r: torch.Tensor, v_r: torch.Tensor, chol: torch.Tensor, scaling: float,
+                   out_dtype: torch.dtype):
+    """``(A, B, S_r)`` of :func:`decompose_layer` from the kept triplets and the Cholesky factor of ``C_f``."""
     v_hat = torch.cholesky_solve(v_r.to(chol.dtype), chol)  # (d_in, r) = C_f⁻¹ V_r
     root = (s_r / scaling).sqrt()
     a = (v_hat * root.to(v_hat.dtype)).mT.contiguous()
