@@ -13,17 +13,19 @@ term        what it is
 ``S``       every statistic (one per distinct input: q/k/v share one, gate/up one), ``d_in²`` each in the statistics
             precision; ``S_b`` the largest block's; CorDA++ holds ``candidates`` of each
 ``A``       streaming's cached block inputs: ``tokens · hidden`` in the model dtype
-``D``       one decomposition's workspace (the statistic's damped float64 copy and Cholesky factor ``2·8·d²``;
-            the weight and ``W·C`` in float64; the Gram matrix and its eigenvectors), times the statistics
-            decomposed at once (one per CPU core on the host, one on a GPU)
+``D``       the decomposition's workspace: per statistic the damping search (``12·d²``: a float32 copy, its
+            Cholesky factor and inverse), then the damped float64 covariance (``8·d²``, later its Cholesky factor in
+            the same storage) beside one layer's ``W·C`` and Gram matrix with its eigen-solver, times the statistics
+            decomposed at once (one per CPU core on the host, one on a GPU); CorDA++'s scoring holds the eigenvalue
+            solver's copy of the damped covariance too (``D⁺``)
 ``X``       one batch's activations: a block's (streaming) or the whole forward's with the logits (one pass)
 ``O``       the runtime's own overhead (PEFT wrapping, allocator slack, thread pools): measured on the host, see
             ``HOST_OVERHEAD``
 ==========  =====================================================================================================
 
 Modes: ``one_pass`` ``P + S + max(X, D) + O``; ``streaming`` ``P + S_b + A + max(X_b, D) + O``; ``plus`` (CorDA++ in
-one pass) ``P + c·S + max(X, D) + O``, plus ``B`` with one candidate (the scored eigenvectors kept for the
-decomposition, ``Σ min(d, 4r)·min(d_in, d_out)·8``); ``plus_streaming`` ``P + c·S_b + A + max(X_b, D) + O``; ``onloading``
+one pass) ``P + c·S + max(X, D⁺) + O``, plus ``B`` with one candidate (the scored eigenvectors kept for the
+decomposition, ``Σ min(d, 4r)·min(d_in, d_out)·8``); ``plus_streaming`` ``P + c·S_b + A + max(X_b, D⁺) + O``; ``onloading``
 host ``P + A + O``, device ``W_b + S_b + max(X_b, D)``; ``disk_offload`` host ``M + F + S_b + A + W_l + D + O_d``
 (``M`` accelerate's host budget, ``F`` the checkpoint pages read through while offloaded layers run, ``O_d`` its
 slack), disk ``P − M − G`` read from the checkpoint plus ``P_t`` of the disk-offloaded share in the residual store.
@@ -155,15 +157,15 @@ def _load_config(model: Union[str, dict, Any]):
     raise ValueError(f"model '{path}' is neither a model folder, a config.json, nor a config.")
 
 
+def _statistic_key(t) -> str:
+    parent, _, leaf = t.param_key.rpartition(".") if t.expert is not None else t.name.rpartition(".")
+    family = next((min(f) for f in _SHARED_FAMILIES if leaf in f), None)
+    return f"{parent}.{family}:{t.d_in}" if family is not None else t.name
+
+
 def _statistic_sizes(targets: list) -> dict[str, int]:
     """``{statistic key: d_in}`` with sibling q/k/v (gate/up, ...) of one module sharing a statistic."""
-    out: dict[str, int] = {}
-    for t in targets:
-        parent, _, leaf = t.param_key.rpartition(".") if t.expert is not None else t.name.rpartition(".")
-        family = next((min(f) for f in _SHARED_FAMILIES if leaf in f), None)
-        key = f"{parent}.{family}:{t.d_in}" if family is not None else t.name
-        out[key] = t.d_in
-    return out
+    return {_statistic_key(t): t.d_in for t in targets}
 
 
 def _block_index(name: str, prefix: str) -> Optional[int]:
@@ -173,16 +175,35 @@ def _block_index(name: str, prefix: str) -> Optional[int]:
     return int(head) if head.isdigit() else None
 
 
-def _decomposition(targets: list, parallel: int, by_block: dict) -> int:
-    """``D``: the widest statistic's workspace (its damped float64 copy and Cholesky factor), its largest layer in
-    float64 (``W`` and ``W·C``) and Gram matrix with eigenvectors, times the statistics decomposed at once."""
-    def one(t) -> int:
-        small = min(t.d_out, t.d_in)
-        return 2 * 8 * t.d_in**2 + 2 * 8 * t.d_out * t.d_in + 2 * 8 * small**2
+def _layer_work(d_out: int, d_in: int) -> int:
+    """One layer's part of a decomposition (``decompose._group_factors``): ``W·C_f`` (only when its Gram is ``M·Mᵀ``)
+    with that Gram, then the Gram, its eigenvectors in its storage and the eigen-solver's workspace (``2n²``)."""
+    n = min(d_out, d_in)
+    first = 8 * d_out * d_in + 8 * n * n if d_out <= d_in else 8 * n * n + 2 * 8 * 256 * d_in
+    return max(first, 3 * 8 * n * n)
 
+
+def _jobs(targets: list, plus: bool) -> dict[str, int]:
+    """``{statistic key: bytes one job on it holds at its peak}``: the damping search (float32 copy, Cholesky factor
+    and inverse, ``12·d²``), then the damped float64 covariance (``8·d²``) beside its largest layer's work (CorDA++'s
+    scoring: beside the eigenvalue solver's copy, ``8·d²``, too)."""
+    layers: dict[str, list] = {}
+    for t in targets:
+        layers.setdefault(_statistic_key(t), []).append(t)
+    out = {}
+    for key, ts in layers.items():
+        d = ts[0].d_in
+        work = max(_layer_work(t.d_out, t.d_in) for t in ts)
+        out[key] = max(12 * d * d, 8 * d * d + (max(work, 8 * d * d) if plus else work))
+    return out
+
+
+def _decomposition(targets: list, parallel: int, by_block: dict, plus: bool = False) -> int:
+    """``D``: the largest jobs' workspaces (:func:`_jobs`), as many as run at once (one per CPU core on the host, one
+    on a GPU; no more than a block's statistics when streaming)."""
     if not targets:
         return 0
-    costs = sorted((one(t) for t in targets), reverse=True)
+    costs = sorted(_jobs(targets, plus).values(), reverse=True)
     width = max(1, min(parallel, max((len(v) for v in by_block.values()), default=1)))
     return sum(costs[:width])
 
@@ -198,6 +219,7 @@ class _Sizes:
     S_b: int
     A: int
     D: int
+    D_plus: int  # CorDA++'s scoring jobs, the largest ones at once
     X: int
     X_b: int
     B: int  # CorDA++ with one candidate, in one pass: every layer's scored eigenvectors, kept for the decomposition
@@ -225,8 +247,9 @@ def _sizes(model, targets: list, *, elt: int, prec: int, tokens: int, batch_toke
     X_b = batch_tokens * (4 * hidden + 3 * inter) * elt
     X = X_b + batch_tokens * vocab * 4 + 2 * batch_tokens * hidden * 4
     D = _decomposition(targets, parallel, per_block)
+    D_plus = _decomposition(targets, parallel, per_block, plus=True)
     B = sum(min(t.d_in, t.d_out, KEEP_FACTOR * t.rank) * min(t.d_in, t.d_out) * 8 for t in targets)
-    return _Sizes(P, P_t, len(blocks), W_b, W_l, S, S_b, A, D, X, X_b, B)
+    return _Sizes(P, P_t, len(blocks), W_b, W_l, S, S_b, A, D, D_plus, X, X_b, B)
 
 
 # ---------------------------------------------------------------------------------------------------- the machine
@@ -321,8 +344,8 @@ def _modes(z: _Sizes, c: int, on_gpu: bool, max_memory: Optional[dict], host, de
     in_memory = {
         "one_pass": z.P + z.S + max(z.X, z.D),
         "streaming": z.P + z.S_b + z.A + max(z.X_b, z.D),
-        "plus": z.P + c * z.S + (z.B if c == 1 else 0) + max(z.X, z.D),
-        "plus_streaming": z.P + c * z.S_b + z.A + max(z.X_b, z.D),
+        "plus": z.P + c * z.S + (z.B if c == 1 else 0) + max(z.X, z.D_plus),
+        "plus_streaming": z.P + c * z.S_b + z.A + max(z.X_b, z.D_plus),
     }
     out = {}
     for mode, peak in in_memory.items():

@@ -36,9 +36,10 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from . import offload
 from .config import PlusConfig
 from .decompose import map_per_core
-from .ops import damp, find_damping, gram_basis, trim_basis
+from .ops import damp_, find_damping, gram_basis, gram_matrix, trim_basis
 from .stats import CovarianceStats
 
 logger = logging.getLogger(__name__)
@@ -328,38 +329,29 @@ def score_candidates(candidates: list[CovarianceStats], targets: list, config,
     layer_keys = {t.name: key for key, group in by_key.items() for t in group}
     bar = tqdm(total=len(by_key), desc="corda_fast: scoring candidates", unit="stat", disable=not config.show_progress)
     damping = config.damping
+    on_cpu = all(s.device.type == "cpu" for c in candidates for s in c.sums.values())
 
     def run(key):
-        names = [t.name for t in by_key[key]]
-        covs, scales = [], []
-        lam = damping.start
-        for g, cand in enumerate(candidates):
-            if key not in cand.sums:
-                covs.append(None)
-                scales.append(None)
-                continue
-            c = cand.covariance(key, torch.float64)
-            scale = float(torch.diagonal(c).mean())
-            c = c / scale if scale > 0 else c  # a zero statistic fails in find_damping with its own message
-            lam = find_damping(c, lam, damping.tol, damping.max_iter, what=f"layer(s) {names} (candidate {g})")
-            covs.append(c)
-            scales.append(scale)
+        lam, scales = _shared_damping(candidates, key, [t.name for t in by_key[key]], damping)
+        if on_cpu:
+            offload.release_host_memory()
         out = {t.name: [None] * len(candidates) for t in by_key[key]}
-        for g, c in enumerate(covs):
-            if c is None:
+        for g, scale in enumerate(scales):
+            if scale is None:
                 continue
-            c_f = damp(c, lam)  # unit mean diagonal: C + λ·I
+            c_f = damp_(_normalized(candidates[g], key, scale), lam)  # unit mean diagonal: C + λ·I
             ev = torch.linalg.eigvalsh(c_f)
             lo, hi = float(ev[0]), float(ev[-1])
             for t in by_key[key]:
                 sigma, basis = _layer_spectrum(t, c_f, _kept_vectors(t, config) if keep_bases else 0, config.mode)
                 out[t.name][g] = CandidateScore(math.log(_pi(lo, hi, t.d_out)),
-                                                float((sigma**2).sum() / sigma[0] ** 2), sigma, scales[g], basis)
-            del c_f
+                                                float((sigma**2).sum() / sigma[0] ** 2), sigma, scale, basis)
+            del c_f, ev
+            if on_cpu:
+                offload.release_host_memory()
         bar.update(1)
         return key, lam, out
 
-    on_cpu = all(s.device.type == "cpu" for c in candidates for s in c.sums.values())
     try:
         done = map_per_core(run, list(by_key), on_cpu)
     finally:
@@ -457,20 +449,41 @@ def _kept_vectors(t, config) -> int:
     return max(1, min(caps) if caps else KEEP_FACTOR * t.rank)
 
 
+def _normalized(cand: CovarianceStats, key: str, scale: float) -> torch.Tensor:
+    """The candidate's float64 covariance scaled to unit mean diagonal (a zero statistic left as it is: the damping
+    search refuses it by name)."""
+    c = cand.covariance(key, torch.float64)
+    return c.div_(scale) if scale > 0 else c
+
+
+def _shared_damping(candidates: list[CovarianceStats], key: str, names: list, damping) -> tuple[float, list]:
+    """``(λ, [scale or None per candidate])``: the largest damping any candidate of statistic ``key`` needs, searched
+    candidate after candidate from the previous one's ``λ`` up on a float32 copy (one candidate's float64 at a
+    time, never all of them at once)."""
+    lam, scales = damping.start, []
+    for g, cand in enumerate(candidates):
+        if key not in cand.sums:
+            scales.append(None)
+            continue
+        c = cand.covariance(key, torch.float64)
+        scale = float(torch.diagonal(c).mean())
+        c32 = (c.div_(scale) if scale > 0 else c).float()
+        del c
+        lam = find_damping(c32, lam, damping.tol, damping.max_iter, what=f"layer(s) {names} (candidate {g})",
+                           overwrite=True)
+        del c32
+        scales.append(scale)
+    return lam, scales
+
+
 def _layer_spectrum(t, c_f: torch.Tensor, keep: int, mode: str) -> tuple[torch.Tensor, Optional[tuple]]:
     """``(σ of W·C_f descending, the gram basis or None)``; with ``keep`` > 0 the eigenvectors are computed too and
     the ``keep`` a decomposition can use are kept (:func:`ops.trim_basis`)."""
-    w = t.weight_matrix().detach().to(device=c_f.device, dtype=torch.float64)
+    w = t.weight_matrix().detach().to(c_f.device)  # converted to float64 a row block at a time
     if not keep:
-        return _spectrum(w @ c_f), None
-    basis, _ = gram_basis(w, c_f)
+        return torch.linalg.eigvalsh(gram_matrix(w, c_f)).clamp(min=0).sqrt().flip(0).cpu(), None
+    basis, _ = gram_basis(w, c_f, keep_m=False)
     return basis[0].clamp(min=0).sqrt().flip(0).cpu(), trim_basis(basis, keep, mode)
-
-
-def _spectrum(m: torch.Tensor) -> torch.Tensor:
-    """Singular values of ``m`` (descending, float64 on the CPU) from the Gram matrix of its smaller side."""
-    gram = m @ m.mT if m.shape[0] <= m.shape[1] else m.mT @ m
-    return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().flip(0).cpu()
 
 
 def _patterns(layers: list[PlusLayer], ranks: dict, by_name: dict, pconf, use_rslora: bool) -> tuple[dict, dict]:

@@ -35,6 +35,7 @@ from .linalg import (
     find_damping,
     finish_factors,
     gram_basis,
+    gram_matrix,
     kept_triplets,
     not_converged_error,
     trim_basis,
@@ -46,7 +47,7 @@ __all__ = ["covariance", "linalg", "lowrank", "registry",
            "xtx_accumulate", "lowrank_gemm", "damped_cholesky", "batched_decompose", "choose", "available",
            "describe", "registrations", "why_not", "extension_status", "BackendError", "BACKEND_ENV", "symmetrize",
            "triangle_blocks", "sample_scales", "find_damping", "damp", "damp_", "damping_probes", "decompose_layer",
-           "gram_basis", "factors_from_basis", "trim_basis", "kept_triplets", "finish_factors",
+           "gram_basis", "gram_matrix", "factors_from_basis", "trim_basis", "kept_triplets", "finish_factors",
            "degenerate_error", "not_converged_error", "DampingError", "FusedLoRALinearFunction", "fused_lora_linear"]
 
 

@@ -165,28 +165,33 @@ def gram_basis(weight: torch.Tensor, c_f: torch.Tensor, keep_m: bool = True) -> 
     With ``keep_m=False`` ``M`` is not returned (``None``) and never held whole when the Gram is ``MᵀM`` (summed over
     row blocks of ``W``); ``W`` is converted to float64 a row block at a time and the eigenvectors overwrite the Gram
     matrix: at the peak ``C_f``, the Gram matrix and the eigen-solver's workspace."""
-    c64 = c_f.double()
-    d_out, d_in = weight.shape
-    out_side = d_out <= d_in
+    out_side = weight.shape[0] <= weight.shape[1]
     if keep_m:
-        m = weight.double() @ c64
+        m = weight.double() @ c_f.double()
         g = m @ m.mT if out_side else m.mT @ m
-    elif out_side:
-        m = _rows_times(weight, c64)
-        g = m @ m.mT
-        m = None
     else:
-        g = torch.zeros(d_in, d_in, dtype=torch.float64, device=c64.device)
-        for i in range(0, d_out, _ROWS):
-            part = weight[i:i + _ROWS].double() @ c64
-            g.addmm_(part.mT, part)
-        m = None
+        g, m = gram_matrix(weight, c_f), None
     evals = torch.empty(g.shape[0], dtype=torch.float64, device=g.device)
     evals, evecs = torch.linalg.eigh(g, out=(evals, g))  # ascending; the eigenvectors take the Gram's storage
     return (evals, evecs, out_side, 0), m
 
 
 _ROWS = 256  # row block of W converted to float64 at a time
+
+
+def gram_matrix(weight: torch.Tensor, c_f: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix of ``M = W·C_f`` on its smaller side (``M·Mᵀ`` when ``d_out ≤ d_in``, else ``MᵀM``), float64,
+    without a float64 copy of ``W`` and, for ``MᵀM``, without ``M`` (summed over row blocks of ``W``)."""
+    c64 = c_f.double()
+    d_out, d_in = weight.shape
+    if d_out <= d_in:
+        m = _rows_times(weight, c64)
+        return m @ m.mT
+    g = torch.zeros(d_in, d_in, dtype=torch.float64, device=c64.device)
+    for i in range(0, d_out, _ROWS):
+        part = weight[i:i + _ROWS].double() @ c64
+        g.addmm_(part.mT, part)
+    return g
 
 
 def _rows_times(weight: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
