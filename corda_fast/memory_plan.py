@@ -50,11 +50,11 @@ _SHARED_FAMILIES = ({"q_proj", "k_proj", "v_proj"}, {"query", "key", "value"}, {
                     {"w1", "w3"}, {"q", "k", "v"})
 # Host memory the runtime adds on top of the terms (PEFT's wrapping, allocator slack, the forward's temporaries),
 # as a share of the model's weights plus a constant: fitted on the CPU benchmark (docs/offload.md, "planner").
-HOST_OVERHEAD = (0.08, 48 * 2**20)
+HOST_OVERHEAD = (0.06, 12 * 2**20)
 # Checkpoint pages a disk-offloaded run keeps resident, as a share of the weights read from disk, and its own slack
 # (accelerate's hooks keep no model-sized state): fitted the same way.
 DISK_PAGE_SHARE = 0.12
-DISK_OVERHEAD = 16 * 2**20
+DISK_OVERHEAD = 4 * 2**20
 
 
 @dataclass
