@@ -158,16 +158,15 @@ def _group_factors(c_f: torch.Tensor, lam: float, key: str, layer_targets: list[
                    bases: dict, bar) -> list[LayerFactors]:
     """Factors of the layers reading one damped covariance: each layer's kept triplets from ``C_f``, then ``C_f`` is
     factored in place (``C_f`` itself is not needed after) and the triangular solves finish every layer."""
-    method = config.resolved_svd_method
+    method, dtype = config.resolved_svd_method, config.dtype
     kept = []
     for t in layer_targets:
         w = t.weight_matrix().detach().to(c_f.device)
-        reuse = bases.pop(t.name, None) if method == "gram" else None
-        if reuse is not None:
-            reuse = (tuple(x.to(c_f.device) if torch.is_tensor(x) else x for x in reuse[0]), reuse[1])
+        basis, scale = bases.pop(t.name, (None, 1.0)) if method == "gram" else (None, 1.0)
+        if basis is not None:
+            basis = tuple(x.to(c_f.device) if torch.is_tensor(x) else x for x in basis)
         kept.append(ops.kept_triplets(w if method == "gram" else w.to(work), c_f, t.rank, config.mode, method,
-                                      basis=None if reuse is None else reuse[0],
-                                      eval_scale=1.0 if reuse is None else reuse[1]))
+                                      basis=basis, eval_scale=scale))
         del w
     chol, info = torch.linalg.cholesky_ex(c_f, out=(c_f, torch.empty((), dtype=torch.int32, device=c_f.device)))
     if int(info) != 0:
@@ -178,7 +177,6 @@ def _group_factors(c_f: torch.Tensor, lam: float, key: str, layer_targets: list[
         a, b, s_r = ops.finish_factors(*triplets, chol, t.scaling, work)
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise DampingError(f"non-finite adapter factors for layer '{t.name}' (λ={lam}).")
-        dtype = config.dtype
         done.append(LayerFactors(t.name, a.to(dtype), b.to(dtype), s_r.to(dtype), t.scaling, lam, key))
         bar.update(1)
     return done

@@ -344,12 +344,11 @@ def test_reusing_the_scored_eigenbases_gives_the_same_factors(mode, monkeypatch)
     assert within and len(recomputed) == len(ranked) - len(within)  # the others computed afresh
     b = decompose(fresh.stats, ranked, cfg.corda)
     assert len(recomputed) == 2 * len(ranked) - len(within)  # without bases every layer computes its own
-    real = corda_fast.ops.factors_from_basis
+    real = corda_fast.ops.triplets_from_basis
     # a rank beyond the kept eigenvectors is refused (the caller recomputes), never read from the wrong columns
     w, c = torch.randn(6, 9, dtype=torch.float64), torch.eye(9, dtype=torch.float64) * 2
     basis = corda_fast.ops.trim_basis(corda_fast.ops.gram_basis(w, c)[0], 2, mode)
-    chol = torch.linalg.cholesky(c)
-    assert real(basis, w, c, chol, 3, mode, 1.0) is None and real(basis, w, c, chol, 2, mode, 1.0) is not None
+    assert real(basis, w, c, 3, mode) is None and real(basis, w, c, 2, mode) is not None
     for name in b:
         da = a[name].scaling * (a[name].B.double() @ a[name].A.double())
         db = b[name].scaling * (b[name].B.double() @ b[name].A.double())

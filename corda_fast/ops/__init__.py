@@ -31,7 +31,6 @@ from .linalg import (
     damping_probes,
     decompose_layer,
     degenerate_error,
-    factors_from_basis,
     find_damping,
     finish_factors,
     gram_basis,
@@ -39,6 +38,7 @@ from .linalg import (
     kept_triplets,
     not_converged_error,
     trim_basis,
+    triplets_from_basis,
 )
 from .lowrank import FusedLoRALinearFunction, fused_lora_linear
 from .registry import BACKEND_ENV, BackendError, available, choose, describe, registrations, why_not
@@ -47,7 +47,7 @@ __all__ = ["covariance", "linalg", "lowrank", "registry",
            "xtx_accumulate", "lowrank_gemm", "damped_cholesky", "batched_decompose", "choose", "available",
            "describe", "registrations", "why_not", "extension_status", "BackendError", "BACKEND_ENV", "symmetrize",
            "triangle_blocks", "sample_scales", "find_damping", "damp", "damp_", "damping_probes", "decompose_layer",
-           "gram_basis", "gram_matrix", "factors_from_basis", "trim_basis", "kept_triplets", "finish_factors",
+           "gram_basis", "gram_matrix", "triplets_from_basis", "trim_basis", "kept_triplets", "finish_factors",
            "degenerate_error", "not_converged_error", "DampingError", "FusedLoRALinearFunction", "fused_lora_linear"]
 
 

@@ -146,11 +146,11 @@ def kept_triplets(weight: torch.Tensor, c_f: torch.Tensor, rank: int, mode: str,
     through ``W`` and ``C_f`` instead: ``d_out·d_in`` less at the peak, two products with ``r`` columns more)."""
     if method != "gram":
         return _svd_triplets(weight @ c_f, rank, mode)
-    got = None if basis is None else _triplets_from_basis(basis, weight, c_f, rank, mode, None, eval_scale)
+    got = None if basis is None else triplets_from_basis(basis, weight, c_f, rank, mode, None, eval_scale)
     if got is not None:
         return got
     basis, m = gram_basis(weight, c_f, keep_m=keep_m)
-    got = _triplets_from_basis(basis, weight, c_f, rank, mode, m)
+    got = triplets_from_basis(basis, weight, c_f, rank, mode, m)
     if got is not None:
         return got
     del basis
@@ -214,18 +214,12 @@ def trim_basis(basis: tuple, keep: int, mode: str) -> tuple:
     return evals, evecs[:, lo:lo + keep].clone(), out_side, first + lo
 
 
-def factors_from_basis(basis: tuple, weight: torch.Tensor, c_f: torch.Tensor, chol: torch.Tensor, rank: int,
-                       mode: str, scaling: float, m: Optional[torch.Tensor] = None, eval_scale: float = 1.0):
-    """The factors of :func:`decompose_layer`'s ``"gram"`` route from a :func:`gram_basis` computed before (``m``
+def triplets_from_basis(basis: tuple, weight: torch.Tensor, c_f: torch.Tensor, rank: int, mode: str,
+                        m: Optional[torch.Tensor] = None, eval_scale: float = 1.0):
+    """The kept triplets of :func:`kept_triplets`'s ``"gram"`` route from a :func:`gram_basis` computed before (``m``
     may be dropped: the kept vectors are mapped through ``W`` and ``C_f`` instead; ``eval_scale`` multiplies the
     eigenvalues, for a basis computed on a rescaled covariance). ``None`` where a kept σ is below 1e-8·σ_max or an
     eigenvector needed was not kept (the caller computes the layer afresh)."""
-    got = _triplets_from_basis(basis, weight, c_f, rank, mode, m, eval_scale)
-    return None if got is None else finish_factors(*got, chol, scaling, weight.dtype)
-
-
-def _triplets_from_basis(basis: tuple, weight: torch.Tensor, c_f: torch.Tensor, rank: int, mode: str,
-                         m: Optional[torch.Tensor], eval_scale: float = 1.0):
     evals, evecs, out_side, first = basis
     n = evals.shape[0]
     order = torch.arange(n - 1, -1, -1, device=evals.device)[_kept(n, rank, mode)]  # descending, like svd
