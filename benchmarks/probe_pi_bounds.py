@@ -5,7 +5,8 @@ saved statistics cache, single-threaded (as one scoring job per core runs): the 
 Lanczos estimate of ``λ_max`` (``--steps-max`` steps on ``C_f``) and a shift-invert Lanczos estimate of ``λ_min``
 (``--steps-min`` steps on ``C_f⁻¹`` through its Cholesky factor), each checked by one Cholesky factorization that
 proves the estimate within a relative ``--delta`` (``C_f − λ̂(1−δ)I`` and ``λ̂(1+δ)I − C_f`` positive definite).
-Prints how often each bound is certified, the estimates' errors against ``eigvalsh`` and the two routes' times.
+Prints how often each bound is certified, the estimates' errors against ``eigvalsh``, the two routes' times and how
+much of ``λ_min(C_f) = λ + λ_min(C)`` the damping ``λ`` is (its quartiles over the statistics).
 
     python -m corda_fast demo --samples 32 --seq-len 64 --covariance-cache stats.safetensors --out demo_out
     python benchmarks/probe_pi_bounds.py stats.safetensors
@@ -67,7 +68,7 @@ def probe(c_f: torch.Tensor, steps_min: int, steps_max: int, delta: float) -> di
     ok_lo, ok_hi = positive_definite(below), positive_definite(above)
     return {"d": n, "eigvalsh_s": exact, "iterative_s": time.perf_counter() - t0, "certified_min": ok_lo,
             "certified_max": ok_hi, "min_rel_err": (lo - float(ev[0])) / float(ev[0]),
-            "max_rel_err": (float(ev[-1]) - hi) / float(ev[-1])}
+            "max_rel_err": (float(ev[-1]) - hi) / float(ev[-1]), "lambda_min": float(ev[0])}
 
 
 def main():
@@ -87,8 +88,11 @@ def main():
     for key in stats.sums:
         c = stats.covariance(key, torch.float64)
         c.div_(float(torch.diagonal(c).mean()))
-        c.diagonal().add_(find_damping(c))  # unit mean diagonal: C + λ·I, as scoring damps it
-        rows.append({"key": key, **probe(c, args.steps_min, args.steps_max, args.delta)})
+        lam = find_damping(c)
+        c.diagonal().add_(lam)  # unit mean diagonal: C + λ·I, as scoring damps it
+        row = probe(c, args.steps_min, args.steps_max, args.delta)
+        # how much of λ_min(C_f) = λ + λ_min(C) is the damping: 1 where C is singular
+        rows.append({"key": key, "damping": lam, "damping_share": lam / row["lambda_min"], **row})
     n = len(rows)
     summary = {
         "statistics": n,
@@ -97,11 +101,16 @@ def main():
         "min_rel_err_above_1e-6": sum(r["min_rel_err"] > 1e-6 for r in rows),
         "eigvalsh_s": sum(r["eigvalsh_s"] for r in rows),
         "iterative_s": sum(r["iterative_s"] for r in rows),
+        "damping_share_quartiles": [float(q) for q in torch.tensor([r["damping_share"] for r in rows],
+                                                                   dtype=torch.float64).quantile(
+                                                                       torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0],
+                                                                                    dtype=torch.float64))],
     }
     print(f"{n} statistics, δ={args.delta:g}: λ_min certified for {summary['certified_min']}, λ_max for "
           f"{summary['certified_max']}; λ_min estimate off by more than 1e-6 for "
           f"{summary['min_rel_err_above_1e-6']}; eigvalsh {summary['eigvalsh_s']:.2f} s, Cholesky + Lanczos + "
-          f"checks {summary['iterative_s']:.2f} s (one thread)")
+          f"checks {summary['iterative_s']:.2f} s (one thread); λ / λ_min(C_f) quartiles (min, 25%, median, 75%, "
+          f"max): {', '.join(f'{q:.3g}' for q in summary['damping_share_quartiles'])}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"config": vars(args), "environment": environment(), "summary": summary, "rows": rows}, f,

@@ -136,16 +136,19 @@ def _decompose_torch(stats: CovarianceStats, by_key: dict, config: CordaConfig, 
 
 def _damped_covariance(stats: CovarianceStats, key: str, names: list, config: CordaConfig, work, device,
                        release: bool, on_cpu: bool) -> tuple[torch.Tensor, float]:
-    """``(C_f, λ)`` of one statistic: the damping search on a float32 copy (damped in place), then the float64 (or
-    working-dtype) covariance damped in its own storage; the statistic is dropped from ``stats`` with ``release``."""
+    """``(C_f, λ)`` of one statistic: the damping search on a float32 copy (damped in place) — skipped where
+    ``stats.meta["damping"]`` gives the statistic's ``λ`` (CorDA++'s selected statistics, damped as they were
+    scored) —, then the float64 (or working-dtype) covariance damped in its own storage; the statistic is dropped
+    from ``stats`` with ``release``."""
     damping = config.damping
-    c32 = stats.covariance_float32(key)  # the search's input: no working-dtype d×d beside its workspace
-    lam = find_damping(c32 if device is None else c32.to(device),
-                       stats.meta.get("damping_start", {}).get(key, damping.start), damping.tol, damping.max_iter,
-                       what=f"layer(s) {names}", overwrite=True)
-    del c32
-    if on_cpu:
-        offload.release_host_memory()
+    lam = stats.meta.get("damping", {}).get(key)
+    if lam is None:
+        c32 = stats.covariance_float32(key)  # the search's input: no working-dtype d×d beside its workspace
+        lam = find_damping(c32 if device is None else c32.to(device), damping.start, damping.tol, damping.max_iter,
+                           what=f"layer(s) {names}", overwrite=True)
+        del c32
+        if on_cpu:
+            offload.release_host_memory()
     c_f = stats.covariance(key, work)  # a float64 statistic keeps its digits; this job's own copy
     if device is not None:
         c_f = c_f.to(device)
@@ -198,6 +201,19 @@ def _check_lambdas(lam: list, chunk: list, by_key: dict, stats: CovarianceStats,
                                        damping.start * 2 ** (damping.max_iter - 1), "", damping.tol)
 
 
+def _damped_as_given(covs: torch.Tensor, lams: list, chunk: list, by_key: dict) -> tuple:
+    """``(C_f, L, λ)`` of a batch of statistics (``covs``, the caller's copy, damped in place) with given ``λ`` (no
+    search), as ``damped_cholesky`` returns them; a factorization that fails names its layers."""
+    for i, lam in enumerate(lams):
+        damp_(covs[i], lam)
+    cf = covs
+    chol, info = torch.linalg.cholesky_ex(cf)
+    for i in torch.nonzero(info.reshape(-1)).flatten().tolist():
+        raise DampingError(f"damped covariance of layer(s) {[t.name for t in by_key[chunk[i]]]} is not positive "
+                           f"definite (λ={lams[i]}).")
+    return cf, chol, list(lams)
+
+
 def _decompose_native(stats: CovarianceStats, by_key: dict, config: CordaConfig, device, release: bool,
                       bar) -> dict[str, LayerFactors]:
     """The same factors through the compiled kernels: statistics of one size are damped together
@@ -207,12 +223,12 @@ def _decompose_native(stats: CovarianceStats, by_key: dict, config: CordaConfig,
     method = config.resolved_svd_method
     work = torch.float64 if method == "gram" else dtype
     damping = config.damping
-    starts = stats.meta.get("damping_start", {})
+    given = stats.meta.get("damping", {})  # λ per statistic, used as it is (CorDA++'s selected statistics)
     by_dim: dict[tuple, list[str]] = {}
     for key in by_key:
-        by_dim.setdefault((stats.sums[key].shape[0], starts.get(key, damping.start)), []).append(key)
+        by_dim.setdefault((stats.sums[key].shape[0], key in given), []).append(key)
     out: dict[str, LayerFactors] = {}
-    for (d, start), keys in by_dim.items():
+    for (d, fixed), keys in by_dim.items():
         per = max(1, NATIVE_CHUNK_BYTES // (d * d * 8 * 4))
         probes = ops.damping_probes(d)
         for c0 in range(0, len(keys), per):
@@ -220,11 +236,14 @@ def _decompose_native(stats: CovarianceStats, by_key: dict, config: CordaConfig,
             covs = torch.stack([stats.covariance(k, work) for k in chunk])
             if device is not None:
                 covs = covs.to(device)
-            cf, chol, lam = ops.damped_cholesky(covs, probes.to(covs.device), start, damping.tol,
-                                                damping.max_iter, kernel="native")
+            if fixed:
+                cf, chol, lam = _damped_as_given(covs, [given[k] for k in chunk], chunk, by_key)
+            else:
+                cf, chol, lam = ops.damped_cholesky(covs, probes.to(covs.device), damping.start, damping.tol,
+                                                    damping.max_iter, kernel="native")
+                lam = lam.tolist()
+                _check_lambdas(lam, chunk, by_key, stats, work, damping)
             del covs
-            lam = lam.tolist()
-            _check_lambdas(lam, chunk, by_key, stats, work, damping)
             if release:
                 for key in chunk:
                     stats.sums.pop(key, None)

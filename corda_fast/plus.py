@@ -523,8 +523,8 @@ def selected_statistics(candidates: list[CovarianceStats], plan: PlusPlan, layer
 def _selected_statistics(candidates: list[CovarianceStats], layers: list[PlusLayer],
                          layer_keys: dict) -> CovarianceStats:
     """One :class:`CovarianceStats` holding, per (input, chosen candidate), its statistic: key ``input@candidate``;
-    ``meta["damping_start"]`` carries the shared ``λ`` each was scored with, so the decomposition damps it alike
-    (its search starts there and accepts it at the first trial)."""
+    ``meta["damping"]`` carries the shared ``λ`` each was scored with: the decomposition damps it with that ``λ`` as it
+    is (no second search, which could round the other way and damp the adapters unlike the scores)."""
     sums, n_samples, n_tokens, members, starts = {}, {}, {}, {}, {}
     for l in layers:
         key = layer_keys[l.name]
@@ -537,4 +537,4 @@ def _selected_statistics(candidates: list[CovarianceStats], layers: list[PlusLay
         members[new].append(l.name)
     first = candidates[0]
     return CovarianceStats(sums, n_samples, n_tokens, members, first.normalization, first.model_fingerprint,
-                           meta={**first.meta, "selected": True, "damping_start": starts})
+                           meta={**first.meta, "selected": True, "damping": starts})

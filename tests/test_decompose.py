@@ -195,3 +195,38 @@ def test_float32_covariance_and_in_place_search_equal_the_copies(dtype):
     assert torch.equal(c32, kept)  # copied: untouched
     assert find_damping(c32, start=1e-9, overwrite=True) == lam and lam >= 4e-9  # several trials, in place
     assert not torch.equal(c32, kept)  # damped in place: the caller gave it away
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_a_given_damping_is_used_as_it_is(backend, monkeypatch):
+    """A statistic whose λ is given (``meta["damping"]``: CorDA++'s selected statistics, damped as they were scored)
+    is damped with that λ — not searched again, not rounded to the rule's grid — on either decomposition path; the
+    other statistics still run the search."""
+    import corda_fast
+    import corda_fast.decompose as dec
+    from corda_fast import ops
+
+    from helpers import Setup, padded_batches, random_samples, tiny_llama
+
+    if backend == "native" and not ops.available()["native"]:
+        pytest.skip("native extension not built")
+    model = tiny_llama()
+    cfg = Setup(mode="kpm", rank=3)
+    targets = corda_fast.stages.resolve_targets(model, cfg.lora)
+    stats = corda_fast.stages.collect_covariance(model, padded_batches(random_samples(5), 2), cfg.corda, targets)
+    key = next(iter(stats.sums))
+    stats.meta["damping"] = {key: 0.37}  # off the start·2^k grid: the search could never return it
+    searched = []
+    monkeypatch.setattr(dec, "find_damping", lambda c, *a, **k: searched.append(1) or find_damping(c, *a, **k))
+    monkeypatch.setenv("CORDA_FAST_BACKEND", backend)
+    got = corda_fast.stages.decompose(stats, targets, cfg.corda)
+    given = [t for t in targets if got[t.name].stat_key == key]
+    assert given and all(got[t.name].damping == 0.37 for t in given)
+    assert all(got[t.name].damping != 0.37 for t in targets if t not in given)
+    if backend == "torch":
+        assert len(searched) == len(stats.sums) - 1
+    c = stats.covariance(key, torch.float64)
+    for t in given:
+        f = got[t.name]
+        ref, _ = reference_factors(t.weight_matrix().detach(), c, t.rank, "kpm", f.scaling, 0.37)
+        assert rel(f.scaling * f.B.double() @ f.A.double(), ref) < 1e-4  # float32 factors

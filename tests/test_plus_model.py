@@ -339,7 +339,11 @@ def test_reusing_the_scored_eigenbases_gives_the_same_factors(mode, monkeypatch)
         return real_gram(*a, **k)
 
     monkeypatch.setattr(corda_fast.ops.linalg, "gram_basis", counted)
+    searched = []
+    monkeypatch.setattr(corda_fast.decompose, "find_damping", lambda *a, **k: searched.append(a) or 1.0)
     a = decompose(reused.stats, ranked, cfg.corda, bases=dict(reused.bases))
+    assert not searched  # the selected statistics are damped with the λ they were scored with, not searched again
+    assert all(a[l.name].damping == l.damping for l in reused.layers)
     within = [t for t in ranked if t.rank <= 4 * 4]  # KEEP_FACTOR x the uniform rank 4: those reuse their basis
     assert within and len(recomputed) == len(ranked) - len(within)  # the others computed afresh
     b = decompose(fresh.stats, ranked, cfg.corda)
