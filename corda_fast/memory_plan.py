@@ -13,11 +13,11 @@ term        what it is
 ``S``       every statistic (one per distinct input: q/k/v share one, gate/up one), ``d_in²`` each in the statistics
             precision; ``S_b`` the largest block's; CorDA++ holds ``candidates`` of each
 ``A``       streaming's cached block inputs: ``tokens · hidden`` in the model dtype
-``D``       the decomposition's workspace: per statistic the damping search (``12·d²``: a float32 copy, its
-            Cholesky factor and inverse), then the damped float64 covariance (``8·d²``, later its Cholesky factor in
-            the same storage) beside one layer's ``W·C`` and Gram matrix with its eigen-solver, times the statistics
-            decomposed at once (one per CPU core on the host, one on a GPU); CorDA++'s scoring holds the eigenvalue
-            solver's copy of the damped covariance too (``D⁺``)
+``D``       the decomposition's workspace: per statistic the damping search (``8·d²``: a float32 copy and its
+            Cholesky or LU factors, plus blocks of the inverse), then the damped float64 covariance (``8·d²``, later
+            its Cholesky factor in the same storage) beside one layer's Gram matrix (built from blocks of ``W·C``)
+            with its eigen-solver, times the statistics decomposed at once (one per CPU core on the host, one on a
+            GPU); CorDA++'s scoring holds the eigenvalue solver's copy of the damped covariance too (``D⁺``)
 ``X``       one batch's activations: a block's (streaming) or the whole forward's with the logits (one pass)
 ``O``       the runtime's own overhead (PEFT wrapping, allocator slack, thread pools): measured on the host, see
             ``HOST_OVERHEAD``
@@ -42,6 +42,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .ops.linalg import _COLS, _LU_COLS, _ROWS
 from .plus import KEEP_FACTOR
 
 MODES = ("one_pass", "streaming", "onloading", "disk_offload", "plus", "plus_streaming")
@@ -176,17 +177,27 @@ def _block_index(name: str, prefix: str) -> Optional[int]:
 
 
 def _layer_work(d_out: int, d_in: int) -> int:
-    """One layer's part of a decomposition (``decompose._group_factors``): ``W·C_f`` (only when its Gram is ``M·Mᵀ``)
-    with that Gram, then the Gram, its eigenvectors in its storage and the eigen-solver's workspace (``2n²``)."""
+    """One layer's part of a decomposition (``decompose._group_factors``, ``ops.gram_matrix``): the Gram matrix beside
+    one block of ``W·C_f`` (all of it up to ``_COLS`` columns when the Gram is ``M·Mᵀ``; ``_ROWS`` rows for ``MᵀM``)
+    and a float64 row block of ``W``, then the Gram, its eigenvectors in its storage and the eigen-solver's workspace
+    (``2n²``)."""
     n = min(d_out, d_in)
-    first = 8 * d_out * d_in + 8 * n * n if d_out <= d_in else 8 * n * n + 2 * 8 * 256 * d_in
-    return max(first, 3 * 8 * n * n)
+    w_rows = 8 * _ROWS * d_in
+    block = 8 * d_out * (d_in if d_in <= _COLS else _COLS) if d_out <= d_in else 8 * _ROWS * d_in
+    return max(8 * n * n + block + w_rows, 3 * 8 * n * n)
+
+
+def _search(d: int) -> int:
+    """The damping search on a ``d``-wide statistic (``ops.find_damping``): the float32 copy, its Cholesky (or, in the
+    exact test, LU) factors, and the inverse — whole up to ``_LU_COLS`` columns (its product then takes the LU
+    factors' storage), else one block of it beside one block of its product."""
+    return 12 * d * d if d <= _LU_COLS else 8 * d * d + 2 * 4 * d * _LU_COLS
 
 
 def _jobs(targets: list, plus: bool) -> dict[str, int]:
-    """``{statistic key: bytes one job on it holds at its peak}``: the damping search (float32 copy, Cholesky factor
-    and inverse, ``12·d²``), then the damped float64 covariance (``8·d²``) beside its largest layer's work (CorDA++'s
-    scoring: beside the eigenvalue solver's copy, ``8·d²``, too)."""
+    """``{statistic key: bytes one job on it holds at its peak}``: the damping search (:func:`_search`), then the
+    damped float64 covariance (``8·d²``) beside its largest layer's work (CorDA++'s scoring: beside the eigenvalue
+    solver's copy, ``8·d²``, too)."""
     layers: dict[str, list] = {}
     for t in targets:
         layers.setdefault(_statistic_key(t), []).append(t)
@@ -194,7 +205,7 @@ def _jobs(targets: list, plus: bool) -> dict[str, int]:
     for key, ts in layers.items():
         d = ts[0].d_in
         work = max(_layer_work(t.d_out, t.d_in) for t in ts)
-        out[key] = max(12 * d * d, 8 * d * d + (max(work, 8 * d * d) if plus else work))
+        out[key] = max(_search(d), 8 * d * d + (max(work, 8 * d * d) if plus else work))
     return out
 
 

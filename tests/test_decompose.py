@@ -152,11 +152,12 @@ def test_probe_residual_estimate_tracks_peft_lu_residual():
 @pytest.mark.parametrize("d_out,d_in", [(37, 300), (300, 37), (41, 41)])  # both Gram sides, row blocks of W
 @pytest.mark.parametrize("mode", ["ipm", "kpm"])
 def test_triplets_without_m_match_the_reference(d_out, d_in, mode, monkeypatch):
-    """Dropping M = W·C_f (Gram summed over row blocks of a float32 W, kept vectors mapped through W and C_f, the
-    eigenvectors in the Gram's storage) gives the factors of the route that keeps M, against float64."""
+    """Dropping M = W·C_f (Gram summed over row blocks of a float32 W or column blocks of M, kept vectors mapped
+    through W and C_f, the eigenvectors in the Gram's storage) gives the factors of the route that keeps M, against float64."""
     import corda_fast.ops.linalg as linalg
 
-    monkeypatch.setattr(linalg, "_ROWS", 16)  # several row blocks at these sizes
+    monkeypatch.setattr(linalg, "_ROWS", 16)  # several row blocks of W at these sizes
+    monkeypatch.setattr(linalg, "_COLS", 64)  # and column blocks of M for M·Mᵀ
     w = torch.randn(d_out, d_in)
     c = spd(d_in, 2 * d_in + 3, seed=5)
     lam = find_damping(c)
@@ -230,3 +231,68 @@ def test_a_given_damping_is_used_as_it_is(backend, monkeypatch):
         f = got[t.name]
         ref, _ = reference_factors(t.weight_matrix().detach(), c, t.rank, "kpm", f.scaling, 0.37)
         assert rel(f.scaling * f.B.double() @ f.A.double(), ref) < 1e-4  # float32 factors
+
+
+@pytest.mark.parametrize("d,cond", [(37, 1e3), (129, 1e6), (300, 1e7), (64, None)])
+@pytest.mark.parametrize("cols", [None, 50])
+def test_lu_residual_without_a_whole_inverse_equals_the_inverse_route(d, cond, cols, monkeypatch):
+    """The damping rule's exact test computed in the spent Cholesky factor's storage, the inverse solved a block of
+    columns at a time, equals ``inv_ex``'s residual: bit for bit in one block (same LU, same inverse), to float32
+    rounding over several; ``inf`` for a singular matrix."""
+    import corda_fast.ops.linalg as linalg
+    from corda_fast.ops.linalg import _lu_residual
+
+    if cols is not None:
+        monkeypatch.setattr(linalg, "_LU_COLS", cols)
+
+    g = torch.Generator().manual_seed(d)
+    if cond is None:  # singular: a zero row and column
+        x = torch.randn(2 * d, d, generator=g, dtype=torch.float64)
+        c = (x.T @ x).float()
+        c[:, -1] = 0
+        c[-1] = 0
+    else:
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        c = ((q * torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), d, dtype=torch.float64)) @ q.T).float()
+    spent = torch.randn(d, d, generator=g)  # whatever the failed trial left there
+    kept = c.clone()
+    got = _lu_residual(c, spent)
+    assert torch.equal(c, kept)  # C_f is read only
+    inv, info = torch.linalg.inv_ex(c)
+    if cond is None:
+        assert int(info) != 0 and got == float("inf")
+        return
+    prod = c @ inv
+    prod.diagonal().sub_(1.0)
+    want = float(prod.norm())
+    assert got > 0 and (got == want if cols is None or d <= cols else abs(got - want) <= 1e-5 * want)
+
+
+def test_gram_and_exact_damping_test_work_in_blocks_and_in_place(monkeypatch):
+    """What bounds the decomposition's workspace: ``M·Mᵀ`` is summed from ``_COLS``-column blocks of ``M`` (never
+    ``W·C_f`` whole), the Gram's eigenvectors are written in its own storage as LAPACK lays them out (column-major:
+    no copy of the Gram for the solver), and the exact damping test solves the inverse ``_LU_COLS`` columns at a
+    time with its LU factors in the spent Cholesky factor's storage."""
+    import corda_fast.ops.linalg as linalg
+
+    monkeypatch.setattr(linalg, "_COLS", 40)
+    monkeypatch.setattr(linalg, "_LU_COLS", 30)
+    widths, solved, factored = [], [], []
+    rows_times, lu_solve, lu_factor = linalg._rows_times, torch.linalg.lu_solve, torch.linalg.lu_factor_ex
+    monkeypatch.setattr(linalg, "_rows_times", lambda w, rhs: widths.append(rhs.shape[1]) or rows_times(w, rhs))
+    monkeypatch.setattr(torch.linalg, "lu_solve", lambda lu, piv, b, **k: solved.append(b.shape[1]) or lu_solve(
+        lu, piv, b, **k))
+    monkeypatch.setattr(torch.linalg, "lu_factor_ex", lambda a, **k: factored.append(k["out"][0].data_ptr()) or
+                        lu_factor(a, **k))
+    w = torch.randn(23, 150)
+    c = spd(150, 400, seed=3)
+    (evals, evecs, out_side, _), m = linalg.gram_basis(w, c, keep_m=False)
+    assert m is None and out_side and widths == [40, 40, 40, 30]
+    assert evecs.shape == (23, 23) and evecs.stride() == (1, 23)  # the Gram's storage, column-major
+    g = (w.double() @ c) @ (w.double() @ c).T
+    assert torch.allclose(g @ evecs, evecs * evals, rtol=1e-9, atol=1e-9 * float(evals[-1]))
+    c32 = c.float()
+    for spent in (torch.empty_like(c32), torch.empty_like(c32).mT):  # row- or column-major (cholesky_ex's)
+        solved.clear(), factored.clear()
+        linalg._lu_residual(c32, spent)
+        assert solved == [30] * 5 and factored == [spent.data_ptr()]

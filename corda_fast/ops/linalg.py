@@ -94,19 +94,52 @@ def find_damping(cov: torch.Tensor, start: float = 0.01, tol: float = 0.05, max_
             if err < tol:
                 return lam
         else:
-            inv, info = torch.linalg.inv_ex(c)
-            if int(info) == 0:
-                prod = torch.mm(c, inv, out=chol)  # the factor is done with: its storage takes C_f·C_f⁻¹
-                del inv
-                prod.diagonal().sub_(1.0)
-                err = float(prod.norm())
-            else:
-                err = float("inf")
+            err = _lu_residual(c, chol)
             if err < tol:
                 return lam
         del chol
         lam *= 2
     raise not_converged_error(what, max_iter, lam / 2, f"={err:.3g}", tol)
+
+
+_LU_COLS = 1024  # columns of the inverse solved (and multiplied back) at a time by the exact damping test
+
+
+def _lu_residual(c: torch.Tensor, spent: torch.Tensor) -> float:
+    """PEFT's exact test, ``‖C_f·C_f⁻¹ − I‖_F`` with the inverse from an LU factorization (``inf`` when singular),
+    without a ``d×d`` inverse or product: the LU factors take the storage of ``spent`` (the trial's Cholesky factor,
+    done with), then the inverse is solved ``_LU_COLS`` columns at a time and each block's residual summed (the last
+    block's product in the LU factors' storage). At the peak: ``C_f``, the LU factors and two ``d×_LU_COLS``
+    blocks, or one block up to ``_LU_COLS`` columns: three ``d×d`` (``torch.linalg.inv_ex`` and a whole product
+    hold four). Up to ``_LU_COLS`` columns this is ``inv_ex``'s residual bit for bit (the same LU, the same
+    solve); over more, the sum's order differs in the last bits."""
+    d = c.shape[0]
+    if spent.mT.is_contiguous():  # column-major (as cholesky_ex returns its factor)
+        col_major, flat = spent, spent.mT.reshape(-1)
+    elif spent.is_contiguous():
+        col_major, flat = spent.mT, spent.reshape(-1)
+    else:
+        col_major = torch.empty_like(c).mT
+        flat = col_major.mT.reshape(-1)
+    lu, piv, info = torch.linalg.lu_factor_ex(c, out=(col_major, torch.empty(d, dtype=torch.int32, device=c.device),
+                                                      torch.empty((), dtype=torch.int32, device=c.device)))
+    if int(info) != 0:
+        return float("inf")
+    total = 0.0
+    for j in range(0, d, _LU_COLS):
+        cols = min(_LU_COLS, d - j)
+        block = torch.zeros(cols, d, dtype=c.dtype, device=c.device).mT  # I[:, j:j+cols], column-major
+        block[j:j + cols].diagonal().fill_(1.0)
+        block = torch.linalg.lu_solve(lu, piv, block, out=block)  # C_f⁻¹[:, j:j+cols], solved in place
+        if j + cols < d:
+            prod = c @ block
+        else:  # the last block: the LU factors are done with, their storage takes the product
+            prod = torch.mm(c, block, out=flat[:d * cols].view(d, cols))
+        del block
+        prod[j:j + cols].diagonal().sub_(1.0)
+        total += float(prod.norm()) ** 2
+        del prod
+    return total ** 0.5
 
 
 def _kept(n: int, rank: int, mode: str) -> slice:
@@ -162,9 +195,9 @@ def gram_basis(weight: torch.Tensor, c_f: torch.Tensor, keep_m: bool = True) -> 
     of the Gram matrix of ``M = W·C_f`` on its smaller side, in float64: the spectrum CorDA++ scores, and the basis
     of the decomposition (:func:`trim_basis` keeps only the eigenvectors a decomposition may use).
 
-    With ``keep_m=False`` ``M`` is not returned (``None``) and never held whole when the Gram is ``MᵀM`` (summed over
-    row blocks of ``W``); ``W`` is converted to float64 a row block at a time and the eigenvectors overwrite the Gram
-    matrix: at the peak ``C_f``, the Gram matrix and the eigen-solver's workspace."""
+    With ``keep_m=False`` ``M`` is not returned (``None``) nor held whole (:func:`gram_matrix`, summed over blocks);
+    ``W`` is converted to float64 a row block at a time and the eigenvectors overwrite the Gram matrix: at the peak
+    ``C_f``, the Gram matrix and the eigen-solver's workspace."""
     out_side = weight.shape[0] <= weight.shape[1]
     if keep_m:
         m = weight.double() @ c_f.double()
@@ -172,25 +205,42 @@ def gram_basis(weight: torch.Tensor, c_f: torch.Tensor, keep_m: bool = True) -> 
     else:
         g, m = gram_matrix(weight, c_f), None
     evals = torch.empty(g.shape[0], dtype=torch.float64, device=g.device)
-    evals, evecs = torch.linalg.eigh(g, out=(evals, g))  # ascending; the eigenvectors take the Gram's storage
+    # ascending; the eigenvectors take the Gram's storage. LAPACK works on column-major matrices: given the
+    # row-major Gram, torch would factor a column-major copy (one more n×n); its transpose is that layout already
+    # and, the Gram being symmetric, the same matrix
+    g = g.mT
+    evals, evecs = torch.linalg.eigh(g, out=(evals, g))
     return (evals, evecs, out_side, 0), m
 
 
 _ROWS = 256  # row block of W converted to float64 at a time
+# column block of M summed into M·Mᵀ: narrower blocks save little more memory and cost time (a pass over the Gram
+# matrix and over W's conversion per block)
+_COLS = 2048
 
 
 def gram_matrix(weight: torch.Tensor, c_f: torch.Tensor) -> torch.Tensor:
     """The Gram matrix of ``M = W·C_f`` on its smaller side (``M·Mᵀ`` when ``d_out ≤ d_in``, else ``MᵀM``), float64,
-    without a float64 copy of ``W`` and, for ``MᵀM``, without ``M`` (summed over row blocks of ``W``)."""
+    without a float64 copy of ``W`` and without ``M`` whole: ``M·Mᵀ`` is summed over ``_COLS``-column blocks of ``M``
+    (``W·C_f[:, J]``, ``W`` converted a row block at a time), ``MᵀM`` over row blocks of ``W``. At the peak: the Gram
+    matrix, one block of ``M`` and one float64 row block of ``W``."""
     c64 = c_f.double()
     d_out, d_in = weight.shape
     if d_out <= d_in:
-        m = _rows_times(weight, c64)
-        return m @ m.mT
+        if d_in <= _COLS:
+            m = _rows_times(weight, c64)
+            return m @ m.mT
+        g = torch.zeros(d_out, d_out, dtype=torch.float64, device=c64.device)
+        for j in range(0, d_in, _COLS):
+            part = _rows_times(weight, c64[:, j:j + _COLS])
+            g.addmm_(part, part.mT)
+            del part  # before the next block is computed
+        return g
     g = torch.zeros(d_in, d_in, dtype=torch.float64, device=c64.device)
     for i in range(0, d_out, _ROWS):
         part = weight[i:i + _ROWS].double() @ c64
         g.addmm_(part.mT, part)
+        del part
     return g
 
 
