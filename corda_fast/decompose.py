@@ -173,8 +173,7 @@ def _group_factors(c_f: torch.Tensor, lam: float, key: str, layer_targets: list[
         del w
     chol, info = torch.linalg.cholesky_ex(c_f, out=(c_f, torch.empty((), dtype=torch.int32, device=c_f.device)))
     if int(info) != 0:
-        raise DampingError(f"damped covariance of layer(s) {[t.name for t in layer_targets]} is not positive "
-                           f"definite (λ={lam}).")
+        raise _not_positive_definite(layer_targets, lam)
     done = []
     for t, triplets in zip(layer_targets, kept):
         a, b, s_r = ops.finish_factors(*triplets, chol, t.scaling, work)
@@ -201,17 +200,21 @@ def _check_lambdas(lam: list, chunk: list, by_key: dict, stats: CovarianceStats,
                                        damping.start * 2 ** (damping.max_iter - 1), "", damping.tol)
 
 
+def _not_positive_definite(layer_targets: list[Target], lam: float) -> DampingError:
+    return DampingError(f"damped covariance of layer(s) {[t.name for t in layer_targets]} is not positive definite "
+                        f"(λ={lam}).")
+
+
 def _damped_as_given(covs: torch.Tensor, lams: list, chunk: list, by_key: dict) -> tuple:
     """``(C_f, L, λ)`` of a batch of statistics (``covs``, the caller's copy, damped in place) with given ``λ`` (no
     search), as ``damped_cholesky`` returns them; a factorization that fails names its layers."""
     for i, lam in enumerate(lams):
         damp_(covs[i], lam)
-    cf = covs
-    chol, info = torch.linalg.cholesky_ex(cf)
-    for i in torch.nonzero(info.reshape(-1)).flatten().tolist():
-        raise DampingError(f"damped covariance of layer(s) {[t.name for t in by_key[chunk[i]]]} is not positive "
-                           f"definite (λ={lams[i]}).")
-    return cf, chol, list(lams)
+    chol, info = torch.linalg.cholesky_ex(covs)
+    failed = torch.nonzero(info.reshape(-1)).flatten().tolist()
+    if failed:
+        raise _not_positive_definite(by_key[chunk[failed[0]]], lams[failed[0]])
+    return covs, chol, list(lams)
 
 
 def _decompose_native(stats: CovarianceStats, by_key: dict, config: CordaConfig, device, release: bool,

@@ -240,6 +240,7 @@ def iter_block_candidates(model: nn.Module, loader: Any, config: CordaConfig, ta
                           cache: Optional[BlockCache] = None) -> Iterator[list[CovarianceStats]]:
     """:func:`iter_block_statistics` for CorDA++: per block, the statistics of each of ``groups`` candidate groups
     (calibration batch ``i`` feeds group ``i mod groups``, as :func:`corda_fast.stages.collect_candidates`).
+
     ``cache`` (a :class:`~corda_fast.block_cache.BlockCache`, one group only): each block's statistics are written to
     its file as the block completes; blocks whose file is already there (checked against this model and data) are
     read instead, and run without statistics only when a later block still has to be computed."""
@@ -284,10 +285,8 @@ def iter_block_candidates(model: nn.Module, loader: Any, config: CordaConfig, ta
             if multi:
                 collector.sync_ranks(len(cached))
             if block_targets:
-                out = [finish_statistics(collector, block_targets, config, fingerprint, total, t0, group=g)
-                       for g in range(groups)]
-                for stats in out:
-                    stats.meta["block"] = f"{prefix}.{b}"
+                out = _group_statistics(collector, block_targets, config, fingerprint, total, t0, groups,
+                                        f"{prefix}.{b}")
                 if cache is not None:
                     cache.write(b, out[0])
                 del collector  # with the block's activations and hooks' workspace, back to the system before the yield
@@ -295,6 +294,15 @@ def iter_block_candidates(model: nn.Module, loader: Any, config: CordaConfig, ta
                 yield out
                 del out
             offload.release_host_memory()  # one block's worth of host memory at a time, not a growing heap
+
+
+def _group_statistics(collector, block_targets: list[Target], config: CordaConfig, fingerprint: str, total: int,
+                      t0: float, groups: int, block: str) -> list[CovarianceStats]:
+    """One block's statistics of each candidate group, labelled with the block's name."""
+    out = [finish_statistics(collector, block_targets, config, fingerprint, total, t0, group=g) for g in range(groups)]
+    for stats in out:
+        stats.meta["block"] = block
+    return out
 
 
 @contextlib.contextmanager
