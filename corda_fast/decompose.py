@@ -171,7 +171,7 @@ def _group_factors(c_f: torch.Tensor, lam: float, key: str, layer_targets: list[
         kept.append(ops.kept_triplets(w if method == "gram" else w.to(work), c_f, t.rank, config.mode, method,
                                       basis=basis, eval_scale=scale))
         del w
-    chol, info = torch.linalg.cholesky_ex(c_f, out=(c_f, torch.empty((), dtype=torch.int32, device=c_f.device)))
+    chol, info = ops.cholesky_in_place(c_f)
     if int(info) != 0:
         raise _not_positive_definite(layer_targets, lam)
     done = []

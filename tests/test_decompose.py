@@ -296,3 +296,63 @@ def test_gram_and_exact_damping_test_work_in_blocks_and_in_place(monkeypatch):
         solved.clear(), factored.clear()
         linalg._lu_residual(c32, spent)
         assert solved == [30] * 5 and factored == [spent.data_ptr()]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("layout", ["row", "col"])
+def test_cholesky_in_place_and_its_solve_equal_torch(dtype, tol, layout):
+    """The factor is computed in the statistic's own storage (no ``d×d`` copy: the same memory comes back, a
+    column-major view) and equals ``torch.linalg.cholesky``; the solve through it equals ``torch.cholesky_solve``
+    (which copies the factor) on either layout."""
+    import corda_fast.ops.linalg as linalg
+
+    c = spd(37, 90, seed=5).to(dtype)
+    c = c if layout == "row" else c.T.contiguous().mT  # a column-major statistic is factored in place too
+    want = torch.linalg.cholesky(c)
+    work = c.clone() if layout == "row" else c.mT.clone().mT
+    ptr = work.data_ptr()
+    chol, info = linalg.cholesky_in_place(work)
+    assert int(info) == 0 and chol.data_ptr() == ptr
+    assert torch.equal(chol.tril(), want)
+    b = torch.randn(37, 5, dtype=dtype)
+    ref = torch.cholesky_solve(b.double(), want.double())
+    for factor in (chol, want):
+        got = linalg.cholesky_solve_lower(b, factor)
+        assert rel(got.double(), ref) < tol
+        assert rel(got, torch.cholesky_solve(b, want)) < tol
+    bad = -torch.eye(4, dtype=dtype)
+    assert int(linalg.cholesky_in_place(bad)[1]) != 0
+
+
+def test_decomposition_factors_c_f_in_place_without_copying_the_factor(monkeypatch):
+    """The group's Cholesky factor takes ``C_f``'s storage and the final solves do not copy it (``cholesky_solve``
+    would: one ``d×d`` each); the factors still equal the float64 reference."""
+    import corda_fast.ops as ops
+    from corda_fast.config import CordaConfig
+    from corda_fast.decompose import _group_factors
+
+    copies = []
+    monkeypatch.setattr(torch, "cholesky_solve", lambda *a, **k: copies.append(1) or pytest.fail("copying solve"))
+    seen = []
+    in_place = ops.cholesky_in_place
+    monkeypatch.setattr(ops, "cholesky_in_place", lambda c: seen.append(c.data_ptr()) or in_place(c))
+
+    class T:
+        name, rank, scaling = "layer", 3, 0.5
+
+        def __init__(self, w):
+            self.w = w
+
+        def weight_matrix(self):
+            return self.w
+
+    c = spd(29, 80, seed=6)
+    w = torch.randn(13, 29, dtype=torch.float64)
+    lam = find_damping(c)
+    cf = c + torch.eye(29, dtype=torch.float64) * torch.diagonal(c).mean() * lam
+    delta, _ = reference_factors(w, c, 3, "ipm", 0.5, lam)
+    work = cf.clone()
+    out = _group_factors(work, lam, "k", [T(w)], CordaConfig(mode="ipm", precision="float64"), torch.float64, {},
+                         type("Bar", (), {"update": lambda self, n: None})())
+    assert seen == [work.data_ptr()] and not copies
+    assert rel(0.5 * out[0].B @ out[0].A, delta) < 1e-9

@@ -26,6 +26,8 @@ from . import covariance, linalg, lowrank, registry
 from .covariance import sample_scales, symmetrize, triangle_blocks
 from .linalg import (
     DampingError,
+    cholesky_in_place,
+    cholesky_solve_lower,
     damp,
     damp_,
     damping_probes,
@@ -48,6 +50,7 @@ __all__ = ["covariance", "linalg", "lowrank", "registry",
            "describe", "registrations", "why_not", "extension_status", "BackendError", "BACKEND_ENV", "symmetrize",
            "triangle_blocks", "sample_scales", "find_damping", "damp", "damp_", "damping_probes", "decompose_layer",
            "gram_basis", "gram_matrix", "triplets_from_basis", "trim_basis", "kept_triplets", "finish_factors",
+           "cholesky_in_place", "cholesky_solve_lower",
            "degenerate_error", "not_converged_error", "DampingError", "FusedLoRALinearFunction", "fused_lora_linear"]
 
 

@@ -87,7 +87,7 @@ def find_damping(cov: torch.Tensor, start: float = 0.01, tol: float = 0.05, max_
         c.diagonal().copy_(diag + mean_diag * lam)  # = damp(cov, lam) in float32, without a d×d per trial
         chol, info = torch.linalg.cholesky_ex(c)
         if int(info) == 0:
-            err = float((c @ torch.cholesky_solve(probes, chol) - probes).norm()) / 4.0  # /sqrt(16 probes)
+            err = float((c @ cholesky_solve_lower(probes, chol) - probes).norm()) / 4.0  # /sqrt(16 probes)
         else:
             err = float("inf")
         if not tol / 8 <= err < 8 * tol:  # clear-cut: PEFT's LU residual would decide the same
@@ -297,10 +297,26 @@ def _svd_triplets(m: torch.Tensor, rank: int, mode: str):
     return u[:, sl], s[sl], vh[sl].mT
 
 
+def cholesky_in_place(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, info)``: the lower Cholesky factor of the symmetric ``c`` computed in ``c``'s own storage (``c`` is
+    spent). LAPACK factors column-major matrices: handed a row-major ``c``, ``torch.linalg.cholesky_ex`` factors a
+    column-major copy (one ``d×d`` more) and copies it back; ``c``'s transpose is that layout already and, ``c`` being
+    symmetric, the same matrix. ``L`` is returned as a column-major view of ``c``'s storage."""
+    a = c.mT if c.is_contiguous() else c
+    return torch.linalg.cholesky_ex(a, out=(a, torch.empty((), dtype=torch.int32, device=c.device)))
+
+
+def cholesky_solve_lower(b: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    """``(L·Lᵀ)⁻¹·b`` from the lower factor ``L``: ``torch.cholesky_solve``'s two triangular solves, without the copy
+    of ``L`` it makes (one ``d×d``); ``L`` may be either layout."""
+    y = torch.linalg.solve_triangular(chol, b, upper=False)
+    return torch.linalg.solve_triangular(chol.mT, y, upper=True)
+
+
 def finish_factors(u_r: torch.Tensor, s_r: torch.Tensor, v_r: torch.Tensor, chol: torch.Tensor, scaling: float,
                    out_dtype: torch.dtype):
     """``(A, B, S_r)`` of :func:`decompose_layer` from the kept triplets and the Cholesky factor of ``C_f``."""
-    v_hat = torch.cholesky_solve(v_r.to(chol.dtype), chol)  # (d_in, r) = C_f⁻¹ V_r
+    v_hat = cholesky_solve_lower(v_r.to(chol.dtype), chol)  # (d_in, r) = C_f⁻¹ V_r
     root = (s_r / scaling).sqrt()
     a = (v_hat * root.to(v_hat.dtype)).mT.contiguous()
     b = (u_r * root).contiguous()
