@@ -8,6 +8,7 @@ above a baseline taken after imports and a warm-up of torch's linear algebra.
 
     python benchmarks/bench_offload.py                 # ~10 min on 2 CPUs
     python benchmarks/bench_offload.py --layers 2 4 --repeats 1   # smoke
+    python benchmarks/bench_offload.py --replan        # the "planned" column of the saved run, by today's planner
 """
 
 from __future__ import annotations
@@ -63,7 +64,12 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     p.add_argument("--out", default=os.path.join(HERE, "results", "offload_cpu.json"))
+    p.add_argument("--replan", action="store_true",
+                   help="run nothing: recompute the saved run's planned peaks with the current planner (the models "
+                        "are rebuilt from their seed, their configs are all the planner reads) and rewrite --out")
     args = p.parse_args()
+    if args.replan:
+        return replan(args.out)
     rows = []
     for layers in args.layers:
         root = tempfile.mkdtemp(prefix="corda_offload_bench_")
@@ -95,6 +101,26 @@ def main():
     print(markdown(result))
 
 
+def replan(path: str) -> None:
+    with open(path) as f:
+        result = json.load(f)
+    for layers in sorted({r["layers"] for r in result["rows"]}):
+        root = tempfile.mkdtemp(prefix="corda_offload_replan_")
+        try:
+            size = make_model(os.path.join(root, "model"), layers)
+            plan = predicted(os.path.join(root, "model"), size // 4)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        for r in result["rows"]:
+            if r["layers"] == layers:
+                r["predicted_mib"] = plan.get(r["mode"])
+    result["planned_with"] = {k: environment()[k] for k in ("corda_fast_commit", "date")}
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, path.replace(".json", ".png"))
+    print(markdown(result))
+
+
 def markdown(result: dict) -> str:
     rows = ["| model | mode | peak host memory above baseline, MiB (min-max) | x model size | seconds (min-max) "
             "| planned, MiB | planned / measured |",
@@ -110,7 +136,9 @@ def markdown(result: dict) -> str:
                 f"calibration tokens, CorDA++ with {PLUS_CANDIDATES} candidates; planned: corda_fast.plan_memory's host "
                 f"peak for the mode; load + init_adapters + save_residual_base per process; median (min-max) of "
                 f"{c['repeats']} runs; {env['cpu_count']} CPUs, torch {env['torch']}, transformers {env['transformers']}, "
-                f"commit {env['corda_fast_commit']}, {env['date']}")
+                f"commit {env['corda_fast_commit']}, {env['date']}"
+                + ("; planned column recomputed at commit {corda_fast_commit}, {date}".format(**result["planned_with"])
+                   if "planned_with" in result else ""))
     return "\n".join(rows)
 
 

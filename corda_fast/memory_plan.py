@@ -51,11 +51,11 @@ _SHARED_FAMILIES = ({"q_proj", "k_proj", "v_proj"}, {"query", "key", "value"}, {
                     {"w1", "w3"}, {"q", "k", "v"})
 # Host memory the runtime adds on top of the terms (PEFT's wrapping, allocator slack, the forward's temporaries),
 # as a share of the model's weights plus a constant: fitted on the CPU benchmark (docs/offload.md, "planner").
-HOST_OVERHEAD = (0.06, 12 * 2**20)
+HOST_OVERHEAD = (0.06, 0)
 # Checkpoint pages a disk-offloaded run keeps resident, as a share of the weights read from disk, and its own slack
 # (accelerate's hooks keep no model-sized state): fitted the same way.
-DISK_PAGE_SHARE = 0.12
-DISK_OVERHEAD = 4 * 2**20
+DISK_PAGE_SHARE = 0.06
+DISK_OVERHEAD = 0
 
 
 @dataclass
@@ -88,6 +88,7 @@ class MemoryPlan:
     device_available: Optional[int]
     disk_available: Optional[int]
     modes: dict = field(default_factory=dict)
+    block_decomposition_bytes: int = 0  # the jobs at once within one block (the streaming modes' D)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -104,8 +105,9 @@ class MemoryPlan:
     def table(self) -> str:
         rows = [f"{self.model}: {gib(self.params_bytes)} of weights ({self.dtype}), {self.blocks} blocks, targeted "
                 f"{gib(self.targeted_bytes)}; statistics {gib(self.statistics_bytes)} in all, "
-                f"{gib(self.block_statistics_bytes)} per block; cached block inputs {gib(self.inputs_bytes)}; one "
-                f"decomposition {gib(self.decomposition_bytes)}",
+                f"{gib(self.block_statistics_bytes)} per block; cached block inputs {gib(self.inputs_bytes)}; "
+                f"decomposition jobs at once {gib(self.decomposition_bytes)} ({gib(self.block_decomposition_bytes)} "
+                f"within a block)",
                 f"available: host {gib(self.host_available)}, device {gib(self.device_available)}, disk "
                 f"{gib(self.disk_available)}", "",
                 f"{'mode':15s} {'host peak':>12s} {'device peak':>12s} {'disk':>10s}  fits"]
@@ -197,7 +199,9 @@ def _search(d: int) -> int:
 def _jobs(targets: list, plus: bool) -> dict[str, int]:
     """``{statistic key: bytes one job on it holds at its peak}``: the damping search (:func:`_search`), then the
     damped float64 covariance (``8·d²``) beside its largest layer's work (CorDA++'s scoring: beside the eigenvalue
-    solver's copy, ``8·d²``, too)."""
+    solver's copy, ``8·d²``, too). The job's end adds nothing to ``8·d²`` but the kept vectors: the covariance is
+    factored in its own storage and solved through without a copy (``ops.cholesky_in_place``,
+    ``ops.cholesky_solve_lower``)."""
     layers: dict[str, list] = {}
     for t in targets:
         layers.setdefault(_statistic_key(t), []).append(t)
@@ -209,14 +213,17 @@ def _jobs(targets: list, plus: bool) -> dict[str, int]:
     return out
 
 
-def _decomposition(targets: list, parallel: int, by_block: dict, plus: bool = False) -> int:
+def _decomposition(targets: list, parallel: int, prefix: Optional[str] = None, plus: bool = False) -> int:
     """``D``: the largest jobs' workspaces (:func:`_jobs`), as many as run at once (one per CPU core on the host, one
-    on a GPU; no more than a block's statistics when streaming)."""
+    on a GPU). With the blocks' ``prefix`` (streaming, onloading, disk offload: one block's statistics are decomposed
+    at a time) the jobs at once are a block's: its largest ones, in the block where they sum highest."""
     if not targets:
         return 0
-    costs = sorted(_jobs(targets, plus).values(), reverse=True)
-    width = max(1, min(parallel, max((len(v) for v in by_block.values()), default=1)))
-    return sum(costs[:width])
+    jobs = _jobs(targets, plus)
+    groups: dict = {}
+    for key, cost in jobs.items():
+        groups.setdefault(None if prefix is None else ("block", _block_index(key, prefix)), []).append(cost)
+    return max(sum(sorted(costs, reverse=True)[:max(1, parallel)]) for costs in groups.values())
 
 
 @dataclass
@@ -231,6 +238,8 @@ class _Sizes:
     A: int
     D: int
     D_plus: int  # CorDA++'s scoring jobs, the largest ones at once
+    D_b: int  # D and D_plus within one block (the streaming modes)
+    D_plus_b: int
     X: int
     X_b: int
     B: int  # CorDA++ with one candidate, in one pass: every layer's scored eigenvectors, kept for the decomposition
@@ -257,10 +266,12 @@ def _sizes(model, targets: list, *, elt: int, prec: int, tokens: int, batch_toke
     A = tokens * hidden * elt
     X_b = batch_tokens * (4 * hidden + 3 * inter) * elt
     X = X_b + batch_tokens * vocab * 4 + 2 * batch_tokens * hidden * 4
-    D = _decomposition(targets, parallel, per_block)
-    D_plus = _decomposition(targets, parallel, per_block, plus=True)
+    D = _decomposition(targets, parallel)
+    D_plus = _decomposition(targets, parallel, plus=True)
+    D_b = _decomposition(targets, parallel, prefix)
+    D_plus_b = _decomposition(targets, parallel, prefix, plus=True)
     B = sum(min(t.d_in, t.d_out, KEEP_FACTOR * t.rank) * min(t.d_in, t.d_out) * 8 for t in targets)
-    return _Sizes(P, P_t, len(blocks), W_b, W_l, S, S_b, A, D, D_plus, X, X_b, B)
+    return _Sizes(P, P_t, len(blocks), W_b, W_l, S, S_b, A, D, D_plus, D_b, D_plus_b, X, X_b, B)
 
 
 # ---------------------------------------------------------------------------------------------------- the machine
@@ -343,6 +354,7 @@ def plan_memory(model: Union[str, dict, Any], *, samples: int = 256, seq_len: in
     plan = MemoryPlan(name if isinstance(name, str) else str(name), dtype, z.P, z.P_t, z.L, z.W_b, z.S, z.S_b, z.A,
                       z.D, host, device, disk)
     plan.modes = _modes(z, candidates, on_gpu, max_memory, host, device, disk)
+    plan.block_decomposition_bytes = z.D_b
     return plan
 
 
@@ -354,9 +366,9 @@ def _modes(z: _Sizes, c: int, on_gpu: bool, max_memory: Optional[dict], host, de
     O = _overhead(z.P)
     in_memory = {
         "one_pass": z.P + z.S + max(z.X, z.D),
-        "streaming": z.P + z.S_b + z.A + max(z.X_b, z.D),
+        "streaming": z.P + z.S_b + z.A + max(z.X_b, z.D_b),
         "plus": z.P + c * z.S + (z.B if c == 1 else 0) + max(z.X, z.D_plus),
-        "plus_streaming": z.P + c * z.S_b + z.A + max(z.X_b, z.D_plus),
+        "plus_streaming": z.P + c * z.S_b + z.A + max(z.X_b, z.D_plus_b),
     }
     out = {}
     for mode, peak in in_memory.items():
@@ -364,20 +376,19 @@ def _modes(z: _Sizes, c: int, on_gpu: bool, max_memory: Optional[dict], host, de
             out[mode] = (O + z.P_t, peak, 0)
         else:  # the model in host memory; the spill on disk
             out[mode] = (peak + O, 0, z.P_t)
-    out["onloading"] = (z.P + z.A + O, z.W_b + z.S_b + max(z.X_b, z.D), 0) if on_gpu else \
-        (z.P + z.A + z.S_b + max(z.X_b, z.D) + O, 0, z.P_t)
+    out["onloading"] = (z.P + z.A + O, z.W_b + z.S_b + max(z.X_b, z.D_b), 0) if on_gpu else \
+        (z.P + z.A + z.S_b + max(z.X_b, z.D_b) + O, 0, z.P_t)
     mm = {str(k): parse_size(v) for k, v in (max_memory or {}).items()}
     M = min(mm.get("cpu", z.P // 4), z.P)
     G = sum(v for k, v in mm.items() if k.isdigit())
     from_disk = max(0, z.P - M - G)
     F = int(DISK_PAGE_SHARE * from_disk)
-    work = z.S_b + z.A + z.W_l + z.D
     share = from_disk / z.P if z.P else 0.0
     residuals = int(z.P_t * share)
     if on_gpu and G:
-        out["disk_offload"] = (M + F + DISK_OVERHEAD, G + work + z.X_b, residuals)
+        out["disk_offload"] = (M + F + DISK_OVERHEAD, G + z.S_b + z.A + z.W_l + z.D_b + z.X_b, residuals)
     else:
-        out["disk_offload"] = (M + F + work + DISK_OVERHEAD, 0, residuals)
+        out["disk_offload"] = (M + F + z.S_b + z.A + z.W_l + z.D_b + DISK_OVERHEAD, 0, residuals)
     estimates = {}
     for mode in MODES:
         h, d, k = (int(x) for x in out[mode])
