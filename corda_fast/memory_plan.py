@@ -17,16 +17,18 @@ term        what it is
             Cholesky or LU factors, plus blocks of the inverse), then the damped float64 covariance (``8·d²``, later
             its Cholesky factor in the same storage) beside one layer's Gram matrix (built from blocks of ``W·C``)
             with its eigen-solver, times the statistics decomposed at once (one per CPU core on the host, one on a
-            GPU); CorDA++'s scoring holds the eigenvalue solver's copy of the damped covariance too (``D⁺``)
+            GPU): the model's largest in one pass, one block's (``D_b``) in the modes that decompose a block at a
+            time; CorDA++'s scoring holds the eigenvalue solver's copy of the damped covariance too (``D⁺``,
+            ``D⁺_b``)
 ``X``       one batch's activations: a block's (streaming) or the whole forward's with the logits (one pass)
 ``O``       the runtime's own overhead (PEFT wrapping, allocator slack, thread pools): measured on the host, see
             ``HOST_OVERHEAD``
 ==========  =====================================================================================================
 
-Modes: ``one_pass`` ``P + S + max(X, D) + O``; ``streaming`` ``P + S_b + A + max(X_b, D) + O``; ``plus`` (CorDA++ in
+Modes: ``one_pass`` ``P + S + max(X, D) + O``; ``streaming`` ``P + S_b + A + max(X_b, D_b) + O``; ``plus`` (CorDA++ in
 one pass) ``P + c·S + max(X, D⁺) + O``, plus ``B`` with one candidate (the scored eigenvectors kept for the
-decomposition, ``Σ min(d, 4r)·min(d_in, d_out)·8``); ``plus_streaming`` ``P + c·S_b + A + max(X_b, D⁺) + O``; ``onloading``
-host ``P + A + O``, device ``W_b + S_b + max(X_b, D)``; ``disk_offload`` host ``M + F + S_b + A + W_l + D + O_d``
+decomposition, ``Σ min(d, 4r)·min(d_in, d_out)·8``); ``plus_streaming`` ``P + c·S_b + A + max(X_b, D⁺_b) + O``; ``onloading``
+host ``P + A + O``, device ``W_b + S_b + max(X_b, D_b)``; ``disk_offload`` host ``M + F + S_b + A + W_l + D_b + O_d``
 (``M`` accelerate's host budget, ``F`` the checkpoint pages read through while offloaded layers run, ``O_d`` its
 slack), disk ``P − M − G`` read from the checkpoint plus ``P_t`` of the disk-offloaded share in the residual store.
 With a GPU the in-memory modes put the model there (their peak is then device memory; the spill ``P_t`` goes to
