@@ -13,6 +13,9 @@ namespace corda {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky(const at::Tensor& covs, const at::Tensor& probes,
                                                               double start, double tol, int64_t max_iter);
 
+// (L L^T)^-1 b from a lower Cholesky factor L (either layout) by two triangular solves, without copying L.
+at::Tensor solve_through_factor(const at::Tensor& b, const at::Tensor& chol);
+
 // One layer: W (d_out, d_in), C_f and its Cholesky factor L (d_in, d_in), all one dtype -> (A (r, d_in),
 // B (d_out, r), S_r (r,)) in that dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decompose_one(const at::Tensor& w, const at::Tensor& cf,

@@ -22,6 +22,13 @@
 
 namespace corda {
 
+// (L L^T)^-1 b from the lower factor L by two triangular solves: at::cholesky_solve's result without the copy of L
+// it makes on every call (one d x d per matrix of the batch). L may be either layout; b is (..., d, k).
+at::Tensor solve_through_factor(const at::Tensor& b, const at::Tensor& chol) {
+  auto y = at::linalg_solve_triangular(chol, b, /*upper=*/false);
+  return at::linalg_solve_triangular(chol.mT(), y, /*upper=*/true);
+}
+
 namespace {
 
 void check_square_batch(const at::Tensor& t, const char* what) {
@@ -38,7 +45,7 @@ at::Tensor probe_residual(const at::Tensor& cf, const at::Tensor& probes) {
   const auto& chol = std::get<0>(res);
   const auto& info = std::get<1>(res);
   auto p = probes.unsqueeze(0).expand({cf.size(0), probes.size(0), probes.size(1)});
-  auto err = (at::matmul(cf, at::cholesky_solve(p, chol)) - p).flatten(1).norm(2, {1}) /
+  auto err = (at::matmul(cf, solve_through_factor(p, chol)) - p).flatten(1).norm(2, {1}) /
              std::sqrt(static_cast<double>(probes.size(1)));
   return at::where(info == 0, err, at::full_like(err, std::numeric_limits<float>::infinity()));
 }
@@ -197,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decompose_one(const at::Tensor& w
     s_r = s.slice(0, lo, hi);
     v_r = vh.slice(0, lo, hi).mT();
   }
-  auto v_hat = at::cholesky_solve(v_r.to(chol.scalar_type()), chol);  // (d_in, r) = C_f^-1 V_r
+  auto v_hat = solve_through_factor(v_r.to(chol.scalar_type()), chol);  // (d_in, r) = C_f^-1 V_r
   auto root = (s_r / scaling).sqrt();
   auto a = (v_hat * root.to(v_hat.scalar_type())).mT().contiguous();
   auto bm = (u_r * root.to(u_r.scalar_type())).contiguous();

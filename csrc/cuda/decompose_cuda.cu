@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decompose_one_cuda(const at::Tens
     const auto& vh = std::get<2>(sv);
     auto u_r = u.slice(1, lo, hi), s_r = s.slice(0, lo, hi), v_r = vh.slice(0, lo, hi).mT();
     if (svd_residual(m, u_r, s_r, v_r, s[0].item<double>()) <= kGate) {
-      auto v_hat = at::cholesky_solve(v_r, chol);
+      auto v_hat = solve_through_factor(v_r, chol);
       auto root = (s_r / scaling).sqrt();
       return {(v_hat * root).mT().contiguous(), (u_r * root).contiguous(), s_r.contiguous()};
     }
