@@ -52,7 +52,8 @@ MODES = ("one_pass", "streaming", "onloading", "disk_offload", "plus", "plus_str
 _SHARED_FAMILIES = ({"q_proj", "k_proj", "v_proj"}, {"query", "key", "value"}, {"gate_proj", "up_proj"},
                     {"w1", "w3"}, {"q", "k", "v"})
 # Host memory the runtime adds on top of the terms (PEFT's wrapping, allocator slack, the forward's temporaries),
-# as a share of the model's weights plus a constant: fitted on the CPU benchmark (docs/offload.md, "planner").
+# as a share of the model's weights plus a constant (0 in the last fit): fitted on the CPU benchmark (docs/offload.md,
+# "planner").
 HOST_OVERHEAD = (0.06, 0)
 # Checkpoint pages a disk-offloaded run keeps resident, as a share of the weights read from disk, and its own slack
 # (accelerate's hooks keep no model-sized state): fitted the same way.
