@@ -225,7 +225,7 @@ def _decomposition(targets: list, parallel: int, prefix: Optional[str] = None, p
     jobs = _jobs(targets, plus)
     groups: dict = {}
     for key, cost in jobs.items():
-        groups.setdefault(None if prefix is None else ("block", _block_index(key, prefix)), []).append(cost)
+        groups.setdefault(_block_index(key, prefix) if prefix is not None else None, []).append(cost)
     return max(sum(sorted(costs, reverse=True)[:max(1, parallel)]) for costs in groups.values())
 
 
@@ -355,9 +355,8 @@ def plan_memory(model: Union[str, dict, Any], *, samples: int = 256, seq_len: in
     host = host_memory if host_memory is not None else host_available()
     disk = disk_memory if disk_memory is not None else _disk_free()
     plan = MemoryPlan(name if isinstance(name, str) else str(name), dtype, z.P, z.P_t, z.L, z.W_b, z.S, z.S_b, z.A,
-                      z.D, host, device, disk)
+                      z.D, host, device, disk, block_decomposition_bytes=z.D_b)
     plan.modes = _modes(z, candidates, on_gpu, max_memory, host, device, disk)
-    plan.block_decomposition_bytes = z.D_b
     return plan
 
 
@@ -386,12 +385,13 @@ def _modes(z: _Sizes, c: int, on_gpu: bool, max_memory: Optional[dict], host, de
     G = sum(v for k, v in mm.items() if k.isdigit())
     from_disk = max(0, z.P - M - G)
     F = int(DISK_PAGE_SHARE * from_disk)
+    work = z.S_b + z.A + z.W_l + z.D_b  # one block's statistics and decomposition, beside one layer's weight
     share = from_disk / z.P if z.P else 0.0
     residuals = int(z.P_t * share)
     if on_gpu and G:
-        out["disk_offload"] = (M + F + DISK_OVERHEAD, G + z.S_b + z.A + z.W_l + z.D_b + z.X_b, residuals)
+        out["disk_offload"] = (M + F + DISK_OVERHEAD, G + work + z.X_b, residuals)
     else:
-        out["disk_offload"] = (M + F + z.S_b + z.A + z.W_l + z.D_b + DISK_OVERHEAD, 0, residuals)
+        out["disk_offload"] = (M + F + work + DISK_OVERHEAD, 0, residuals)
     estimates = {}
     for mode in MODES:
         h, d, k = (int(x) for x in out[mode])

@@ -205,11 +205,8 @@ def gram_basis(weight: torch.Tensor, c_f: torch.Tensor, keep_m: bool = True) -> 
     else:
         g, m = gram_matrix(weight, c_f), None
     evals = torch.empty(g.shape[0], dtype=torch.float64, device=g.device)
-    # ascending; the eigenvectors take the Gram's storage. LAPACK works on column-major matrices: given the
-    # row-major Gram, torch would factor a column-major copy (one more n×n); its transpose is that layout already
-    # and, the Gram being symmetric, the same matrix
-    g = g.mT
-    evals, evecs = torch.linalg.eigh(g, out=(evals, g))
+    g = _lapack_layout(g)
+    evals, evecs = torch.linalg.eigh(g, out=(evals, g))  # ascending; the eigenvectors take the Gram's storage
     return (evals, evecs, out_side, 0), m
 
 
@@ -297,12 +294,17 @@ def _svd_triplets(m: torch.Tensor, rank: int, mode: str):
     return u[:, sl], s[sl], vh[sl].mT
 
 
+def _lapack_layout(sym: torch.Tensor) -> torch.Tensor:
+    """The symmetric ``sym`` as a column-major view of its own storage, for a LAPACK call that writes its result
+    into it: handed a row-major matrix, torch factors a column-major copy (one ``d×d`` more) and copies it back;
+    the transpose is that layout already and, ``sym`` being symmetric, the same matrix."""
+    return sym.mT if sym.is_contiguous() else sym
+
+
 def cholesky_in_place(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L, info)``: the lower Cholesky factor of the symmetric ``c`` computed in ``c``'s own storage (``c`` is
-    spent). LAPACK factors column-major matrices: handed a row-major ``c``, ``torch.linalg.cholesky_ex`` factors a
-    column-major copy (one ``d×d`` more) and copies it back; ``c``'s transpose is that layout already and, ``c`` being
-    symmetric, the same matrix. ``L`` is returned as a column-major view of ``c``'s storage."""
-    a = c.mT if c.is_contiguous() else c
+    spent; no copy, :func:`_lapack_layout`). ``L`` is returned as a column-major view of that storage."""
+    a = _lapack_layout(c)
     return torch.linalg.cholesky_ex(a, out=(a, torch.empty((), dtype=torch.int32, device=c.device)))
 
 
