@@ -9,6 +9,8 @@ above a baseline taken after imports and a warm-up of torch's linear algebra.
     python benchmarks/bench_offload.py                 # ~10 min on 2 CPUs
     python benchmarks/bench_offload.py --layers 2 4 --repeats 1   # smoke
     python benchmarks/bench_offload.py --replan        # the "planned" column of the saved run, by today's planner
+    python benchmarks/bench_offload.py --modes corda_disk_onepass corda floor \
+        --out benchmarks/results/offload_disk_cpu.json   # a disk-offloaded model in one pass beside streaming
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from offload_worker import BATCH, PLUS_CANDIDATES, SAMPLES, SEQ, TARGETS, make_m
 
 from common import environment  # noqa: E402
 
-MODES = ["corda_inmemory", "corda_streaming", "corda", "floor", "plus_inmemory", "plus_streaming"]
+MODES = ["corda_inmemory", "corda_streaming", "corda", "floor", "plus_inmemory", "plus_streaming", "corda_disk_onepass"]
 LABEL = {"corda_inmemory": "in memory (one pass)", "corda_streaming": "in memory, streaming",
          "corda": "disk offload (device_map, host = size/4)", "floor": "floor: offloaded inference only",
+         "corda_disk_onepass": "disk offload, one pass (streaming=False)",
          "plus_inmemory": "CorDA++ in memory (one pass)", "plus_streaming": "CorDA++ in memory, streaming"}
 PLAN_MODE = {"corda_inmemory": "one_pass", "corda_streaming": "streaming", "corda": "disk_offload",
+             "corda_disk_onepass": "disk_offload_one_pass",
              "plus_inmemory": "plus", "plus_streaming": "plus_streaming"}
 
 

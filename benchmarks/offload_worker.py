@@ -1,11 +1,12 @@
 """Peak resident memory of one run, for benchmarks/bench_offload.py and tests/test_offload.py.
 
     python offload_worker.py MODE MODEL_DIR WORK_DIR CPU_BYTES
-    (MODE: floor | corda | corda_inmemory | corda_streaming | plus_inmemory | plus_streaming)
+    (MODE: floor | corda | corda_disk_onepass | corda_inmemory | corda_streaming | plus_inmemory | plus_streaming)
 
 floor: load with device_map="auto" (host limit CPU_BYTES, the rest on disk in WORK_DIR/offload) and run the
 calibration batches through the model (plain offloaded inference); corda: the same load, then
-init_adapters(streaming=True) and save_residual_base; corda_inmemory / corda_streaming: the model loaded whole
+init_adapters(streaming=True) and save_residual_base; corda_disk_onepass: the same in one pass (streaming=False: every
+statistic held, calibrated through accelerate's hooks); corda_inmemory / corda_streaming: the model loaded whole
 into memory, then init_adapters (one pass / streaming) and save_residual_base; plus_*: the same with CorDA++ (2
 candidates). Prints one JSON line: peak and
 after-load resident memory in MiB above the baseline (after imports and a warm-up of torch's linear algebra, whose
@@ -67,7 +68,7 @@ def main():
     del a
     base = reset_peak()  # the current size: the warm-up's own transient peak is not counted
     t0 = time.perf_counter()
-    if what in ("floor", "corda"):
+    if what in ("floor", "corda", "corda_disk_onepass"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, device_map="auto", max_memory={"cpu": cpu_bytes},
                                                      offload_folder=os.path.join(work, "offload"))
     else:
@@ -83,7 +84,7 @@ def main():
     else:
         plus = corda_fast.PlusConfig(candidates=PLUS_CANDIDATES) if what.startswith("plus") else None
         pm = corda_fast.init_adapters(model, batches, rank=8, target_modules=TARGETS,
-                                      streaming=what not in ("corda_inmemory", "plus_inmemory"),
+                                      streaming=what not in ("corda_inmemory", "plus_inmemory", "corda_disk_onepass"),
                                       corda_config=corda_fast.CordaConfig(show_progress=False, plus=plus))
         corda_fast.save_residual_base(pm, os.path.join(work, "residual_base"))
     print(json.dumps({"what": what, "peak": peak_mib() - base, "after_load": loaded,

@@ -223,7 +223,8 @@ def _plan_for(args, device: str):
     plus = args.method == "corda++"
     plan = corda_fast.plan_memory(
         args.model, samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
-        target_modules=targets, precision=args.precision, dtype=args.dtype,
+        target_modules=targets, target_parameters=getattr(args, "target_parameters", None),
+        route_all_experts=getattr(args, "route_all_experts", False), precision=args.precision, dtype=args.dtype,
         candidates=(args.candidates or corda_fast.PlusConfig().candidates) if plus else 1,
         max_memory=args.max_memory, host_memory=getattr(args, "host_memory", None),
         device_memory=getattr(args, "device_memory", None) if on_gpu else 0)
@@ -242,6 +243,8 @@ def _memory_check(args, device: str) -> None:
         logger.info("memory plan: skipped ('%s' has no config.json)", args.model)
         return
     logger.info("%s", plan.line(mode))
+    if not plan.modes[mode].available:  # init_adapters' own checks refuse it, with the same reason
+        return
     if not plan.modes[mode].fits:
         others = [m for m, e in plan.modes.items() if e.fits]
         msg = (f"{plan.line(mode)}. Modes that fit: {others or 'none'} (python -m corda_fast plan --model ... shows "
@@ -258,8 +261,10 @@ def run_plan(args) -> str:
         raise ValueError(f"model '{args.model}' has no config.json to plan from.")
     if args.json:
         return json.dumps({**plan.to_dict(), "init_mode": mode}, indent=1)
-    return plan.table() + f"\n\ninit with these flags runs '{mode}': " + ("fits." if plan.modes[mode].fits else
-                                                                         f"does NOT fit ({plan.modes[mode].why_not}).")
+    m = plan.modes[mode]
+    verdict = ("fits." if m.fits else f"does NOT fit ({m.why_not}).") if m.available else \
+        f"cannot run ({m.why_not})."
+    return plan.table() + f"\n\ninit with these flags runs '{mode}': " + verdict
 
 
 def _write_outputs(args, peft_model, tok, report, job: dict, work: str) -> dict:

@@ -30,9 +30,13 @@ one pass) ``P + c·S + max(X, D⁺) + O``, plus ``B`` with one candidate (the sc
 decomposition, ``Σ min(d, 4r)·min(d_in, d_out)·8``); ``plus_streaming`` ``P + c·S_b + A + max(X_b, D⁺_b) + O``; ``onloading``
 host ``P + A + O``, device ``W_b + S_b + max(X_b, D_b)``; ``disk_offload`` host ``M + F + S_b + A + W_l + D_b + O_d``
 (``M`` accelerate's host budget, ``F`` the checkpoint pages read through while offloaded layers run, ``O_d`` its
-slack), disk ``P − M − G`` read from the checkpoint plus ``P_t`` of the disk-offloaded share in the residual store.
-With a GPU the in-memory modes put the model there (their peak is then device memory; the spill ``P_t`` goes to
-host memory).
+slack), disk ``P − M − G`` read from the checkpoint plus ``P_t`` of the disk-offloaded share in the residual store
+— that is streaming over a dispatched model; ``disk_offload_one_pass`` (``M + F + W_l + S + max(X, D) + O_d``),
+``disk_offload_plus`` and ``disk_offload_plus_streaming`` put the other runs' terms beside ``M + F + W_l + O_d`` the
+same way. A mode the targets cannot run in is not planned (``ModeEstimate.available``): the streaming modes when
+the targets lie in two lists of blocks (a vision-language model's tower and language model), CorDA++ and disk offload
+with expert parameters (``target_parameters``). With a GPU the in-memory modes put the model there (their peak is
+then device memory; the spill ``P_t`` goes to host memory).
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ import torch
 from .ops.linalg import _COLS, _LU_COLS, _ROWS
 from .plus import KEEP_FACTOR
 
-MODES = ("one_pass", "streaming", "onloading", "disk_offload", "plus", "plus_streaming")
+MODES = ("one_pass", "streaming", "onloading", "disk_offload", "plus", "plus_streaming", "disk_offload_one_pass",
+         "disk_offload_plus", "disk_offload_plus_streaming")
 # Inputs read by sibling layers of one module: one statistic for the family (the calibration shares them).
 _SHARED_FAMILIES = ({"q_proj", "k_proj", "v_proj"}, {"query", "key", "value"}, {"gate_proj", "up_proj"},
                     {"w1", "w3"}, {"q", "k", "v"})
@@ -63,14 +68,17 @@ DISK_OVERHEAD = 0
 
 @dataclass
 class ModeEstimate:
-    """One mode's predicted peaks (bytes) and whether they fit the machine."""
+    """One mode's predicted peaks (bytes) and whether they fit the machine. A mode these targets cannot run in
+    (``available`` false: streaming over a vision-language model's two lists of blocks, CorDA++ or disk offload with
+    expert parameters) has no peaks (``None``), does not fit, and ``why_not`` says why."""
 
-    host_peak_bytes: int
-    device_peak_bytes: int
-    disk_bytes: int
+    host_peak_bytes: Optional[int]
+    device_peak_bytes: Optional[int]
+    disk_bytes: Optional[int]
     fits: bool
     terms: dict = field(default_factory=dict)
     why_not: str = ""
+    available: bool = True
 
 
 @dataclass
@@ -101,6 +109,8 @@ class MemoryPlan:
     def line(self, mode: str) -> str:
         """``streaming: host 1.2 GiB, device 0 B, disk 0.4 GiB — fits`` (what ``init`` prints before it starts)."""
         m = self.modes[mode]
+        if not m.available:
+            return f"memory plan, {mode}: not planned — {m.why_not}"
         return (f"memory plan, {mode}: host {gib(m.host_peak_bytes)}, device {gib(m.device_peak_bytes)}, disk "
                 f"{gib(m.disk_bytes)} (available: host {gib(self.host_available)}, device {gib(self.device_available)}"
                 f", disk {gib(self.disk_available)}) — " + ("fits" if m.fits else f"does NOT fit: {m.why_not}"))
@@ -115,6 +125,9 @@ class MemoryPlan:
                 f"{gib(self.disk_available)}", "",
                 f"{'mode':15s} {'host peak':>12s} {'device peak':>12s} {'disk':>10s}  fits"]
         for name, m in self.modes.items():
+            if not m.available:
+                rows.append(f"{name:15s} {'-':>12s} {'-':>12s} {'-':>10s}  n/a: {m.why_not}")
+                continue
             rows.append(f"{name:15s} {gib(m.host_peak_bytes):>12s} {gib(m.device_peak_bytes):>12s} "
                         f"{gib(m.disk_bytes):>10s}  {'yes' if m.fits else 'no: ' + m.why_not}")
         return "\n".join(rows)
@@ -163,15 +176,20 @@ def _load_config(model: Union[str, dict, Any]):
     raise ValueError(f"model '{path}' is neither a model folder, a config.json, nor a config.")
 
 
-def _statistic_key(t) -> str:
-    parent, _, leaf = t.param_key.rpartition(".") if t.expert is not None else t.name.rpartition(".")
+def _statistic_key(t, route_all: bool = False) -> str:
+    """The statistic ``t`` reads, as calibration keys it: sibling q/k/v (gate/up, ...) of one module share one; an
+    expert (``corda_fast.experts``) has its own, except that with ``route_all_experts`` every expert's first
+    projection reads the layer's whole input (one statistic for the parameter)."""
+    if t.expert is not None:
+        return f"{t.param_key}[all]" if route_all and t.role == "up" else t.name
+    parent, _, leaf = t.name.rpartition(".")
     family = next((min(f) for f in _SHARED_FAMILIES if leaf in f), None)
     return f"{parent}.{family}:{t.d_in}" if family is not None else t.name
 
 
-def _statistic_sizes(targets: list) -> dict[str, int]:
-    """``{statistic key: d_in}`` with sibling q/k/v (gate/up, ...) of one module sharing a statistic."""
-    return {_statistic_key(t): t.d_in for t in targets}
+def _statistic_sizes(targets: list, route_all: bool = False) -> dict[str, int]:
+    """``{statistic key: d_in}`` (:func:`_statistic_key`)."""
+    return {_statistic_key(t, route_all): t.d_in for t in targets}
 
 
 def _block_index(name: str, prefix: str) -> Optional[int]:
@@ -199,7 +217,7 @@ def _search(d: int) -> int:
     return 12 * d * d if d <= _LU_COLS else 8 * d * d + 2 * 4 * d * _LU_COLS
 
 
-def _jobs(targets: list, plus: bool) -> dict[str, int]:
+def _jobs(targets: list, plus: bool, route_all: bool = False) -> dict[str, int]:
     """``{statistic key: bytes one job on it holds at its peak}``: the damping search (:func:`_search`), then the
     damped float64 covariance (``8·d²``) beside its largest layer's work (CorDA++'s scoring: beside the eigenvalue
     solver's copy, ``8·d²``, too). The job's end adds nothing to ``8·d²`` but the kept vectors: the covariance is
@@ -207,7 +225,7 @@ def _jobs(targets: list, plus: bool) -> dict[str, int]:
     ``ops.cholesky_solve_lower``)."""
     layers: dict[str, list] = {}
     for t in targets:
-        layers.setdefault(_statistic_key(t), []).append(t)
+        layers.setdefault(_statistic_key(t, route_all), []).append(t)
     out = {}
     for key, ts in layers.items():
         d = ts[0].d_in
@@ -216,13 +234,14 @@ def _jobs(targets: list, plus: bool) -> dict[str, int]:
     return out
 
 
-def _decomposition(targets: list, parallel: int, prefix: Optional[str] = None, plus: bool = False) -> int:
+def _decomposition(targets: list, parallel: int, prefix: Optional[str] = None, plus: bool = False,
+                   route_all: bool = False) -> int:
     """``D``: the largest jobs' workspaces (:func:`_jobs`), as many as run at once (one per CPU core on the host, one
     on a GPU). With the blocks' ``prefix`` (streaming, onloading, disk offload: one block's statistics are decomposed
     at a time) the jobs at once are a block's: its largest ones, in the block where they sum highest."""
     if not targets:
         return 0
-    jobs = _jobs(targets, plus)
+    jobs = _jobs(targets, plus, route_all)
     groups: dict = {}
     for key, cost in jobs.items():
         groups.setdefault(_block_index(key, prefix) if prefix is not None else None, []).append(cost)
@@ -246,22 +265,32 @@ class _Sizes:
     X: int
     X_b: int
     B: int  # CorDA++ with one candidate, in one pass: every layer's scored eigenvectors, kept for the decomposition
+    no_blocks: str = ""  # why the targets are not in one list of blocks (the streaming modes cannot run), or ""
 
 
-def _sizes(model, targets: list, *, elt: int, prec: int, tokens: int, batch_tokens: int, parallel: int) -> _Sizes:
+def _sizes(model, targets: list, *, elt: int, prec: int, tokens: int, batch_tokens: int, parallel: int,
+           route_all: bool = False) -> _Sizes:
+    from .calibrate import CalibrationError
     from .streaming import find_blocks
 
     P = sum(p.numel() * elt for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
     P_t = sum(t.d_in * t.d_out * elt for t in targets)
     W_l = max((t.d_in * t.d_out * elt for t in targets), default=0)
-    prefix, blocks = find_blocks(model, targets)
+    try:
+        prefix, blocks = find_blocks(model, targets)
+        no_blocks = ""
+    except CalibrationError as exc:  # e.g. a vision tower's and a language model's blocks: nothing to stream
+        msg = str(exc)  # the table's line: where streaming walks and that some targets lie outside it
+        head = msg.split(";")[0]
+        prefix, blocks, no_blocks = None, [], msg if head == msg else (
+            f"{head}, and some targets lie outside it: stream one list's targets alone, or calibrate in one pass")
     W_b = max((sum(p.numel() for p in b.parameters()) * elt for b in blocks), default=0)
-    stats = _statistic_sizes(targets)
+    stats = _statistic_sizes(targets, route_all)
     per_block: dict = {}
     for key, d in stats.items():
-        per_block.setdefault(_block_index(key, prefix), []).append(d)
+        per_block.setdefault(_block_index(key, prefix) if prefix is not None else None, []).append(d)
     S = sum(d * d * prec for d in stats.values())
-    S_b = max((sum(d * d * prec for d in ds) for ds in per_block.values()), default=0)
+    S_b = max((sum(d * d * prec for d in ds) for ds in per_block.values()), default=0) if prefix is not None else 0
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     hidden = int(getattr(cfg, "hidden_size", 0) or max((t.d_in for t in targets), default=0))
     inter = int(getattr(cfg, "intermediate_size", 0) or 4 * hidden)
@@ -269,12 +298,12 @@ def _sizes(model, targets: list, *, elt: int, prec: int, tokens: int, batch_toke
     A = tokens * hidden * elt
     X_b = batch_tokens * (4 * hidden + 3 * inter) * elt
     X = X_b + batch_tokens * vocab * 4 + 2 * batch_tokens * hidden * 4
-    D = _decomposition(targets, parallel)
-    D_plus = _decomposition(targets, parallel, plus=True)
-    D_b = _decomposition(targets, parallel, prefix)
-    D_plus_b = _decomposition(targets, parallel, prefix, plus=True)
+    D = _decomposition(targets, parallel, route_all=route_all)
+    D_plus = _decomposition(targets, parallel, plus=True, route_all=route_all)
+    D_b = _decomposition(targets, parallel, prefix, route_all=route_all) if prefix is not None else 0
+    D_plus_b = _decomposition(targets, parallel, prefix, plus=True, route_all=route_all) if prefix is not None else 0
     B = sum(min(t.d_in, t.d_out, KEEP_FACTOR * t.rank) * min(t.d_in, t.d_out) * 8 for t in targets)
-    return _Sizes(P, P_t, len(blocks), W_b, W_l, S, S_b, A, D, D_plus, D_b, D_plus_b, X, X_b, B)
+    return _Sizes(P, P_t, len(blocks), W_b, W_l, S, S_b, A, D, D_plus, D_b, D_plus_b, X, X_b, B, no_blocks)
 
 
 # ---------------------------------------------------------------------------------------------------- the machine
@@ -316,7 +345,8 @@ def parse_size(value) -> int:
 
 # ---------------------------------------------------------------------------------------------------- the plan
 def plan_memory(model: Union[str, dict, Any], *, samples: int = 256, seq_len: int = 2048, batch_size: int = 8,
-                rank: int = 8, target_modules: Union[None, str, list] = None, precision: str = "float32",
+                rank: int = 8, target_modules: Union[None, str, list] = None,
+                target_parameters: Optional[list] = None, route_all_experts: bool = False, precision: str = "float32",
                 dtype: Optional[str] = None, candidates: int = 1, max_memory: Optional[dict] = None,
                 host_memory: Optional[int] = None, device_memory: Optional[int] = None,
                 disk_memory: Optional[int] = None, threads: Optional[int] = None) -> MemoryPlan:
@@ -327,6 +357,9 @@ def plan_memory(model: Union[str, dict, Any], *, samples: int = 256, seq_len: in
             with ``model_type``.
         samples, seq_len, batch_size: the calibration (``samples · seq_len`` tokens).
         rank, target_modules: as ``init_adapters`` (default targets: every linear layer but the head).
+        target_parameters, route_all_experts: routed experts stored as 3-D parameters (``LoraConfig``'s and
+            ``CalibrationConfig``'s options): one statistic and decomposition per expert, or with
+            ``route_all_experts`` one statistic for all experts' first projection.
         precision: the statistics' precision; dtype: the load dtype (default: the config's, else float32).
         candidates: CorDA++'s candidate statistics per layer (the ``plus`` modes).
         max_memory: accelerate's limits for ``disk_offload`` (``{"cpu": "64GiB", 0: "20GiB"}``; default: host a
@@ -346,25 +379,42 @@ def plan_memory(model: Union[str, dict, Any], *, samples: int = 256, seq_len: in
     elt = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     prec = 8 if precision == "float64" else 4
     meta = _meta_model(config)
-    targets = resolve_targets(meta, LoraSpec(r=rank, target_modules=target_modules))
+    targets = resolve_targets(meta, LoraSpec(r=rank, target_modules=target_modules,
+                                             target_parameters=target_parameters or None))
     device = device_memory if device_memory is not None else device_available()
     on_gpu = bool(device)
     parallel = 1 if on_gpu else (threads or torch.get_num_threads())
     z = _sizes(meta, targets, elt=elt, prec=prec, tokens=samples * seq_len, batch_tokens=batch_size * seq_len,
-               parallel=parallel)
+               parallel=parallel, route_all=route_all_experts)
     host = host_memory if host_memory is not None else host_available()
     disk = disk_memory if disk_memory is not None else _disk_free()
     plan = MemoryPlan(name if isinstance(name, str) else str(name), dtype, z.P, z.P_t, z.L, z.W_b, z.S, z.S_b, z.A,
                       z.D, host, device, disk, block_decomposition_bytes=z.D_b)
-    plan.modes = _modes(z, candidates, on_gpu, max_memory, host, device, disk)
+    plan.modes = _modes(z, candidates, on_gpu, max_memory, host, device, disk,
+                        _unavailable(z, any(t.expert is not None for t in targets)))
     return plan
+
+
+def _unavailable(z: _Sizes, expert_targets: bool) -> dict[str, str]:
+    """``{mode: why}`` for the modes these targets cannot run in (``init_adapters`` refuses them the same way)."""
+    out = {}
+    if z.no_blocks:
+        out.update({m: z.no_blocks for m in MODES if m.endswith("streaming") or m in ("onloading", "disk_offload")})
+    if expert_targets:
+        plus = "CorDA++ is refused with target_parameters (a rank per expert; PEFT's ParamWrapper holds one)"
+        out.update({m: plus for m in MODES if "plus" in m})
+        out.update({m: "expert parameters in a model accelerate dispatched are refused (their residuals are not "
+                       "written through offload hooks): stream or onload instead"
+                    for m in MODES if m.startswith("disk_offload") and "plus" not in m})
+    return out
 
 
 def _overhead(P: int) -> int:
     return int(HOST_OVERHEAD[0] * P + HOST_OVERHEAD[1])
 
 
-def _modes(z: _Sizes, c: int, on_gpu: bool, max_memory: Optional[dict], host, device, disk) -> dict:
+def _modes(z: _Sizes, c: int, on_gpu: bool, max_memory: Optional[dict], host, device, disk,
+           unavailable: Optional[dict] = None) -> dict:
     O = _overhead(z.P)
     in_memory = {
         "one_pass": z.P + z.S + max(z.X, z.D),
@@ -385,15 +435,23 @@ def _modes(z: _Sizes, c: int, on_gpu: bool, max_memory: Optional[dict], host, de
     G = sum(v for k, v in mm.items() if k.isdigit())
     from_disk = max(0, z.P - M - G)
     F = int(DISK_PAGE_SHARE * from_disk)
-    work = z.S_b + z.A + z.W_l + z.D_b  # one block's statistics and decomposition, beside one layer's weight
-    share = from_disk / z.P if z.P else 0.0
-    residuals = int(z.P_t * share)
-    if on_gpu and G:
-        out["disk_offload"] = (M + F + DISK_OVERHEAD, G + work + z.X_b, residuals)
-    else:
-        out["disk_offload"] = (M + F + work + DISK_OVERHEAD, 0, residuals)
+    residuals = int(z.P_t * from_disk / z.P) if z.P else 0
+    # a dispatched model: each run's own statistics and decomposition beside one layer's onloaded weight
+    work = {"disk_offload": z.S_b + z.A + z.D_b,
+            "disk_offload_one_pass": z.S + max(z.X, z.D),
+            "disk_offload_plus": c * z.S + (z.B if c == 1 else 0) + max(z.X, z.D_plus),
+            "disk_offload_plus_streaming": c * z.S_b + z.A + z.D_plus_b}
+    for mode, w in work.items():
+        streams = mode in ("disk_offload", "disk_offload_plus_streaming")
+        if on_gpu and G:
+            out[mode] = (M + F + DISK_OVERHEAD, G + z.W_l + w + (z.X_b if streams else 0), residuals)
+        else:
+            out[mode] = (M + F + z.W_l + w + DISK_OVERHEAD, 0, residuals)
     estimates = {}
     for mode in MODES:
+        if mode in (unavailable or {}):
+            estimates[mode] = ModeEstimate(None, None, None, False, {"O": O}, unavailable[mode], available=False)
+            continue
         h, d, k = (int(x) for x in out[mode])
         why = []
         if host is not None and h > host:
@@ -418,8 +476,10 @@ def _disk_free() -> Optional[int]:
 
 def mode_of(streaming: Any, plus: bool, onload: bool, dispatched: bool) -> str:
     """The :data:`MODES` entry a run with these settings uses."""
-    if dispatched:
-        return "disk_offload"
+    if dispatched:  # accelerate's device_map: calibrated block by block (streaming) or in one pass through its hooks
+        if plus:
+            return "disk_offload_plus_streaming" if streaming is True else "disk_offload_plus"
+        return "disk_offload" if streaming is True else "disk_offload_one_pass"
     if onload:
         return "onloading"
     if plus:

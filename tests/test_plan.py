@@ -130,3 +130,93 @@ def test_streaming_counts_one_blocks_jobs_at_once(model_dir):
     assert plan.decomposition_bytes == 2 * down[0]
     assert plan.block_decomposition_bytes == down[0] + max(rest)
     assert plan.modes["streaming"].host_peak_bytes < plan.modes["one_pass"].host_peak_bytes
+
+
+EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+@pytest.mark.parametrize("route_all", [False, True])
+def test_expert_parameters_are_planned_as_calibration_keeps_them(tmp_path, route_all):
+    """Routed experts: one statistic per expert and projection (or, with route_all_experts, one for all experts'
+    first projection), sized as the real calibration's; CorDA++ and disk offload are refused with expert
+    parameters, so they are not planned but say why."""
+    from helpers import tiny_moe
+
+    model = tiny_moe("qwen3_moe", experts=4)
+    model.save_pretrained(tmp_path)
+    plan = corda_fast.plan_memory(str(tmp_path), samples=6, seq_len=16, batch_size=2, target_parameters=EXPERT_PARAMS,
+                                  route_all_experts=route_all, rank=2, device_memory=0, host_memory=2**34)
+    setup = Setup(target_parameters=EXPERT_PARAMS, rank=2, route_all_experts=route_all)
+    stats = corda_fast.stages.collect_covariance(model, padded_batches(random_samples(6), 2), *setup.stage)
+    assert plan.statistics_bytes == stats.nbytes()
+    assert len(stats.sums) == 2 * (5 if route_all else 8)  # 2 blocks: 4 down (+ 4 up, or 1 shared)
+    assert plan.targeted_bytes == sum(p.numel() * 4 for n, p in model.named_parameters()
+                                      if n.endswith(("experts.gate_up_proj", "experts.down_proj")))
+    assert plan.block_statistics_bytes * 2 == plan.statistics_bytes  # two equal blocks
+    for mode in ("plus", "plus_streaming", "disk_offload", "disk_offload_one_pass", "disk_offload_plus"):
+        m = plan.modes[mode]
+        assert not m.available and not m.fits and m.host_peak_bytes is None and m.why_not
+    assert plan.modes["streaming"].available and plan.modes["streaming"].fits
+    assert "n/a: CorDA++ is refused" in plan.table()
+
+
+def test_plan_and_init_take_expert_flags(tmp_path, capsys):
+    from helpers import tiny_moe
+
+    d = tmp_path / "moe"
+    tiny_model_dir(d, tiny_moe("qwen3_moe", experts=4))
+    base = ["--model", str(d), "--target-parameters", *EXPERT_PARAMS, "--samples", "4", "--seq-len", "16",
+            "--batch-size", "2", "--rank", "2"]
+    assert cli.main(["plan", *base, "--json", "--host-memory", "64GiB"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    routed = out["statistics_bytes"]
+    assert out["modes"]["one_pass"]["fits"] and out["modes"]["plus"]["host_peak_bytes"] is None
+    assert cli.main(["plan", *base, "--json", "--route-all-experts", "--host-memory", "64GiB"]) == 0
+    assert json.loads(capsys.readouterr().out)["statistics_bytes"] < routed  # one first-projection statistic
+    assert cli.main(["plan", *base, "--method", "corda++"]) == 0
+    assert "runs 'plus': cannot run (CorDA++ is refused" in capsys.readouterr().out
+    data = tmp_path / "data.txt"
+    from corda_fast import demo
+
+    data.write_text(" ".join(demo.builtin_text().split()[:2000]))
+    init = ["init", *base, "--data", str(data), "--concatenate", "--out", str(tmp_path / "out"), "--quiet"]
+    assert cli.main(init + ["--host-memory", "64KiB"]) == 1  # planned (the experts counted), and refused
+    assert "does NOT fit" in capsys.readouterr().err
+
+
+def test_a_vision_language_model_plans_one_pass_and_says_why_it_cannot_stream(tmp_path):
+    from test_vlm import tiny_llava, vlm_batches
+
+    model, processor = tiny_llava()
+    model.save_pretrained(tmp_path)
+    plan = corda_fast.plan_memory(str(tmp_path), samples=6, seq_len=16, batch_size=3, rank=2, device_memory=0,
+                                  host_memory=2**34)
+    setup = Setup(rank=2)
+    stats = corda_fast.stages.collect_covariance(model, vlm_batches(processor), *setup.stage)
+    assert plan.statistics_bytes == stats.nbytes(), "vision tower, projector and language model, shared as calibrated"
+    for mode in ("one_pass", "plus", "disk_offload_one_pass", "disk_offload_plus"):
+        assert plan.modes[mode].available and plan.modes[mode].fits
+    for mode in ("streaming", "plus_streaming", "onloading", "disk_offload", "disk_offload_plus_streaming"):
+        m = plan.modes[mode]
+        assert not m.available and "one list of blocks" in m.why_not and "language_model" in m.why_not
+    lm = corda_fast.plan_memory(str(tmp_path), samples=6, seq_len=16, batch_size=3, rank=2, device_memory=0,
+                                host_memory=2**34, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)")
+    assert lm.modes["streaming"].available and lm.blocks == 2  # the language model's targets alone stream
+
+
+def test_a_dispatched_model_is_planned_as_it_will_run(model_dir):
+    """A model accelerate dispatched runs in one pass through its hooks unless streaming: each of CorDA's and
+    CorDA++'s runs beside the host budget, one layer's weight and the checkpoint pages."""
+    kw = dict(samples=64, seq_len=64, batch_size=8, target_modules=TARGETS, device_memory=0, host_memory=2**40,
+              candidates=2, threads=1)
+    plan = corda_fast.plan_memory(model_dir, **kw)
+    h = {k: v.host_peak_bytes for k, v in plan.modes.items()}
+    # the same run's own terms, model in memory or dispatched: P + O against M + F + W_l + O_d
+    assert h["one_pass"] - h["disk_offload_one_pass"] == h["plus"] - h["disk_offload_plus"]
+    assert h["streaming"] - h["disk_offload"] == h["plus_streaming"] - h["disk_offload_plus_streaming"]
+    assert h["disk_offload_one_pass"] - h["disk_offload"] > plan.statistics_bytes - plan.block_statistics_bytes - \
+        plan.inputs_bytes
+    assert mode_of(False, False, False, True) == "disk_offload_one_pass"
+    assert mode_of(True, False, False, True) == "disk_offload"
+    assert mode_of(False, True, False, True) == "disk_offload_plus"
+    assert mode_of(True, True, False, True) == "disk_offload_plus_streaming"
