@@ -25,13 +25,15 @@ term        what it is
             ``HOST_OVERHEAD``
 ==========  =====================================================================================================
 
-Modes: ``one_pass`` ``P + S + max(X, D) + O``; ``streaming`` ``P + S_b + A + max(X_b, D_b) + O``; ``plus`` (CorDA++ in
+Modes: ``one_pass`` ``P + max(S + X, S_D) + O`` (``S_D``: the statistics still held beside the jobs running, at
+its highest over the decomposition — narrowest statistics first, each dropped once its job has its damped copy; at
+most ``S + D``); ``streaming`` ``P + S_b + A + max(X_b, D_b) + O``; ``plus`` (CorDA++ in
 one pass) ``P + c·S + max(X, D⁺) + O``, plus ``B`` with one candidate (the scored eigenvectors kept for the
 decomposition, ``Σ min(d, 4r)·min(d_in, d_out)·8``); ``plus_streaming`` ``P + c·S_b + A + max(X_b, D⁺_b) + O``; ``onloading``
 host ``P + A + O``, device ``W_b + S_b + max(X_b, D_b)``; ``disk_offload`` host ``M + F + S_b + A + W_l + D_b + O_d``
 (``M`` accelerate's host budget, ``F`` the checkpoint pages read through while offloaded layers run, ``O_d`` its
 slack), disk ``P − M − G`` read from the checkpoint plus ``P_t`` of the disk-offloaded share in the residual store
-— that is streaming over a dispatched model; ``disk_offload_one_pass`` (``M + F + W_l + S + max(X, D) + O_d``),
+— that is streaming over a dispatched model; ``disk_offload_one_pass`` (``M + F + W_l + max(S + X, S_D) + O_d``),
 ``disk_offload_plus`` and ``disk_offload_plus_streaming`` put the other runs' terms beside ``M + F + W_l + O_d`` the
 same way. A mode the targets cannot run in is not planned (``ModeEstimate.available``): the streaming modes when
 the targets lie in two lists of blocks (a vision-language model's tower and language model), CorDA++ and disk offload
@@ -123,12 +125,12 @@ class MemoryPlan:
                 f"within a block)",
                 f"available: host {gib(self.host_available)}, device {gib(self.device_available)}, disk "
                 f"{gib(self.disk_available)}", "",
-                f"{'mode':15s} {'host peak':>12s} {'device peak':>12s} {'disk':>10s}  fits"]
+                f"{'mode':27s} {'host peak':>12s} {'device peak':>12s} {'disk':>10s}  fits"]
         for name, m in self.modes.items():
             if not m.available:
-                rows.append(f"{name:15s} {'-':>12s} {'-':>12s} {'-':>10s}  n/a: {m.why_not}")
+                rows.append(f"{name:27s} {'-':>12s} {'-':>12s} {'-':>10s}  n/a: {m.why_not}")
                 continue
-            rows.append(f"{name:15s} {gib(m.host_peak_bytes):>12s} {gib(m.device_peak_bytes):>12s} "
+            rows.append(f"{name:27s} {gib(m.host_peak_bytes):>12s} {gib(m.device_peak_bytes):>12s} "
                         f"{gib(m.disk_bytes):>10s}  {'yes' if m.fits else 'no: ' + m.why_not}")
         return "\n".join(rows)
 
@@ -234,6 +236,25 @@ def _jobs(targets: list, plus: bool, route_all: bool = False) -> dict[str, int]:
     return out
 
 
+def _one_pass_decomposition(targets: list, parallel: int, prec: int, route_all: bool = False) -> int:
+    """The statistics still held plus the jobs running, at its highest over one pass's decomposition: the jobs run
+    narrowest statistic first (``decompose._decompose_torch``), ``parallel`` at once, and each drops its statistic
+    once its damped copy is made. When job ``i`` starts, statistics ``i`` onwards are held beside jobs
+    ``i − parallel + 1 … i``. At most ``S + D``: the widest jobs run once the narrow statistics are gone."""
+    layers: dict[str, int] = {}
+    for t in targets:
+        layers.setdefault(_statistic_key(t, route_all), t.d_in)
+    jobs = _jobs(targets, False, route_all)
+    order = sorted(layers, key=lambda k: layers[k])  # stable: target order among equal widths, as decompose
+    held = sum(prec * d * d for d in layers.values())
+    peak, p = 0, max(1, parallel)
+    for i, key in enumerate(order):
+        running = sum(jobs[k] for k in order[max(0, i - p + 1):i + 1])
+        peak = max(peak, held + running)
+        held -= prec * layers[key] * layers[key]
+    return peak
+
+
 def _decomposition(targets: list, parallel: int, prefix: Optional[str] = None, plus: bool = False,
                    route_all: bool = False) -> int:
     """``D``: the largest jobs' workspaces (:func:`_jobs`), as many as run at once (one per CPU core on the host, one
@@ -264,6 +285,7 @@ class _Sizes:
     D_plus_b: int
     X: int
     X_b: int
+    SD: int  # one pass's decomposition: the statistics still held beside the jobs running, at its highest
     B: int  # CorDA++ with one candidate, in one pass: every layer's scored eigenvectors, kept for the decomposition
     no_blocks: str = ""  # why the targets are not in one list of blocks (the streaming modes cannot run), or ""
 
@@ -302,8 +324,9 @@ def _sizes(model, targets: list, *, elt: int, prec: int, tokens: int, batch_toke
     D_plus = _decomposition(targets, parallel, plus=True, route_all=route_all)
     D_b = _decomposition(targets, parallel, prefix, route_all=route_all) if prefix is not None else 0
     D_plus_b = _decomposition(targets, parallel, prefix, plus=True, route_all=route_all) if prefix is not None else 0
+    SD = _one_pass_decomposition(targets, parallel, prec, route_all)
     B = sum(min(t.d_in, t.d_out, KEEP_FACTOR * t.rank) * min(t.d_in, t.d_out) * 8 for t in targets)
-    return _Sizes(P, P_t, len(blocks), W_b, W_l, S, S_b, A, D, D_plus, D_b, D_plus_b, X, X_b, B, no_blocks)
+    return _Sizes(P, P_t, len(blocks), W_b, W_l, S, S_b, A, D, D_plus, D_b, D_plus_b, X, X_b, SD, B, no_blocks)
 
 
 # ---------------------------------------------------------------------------------------------------- the machine
@@ -417,7 +440,7 @@ def _modes(z: _Sizes, c: int, on_gpu: bool, max_memory: Optional[dict], host, de
            unavailable: Optional[dict] = None) -> dict:
     O = _overhead(z.P)
     in_memory = {
-        "one_pass": z.P + z.S + max(z.X, z.D),
+        "one_pass": z.P + max(z.S + z.X, z.SD),
         "streaming": z.P + z.S_b + z.A + max(z.X_b, z.D_b),
         "plus": z.P + c * z.S + (z.B if c == 1 else 0) + max(z.X, z.D_plus),
         "plus_streaming": z.P + c * z.S_b + z.A + max(z.X_b, z.D_plus_b),
@@ -438,7 +461,7 @@ def _modes(z: _Sizes, c: int, on_gpu: bool, max_memory: Optional[dict], host, de
     residuals = int(z.P_t * from_disk / z.P) if z.P else 0
     # a dispatched model: each run's own statistics and decomposition beside one layer's onloaded weight
     work = {"disk_offload": z.S_b + z.A + z.D_b,
-            "disk_offload_one_pass": z.S + max(z.X, z.D),
+            "disk_offload_one_pass": max(z.S + z.X, z.SD),
             "disk_offload_plus": c * z.S + (z.B if c == 1 else 0) + max(z.X, z.D_plus),
             "disk_offload_plus_streaming": c * z.S_b + z.A + z.D_plus_b}
     for mode, w in work.items():

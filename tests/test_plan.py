@@ -220,3 +220,65 @@ def test_a_dispatched_model_is_planned_as_it_will_run(model_dir):
     assert mode_of(True, False, False, True) == "disk_offload"
     assert mode_of(False, True, False, True) == "disk_offload_plus"
     assert mode_of(True, True, False, True) == "disk_offload_plus_streaming"
+
+
+def test_the_shipped_moe_example_plans_its_experts():
+    """Qwen3-30B-A3B's published shapes: 128 experts a block, each expert's two projections with a statistic of its
+    own (the routed tokens), or one statistic for all first projections with route_all_experts."""
+    import os
+
+    d = os.path.join(os.path.dirname(__file__), "..", "examples", "configs", "qwen3-30b-a3b")
+    kw = dict(samples=256, seq_len=2048, dtype="bfloat16", device_memory=0, host_memory=2**40,
+              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], target_parameters=EXPERT_PARAMS)
+    plan = corda_fast.plan_memory(d, **kw)
+    assert abs(plan.params_bytes / 2 - 30.5e9) < 0.01 * 30.5e9  # the published parameter count
+    attention = 2048**2 + 4096**2  # q/k/v read the hidden state; o_proj the 32 heads x 128
+    assert plan.block_statistics_bytes == 4 * (attention + 128 * (2048**2 + 768**2))
+    assert plan.statistics_bytes == 48 * plan.block_statistics_bytes
+    shared = corda_fast.plan_memory(d, route_all_experts=True, **kw)
+    assert plan.statistics_bytes - shared.statistics_bytes == 4 * 48 * 127 * 2048**2
+    assert plan.modes["streaming"].host_peak_bytes < plan.modes["one_pass"].host_peak_bytes / 2
+
+
+def test_one_pass_counts_the_statistics_still_held_when_each_job_starts(model_dir, monkeypatch):
+    """One pass decomposes the narrowest statistics first and drops each once its damped copy exists: the planner's
+    peak is, over the jobs, the statistics still held when a job starts beside the jobs running. Checked against
+    the statistics a real decomposition still holds as each job starts (one job at a time)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from corda_fast import decompose as dec
+    from corda_fast.memory_plan import _jobs, _meta_model, _one_pass_decomposition, _statistic_key
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    setup = Setup(target_modules=TARGETS)
+    stats = corda_fast.stages.collect_covariance(model, padded_batches(random_samples(6), 2), *setup.stage)
+    targets = corda_fast.stages.resolve_targets(model, setup.lora)
+    held_at_start, real = [], dec._damped_covariance
+
+    def spy(stats_, key, names, *a, **k):
+        held_at_start.append((names[0], stats_.nbytes()))
+        return real(stats_, key, names, *a, **k)
+
+    monkeypatch.setattr(dec, "_damped_covariance", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dec.decompose(stats, targets, setup.corda, release=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert not stats.sums  # every statistic dropped once used
+    meta = _meta_model(AutoConfig.from_pretrained(model_dir))
+    meta_targets = corda_fast.stages.resolve_targets(meta, setup.lora)
+    key_of = {t.name: _statistic_key(t) for t in meta_targets}
+    jobs = _jobs(meta_targets, plus=False)
+    want = max(held + jobs[key_of[name]] for name, held in held_at_start)
+    assert _one_pass_decomposition(meta_targets, 1, 4) == want
+    held = [h for _, h in held_at_start]
+    assert held[0] == corda_fast.plan_memory(
+        model_dir, target_modules=TARGETS, device_memory=0, host_memory=2**34).statistics_bytes
+    plan = corda_fast.plan_memory(model_dir, samples=2, seq_len=8, batch_size=1, target_modules=TARGETS,
+                                  device_memory=0, host_memory=2**34, threads=2)
+    s, d = plan.statistics_bytes, plan.decomposition_bytes
+    peak = plan.modes["one_pass"].host_peak_bytes - plan.modes["one_pass"].terms["O"] - plan.params_bytes
+    assert s < peak < s + d  # the widest jobs run once the narrow statistics are gone
