@@ -5,8 +5,10 @@ saved statistics cache, single-threaded (as one scoring job per core runs): the 
 Lanczos estimate of ``λ_max`` (``--steps-max`` steps on ``C_f``) and a shift-invert Lanczos estimate of ``λ_min``
 (``--steps-min`` steps on ``C_f⁻¹`` through its Cholesky factor), each checked by one Cholesky factorization that
 proves the estimate within a relative ``--delta`` (``C_f − λ̂(1−δ)I`` and ``λ̂(1+δ)I − C_f`` positive definite).
-Prints how often each bound is certified, the estimates' errors against ``eigvalsh``, the two routes' times and how
-much of ``λ_min(C_f) = λ + λ_min(C)`` the damping ``λ`` is (its quartiles over the statistics).
+Prints how often each bound is certified, the estimates' errors against ``eigvalsh``, the two routes' times, how
+much of ``λ_min(C_f) = λ + λ_min(C)`` the damping ``λ`` is (its quartiles over the statistics), and per width what one
+``eigvalsh`` costs in Cholesky factorizations: a route certified to the score's precision needs at least three (the
+shift-invert operator, one certificate per bound), so that ratio bounds what any such route can save.
 
     python -m corda_fast demo --samples 32 --seq-len 64 --covariance-cache stats.safetensors --out demo_out
     python benchmarks/probe_pi_bounds.py stats.safetensors
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -59,6 +62,7 @@ def probe(c_f: torch.Tensor, steps_min: int, steps_max: int, delta: float) -> di
     exact = time.perf_counter() - t0
     t0 = time.perf_counter()
     chol = torch.linalg.cholesky(c_f)
+    one_factor = time.perf_counter() - t0  # the unit any certified route pays at least three times
     lo = 1.0 / lanczos_top(lambda x: torch.cholesky_solve(x, chol), n, steps_min, 0)
     hi = lanczos_top(lambda x: c_f @ x, n, steps_max, 1)
     below = c_f.clone()
@@ -66,7 +70,8 @@ def probe(c_f: torch.Tensor, steps_min: int, steps_max: int, delta: float) -> di
     above = -c_f
     above.diagonal().add_(hi * (1 + delta))
     ok_lo, ok_hi = positive_definite(below), positive_definite(above)
-    return {"d": n, "eigvalsh_s": exact, "iterative_s": time.perf_counter() - t0, "certified_min": ok_lo,
+    return {"d": n, "eigvalsh_s": exact, "cholesky_s": one_factor, "iterative_s": time.perf_counter() - t0,
+            "certified_min": ok_lo,
             "certified_max": ok_hi, "min_rel_err": (lo - float(ev[0])) / float(ev[0]),
             "max_rel_err": (float(ev[-1]) - hi) / float(ev[-1]), "lambda_min": float(ev[0])}
 
@@ -101,6 +106,11 @@ def main():
         "min_rel_err_above_1e-6": sum(r["min_rel_err"] > 1e-6 for r in rows),
         "eigvalsh_s": sum(r["eigvalsh_s"] for r in rows),
         "iterative_s": sum(r["iterative_s"] for r in rows),
+        # per width: median eigvalsh and Cholesky seconds, and how many factorizations one eigvalsh costs
+        "by_width": {str(d): {"eigvalsh_s": statistics.median(r["eigvalsh_s"] for r in rows if r["d"] == d),
+                              "cholesky_s": statistics.median(r["cholesky_s"] for r in rows if r["d"] == d),
+                              "statistics": sum(r["d"] == d for r in rows)}
+                     for d in sorted({r["d"] for r in rows})},
         "damping_share_quartiles": [float(q) for q in torch.tensor([r["damping_share"] for r in rows],
                                                                    dtype=torch.float64).quantile(
                                                                        torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0],
@@ -111,6 +121,9 @@ def main():
           f"{summary['min_rel_err_above_1e-6']}; eigvalsh {summary['eigvalsh_s']:.2f} s, Cholesky + Lanczos + "
           f"checks {summary['iterative_s']:.2f} s (one thread); λ / λ_min(C_f) quartiles (min, 25%, median, 75%, "
           f"max): {', '.join(f'{q:.3g}' for q in summary['damping_share_quartiles'])}")
+    for d, w in summary["by_width"].items():
+        print(f"d = {d} ({w['statistics']} statistics): eigvalsh {w['eigvalsh_s']:.3f} s, one Cholesky "
+              f"{w['cholesky_s']:.3f} s (median): eigvalsh costs {w['eigvalsh_s'] / w['cholesky_s']:.1f} factorizations")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"config": vars(args), "environment": environment(), "summary": summary, "rows": rows}, f,

@@ -228,7 +228,12 @@ def _plan_for(args, device: str):
         candidates=(args.candidates or corda_fast.PlusConfig().candidates) if plus else 1,
         max_memory=args.max_memory, host_memory=getattr(args, "host_memory", None),
         device_memory=getattr(args, "device_memory", None) if on_gpu else 0)
-    return plan, mode_of({"on": True}.get(args.streaming, False), plus, onload, dispatched)
+    mode = mode_of(args.streaming == "on", plus, onload, dispatched)
+    if args.streaming == "auto":  # streams when the statistics may not fit: plan the streaming run where one pass won't
+        streamed = mode_of(True, plus, onload, dispatched)
+        if not plan.modes[mode].fits and plan.modes[streamed].available:
+            mode = streamed
+    return plan, mode
 
 
 def _memory_check(args, device: str) -> None:

@@ -78,6 +78,11 @@ def test_plan_command_prints_json_and_a_table(model_dir, capsys):
     assert cli.main(["plan", "--model", model_dir, "--streaming", "on", "--host-memory", "1MiB"]) == 0
     text = capsys.readouterr().out
     assert "init with these flags runs 'streaming': does NOT fit" in text
+    small = ["plan", "--model", model_dir, "--samples", "4", "--seq-len", "32", "--streaming", "auto", "--json"]
+    assert cli.main(small + ["--host-memory", "64GiB"]) == 0
+    assert json.loads(capsys.readouterr().out)["init_mode"] == "one_pass"  # auto: one pass while it fits
+    assert cli.main(small + ["--host-memory", "1MiB"]) == 0
+    assert json.loads(capsys.readouterr().out)["init_mode"] == "streaming"  # and the streaming run where it won't
 
 
 def test_init_refuses_a_mode_that_does_not_fit_unless_told(model_dir, tmp_path, capsys):
