@@ -68,6 +68,9 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     p.add_argument("--out", default=os.path.join(HERE, "results", "offload_cpu.json"))
+    p.add_argument("--model", default=None,
+                   help="a saved model folder to run instead of the random Llamas (e.g. SmolLM2's, converted by "
+                        "`python -m corda_fast demo`); its rows are named by the folder")
     p.add_argument("--replan", action="store_true",
                    help="run nothing: recompute the saved run's planned peaks with the current planner (the models "
                         "are rebuilt from their seed, their configs are all the planner reads) and rewrite --out")
@@ -75,16 +78,19 @@ def main():
     if args.replan:
         return replan(args.out)
     rows = []
-    for layers in args.layers:
+    for layers in ([None] if args.model else args.layers):
         root = tempfile.mkdtemp(prefix="corda_offload_bench_")
         try:
-            size = make_model(os.path.join(root, "model"), layers)
-            plan = predicted(os.path.join(root, "model"), size // 4)
+            if args.model:
+                model_dir, (layers, size) = args.model, saved_model(args.model)
+            else:
+                model_dir, size = os.path.join(root, "model"), make_model(os.path.join(root, "model"), layers)
+            plan = predicted(model_dir, size // 4)
             runs = {m: [] for m in args.modes}
             for r in range(args.repeats):
                 for mode in args.modes:  # interleaved
                     work = os.path.join(root, f"{mode}_{r}")
-                    runs[mode].append(run(mode, os.path.join(root, "model"), work, size // 4))
+                    runs[mode].append(run(mode, model_dir, work, size // 4))
                     shutil.rmtree(work, ignore_errors=True)
                     print(f"{layers} blocks ({size / 2**20:.0f} MiB) {mode:16s} peak {runs[mode][-1]['peak']:.0f} MiB "
                           f"{runs[mode][-1]['seconds']:.1f} s", flush=True)
@@ -94,7 +100,9 @@ def main():
                              "peak_min": min(x["peak"] for x in rs), "peak_max": max(x["peak"] for x in rs),
                              "seconds": statistics.median(x["seconds"] for x in rs),
                              "seconds_min": min(x["seconds"] for x in rs),
-                             "seconds_max": max(x["seconds"] for x in rs), "predicted_mib": plan.get(mode)})
+                             "seconds_max": max(x["seconds"] for x in rs), "predicted_mib": plan.get(mode),
+                             **({"model": os.path.basename(os.path.normpath(args.model)), "model_dir": args.model}
+                                if args.model else {})})
         finally:
             shutil.rmtree(root, ignore_errors=True)
     result = {"benchmark": "offload", "config": vars(args), "environment": environment(), "rows": rows}
@@ -105,10 +113,23 @@ def main():
     print(markdown(result))
 
 
+def saved_model(d: str) -> tuple[int, int]:
+    """``(blocks, bytes of weights)`` of a saved model folder, as loaded in float32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(d)
+    return model.config.num_hidden_layers, sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def replan(path: str) -> None:
     with open(path) as f:
         result = json.load(f)
-    for layers in sorted({r["layers"] for r in result["rows"]}):
+    for d in sorted({r["model_dir"] for r in result["rows"] if "model_dir" in r}):
+        plan = predicted(d, saved_model(d)[1] // 4)
+        for r in result["rows"]:
+            if r.get("model_dir") == d:
+                r["predicted_mib"] = plan.get(r["mode"])
+    for layers in sorted({r["layers"] for r in result["rows"] if "model_dir" not in r}):
         root = tempfile.mkdtemp(prefix="corda_offload_replan_")
         try:
             size = make_model(os.path.join(root, "model"), layers)
@@ -116,7 +137,7 @@ def replan(path: str) -> None:
         finally:
             shutil.rmtree(root, ignore_errors=True)
         for r in result["rows"]:
-            if r["layers"] == layers:
+            if r["layers"] == layers and "model_dir" not in r:
                 r["predicted_mib"] = plan.get(r["mode"])
     result["planned_with"] = {k: environment()[k] for k in ("corda_fast_commit", "date")}
     with open(path, "w") as f:
@@ -131,14 +152,17 @@ def markdown(result: dict) -> str:
             "|---|---|---|---:|---|---:|---:|"]
     for r in result["rows"]:
         plan = r.get("predicted_mib")
-        rows.append(f"| {r['layers']} blocks, {r['model_mib']:.0f} MiB | {LABEL[r['mode']]} | "
+        name = f"{r['model']}, " if "model" in r else ""
+        rows.append(f"| {name}{r['layers']} blocks, {r['model_mib']:.0f} MiB | {LABEL[r['mode']]} | "
                     f"{r['peak_mib']:.0f} ({r['peak_min']:.0f}-{r['peak_max']:.0f}) | {r['peak_mib'] / r['model_mib']:.2f} | "
                     f"{r['seconds']:.1f} ({r['seconds_min']:.1f}-{r['seconds_max']:.1f}) | "
                     + (f"{plan:.0f} | {plan / r['peak_mib']:.2f} |" if plan else "- | - |"))
     env, c = result["environment"], result["config"]
-    rows.append(f"\nRandom Llama blocks (hidden 512, MLP 1024, float32), IPM r=8 on the 7 projections, 16 x 64 "
-                f"calibration tokens, CorDA++ with {PLUS_CANDIDATES} candidates; planned: corda_fast.plan_memory's host "
-                f"peak for the mode; load + init_adapters + save_residual_base per process; median (min-max) of "
+    what = "Random Llama blocks (hidden 512, MLP 1024, float32)" if not any("model" in r for r in result["rows"]) \
+        else "The saved model (float32)"
+    rows.append(f"\n{what}, IPM r=8 on the 7 projections, 16 x 64 calibration tokens, CorDA++ with "
+                f"{PLUS_CANDIDATES} candidates; planned: corda_fast.plan_memory's host peak for the mode; load + "
+                f"init_adapters + save_residual_base per process; median (min-max) of "
                 f"{c['repeats']} runs; {env['cpu_count']} CPUs, torch {env['torch']}, transformers {env['transformers']}, "
                 f"commit {env['corda_fast_commit']}, {env['date']}"
                 + ("; planned column recomputed at commit {corda_fast_commit}, {date}".format(**result["planned_with"])

@@ -212,7 +212,13 @@ def _plan_for(args, device: str):
 
     from .memory_plan import mode_of
 
-    if not os.path.isfile(os.path.join(str(args.model), "config.json")):
+    model, gguf = args.model, getattr(args, "gguf_file", None)
+    if model == "smollm2":  # the demo: the packaged GGUF file's shapes (converted once on its first run)
+        model, gguf = demo.smollm2_package_dir(), demo.SMOLLM2_GGUF
+        if model is None:
+            return None, None
+    elif os.path.isdir(model) and gguf is None and not os.path.isfile(os.path.join(model, "config.json")) and not any(
+            f.endswith(".gguf") for f in os.listdir(model)):
         return None, None
     dispatched = getattr(args, "device_map", None) is not None
     onload = getattr(args, "onload_device", None) is not None
@@ -222,7 +228,7 @@ def _plan_for(args, device: str):
         targets = None if getattr(args, "target_parameters", None) is None else []
     plus = args.method == "corda++"
     plan = corda_fast.plan_memory(
-        args.model, samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
+        model, gguf_file=gguf, samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
         target_modules=targets, target_parameters=getattr(args, "target_parameters", None),
         route_all_experts=getattr(args, "route_all_experts", False), precision=args.precision, dtype=args.dtype,
         candidates=(args.candidates or corda_fast.PlusConfig().candidates) if plus else 1,
@@ -263,7 +269,7 @@ def run_plan(args) -> str:
     """The ``plan`` job: every mode's predicted peaks for ``init`` with the same flags (``--json``: as JSON)."""
     plan, mode = _plan_for(args, "cuda" if args.device in ("cuda", "auto") else args.device)
     if plan is None:
-        raise ValueError(f"model '{args.model}' has no config.json to plan from.")
+        raise ValueError(f"model '{args.model}' has neither a config.json nor a .gguf file to plan from.")
     if args.json:
         return json.dumps({**plan.to_dict(), "init_mode": mode}, indent=1)
     m = plan.modes[mode]

@@ -167,8 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init_args(d, demo=True)
     pl = sub.add_parser("plan", help="predicted peak host / device memory and disk of each mode, from the model's "
                                      "config.json (nothing is loaded); takes init's flags")
-    pl.add_argument("--model", required=True, help="a transformers model folder (its config.json is read)")
+    pl.add_argument("--model", required=True, help="a transformers model folder (its config.json is read, else its "
+                                                   ".gguf file's metadata), a config.json, or 'smollm2' (the demo's)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--gguf-file", default=None, help="the .gguf file of --model's folder to read the shapes from")
     _add_init_args(pl)
     _add_after_training(sub)
     sub.add_parser("env", help="versions, backends, extension status")

@@ -157,7 +157,7 @@ def _meta_model(config: Any):
     raise ValueError(f"no transformers model class builds the config of type {type(config).__name__}.")
 
 
-def _load_config(model: Union[str, dict, Any]):
+def _load_config(model: Union[str, dict, Any], gguf_file: Optional[str] = None):
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(model, PretrainedConfig):
@@ -168,9 +168,17 @@ def _load_config(model: Union[str, dict, Any]):
         return AutoConfig.for_model(kind, **cfg), kind
     path = os.fspath(model)
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ValueError(f"model folder '{path}' has no config.json (a GGUF-only folder cannot be planned from "
-                             "its config).")
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if gguf_file is None and not os.path.isfile(os.path.join(path, "config.json")):
+            if len(ggufs) != 1:  # as init loads it: config.json first, else the folder's one .gguf file
+                raise ValueError(f"model folder '{path}' has no config.json and "
+                                 + (f"several .gguf files {ggufs}: name one (--gguf-file)." if ggufs else
+                                    "no .gguf file to read the shapes from."))
+            gguf_file = ggufs[0]
+        if gguf_file is not None:  # the shapes are in the file's metadata; its weights load dequantized
+            if not os.path.isfile(os.path.join(path, gguf_file)):
+                raise ValueError(f"gguf_file '{gguf_file}' is not in model folder '{path}' (it holds {ggufs}).")
+            return AutoConfig.from_pretrained(path, gguf_file=gguf_file), os.path.join(path, gguf_file)
         return AutoConfig.from_pretrained(path), path
     if os.path.isfile(path):
         with open(path) as f:
@@ -372,12 +380,13 @@ def plan_memory(model: Union[str, dict, Any], *, samples: int = 256, seq_len: in
                 target_parameters: Optional[list] = None, route_all_experts: bool = False, precision: str = "float32",
                 dtype: Optional[str] = None, candidates: int = 1, max_memory: Optional[dict] = None,
                 host_memory: Optional[int] = None, device_memory: Optional[int] = None,
-                disk_memory: Optional[int] = None, threads: Optional[int] = None) -> MemoryPlan:
+                disk_memory: Optional[int] = None, threads: Optional[int] = None,
+                gguf_file: Optional[str] = None) -> MemoryPlan:
     """Predicted peak host memory, device memory and disk of each mode, from the model's config alone.
 
     Args:
-        model: a model folder (its ``config.json``), a ``config.json`` path, a transformers config, or a dict
-            with ``model_type``.
+        model: a model folder (its ``config.json``, else its one ``.gguf`` file's metadata), a ``config.json``
+            path, a transformers config, or a dict with ``model_type``.
         samples, seq_len, batch_size: the calibration (``samples · seq_len`` tokens).
         rank, target_modules: as ``init_adapters`` (default targets: every linear layer but the head).
         target_parameters, route_all_experts: routed experts stored as 3-D parameters (``LoraConfig``'s and
@@ -390,13 +399,15 @@ def plan_memory(model: Union[str, dict, Any], *, samples: int = 256, seq_len: in
         host_memory, device_memory, disk_memory: what is available (default: found on this machine; no device
             when no GPU is found).
         threads: statistics decomposed at once on the host (default ``torch.get_num_threads()``).
+        gguf_file: the ``.gguf`` file of ``model``'s folder to read the shapes from (init's ``--gguf-file``); its
+            weights count in ``dtype`` (they load dequantized).
     Returns:
         :class:`MemoryPlan`; ``.table()`` for people, ``.to_dict()`` for programs.
     """
     from .config import LoraSpec
     from .targets import resolve_targets
 
-    config, name = _load_config(model)
+    config, name = _load_config(model, gguf_file)
     dtype = dtype or str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
     dtype = dtype.replace("torch.", "")
     elt = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
