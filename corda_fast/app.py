@@ -251,7 +251,7 @@ def _memory_check(args, device: str) -> None:
         logger.warning("memory plan: not available for '%s' (%s: %s)", args.model, type(exc).__name__, exc)
         return
     if plan is None:
-        logger.info("memory plan: skipped ('%s' has no config.json)", args.model)
+        logger.info("memory plan: skipped ('%s' has neither a config.json nor a .gguf file)", args.model)
         return
     logger.info("%s", plan.line(mode))
     if not plan.modes[mode].available:  # init_adapters' own checks refuse it, with the same reason

@@ -25,20 +25,21 @@ term        what it is
             ``HOST_OVERHEAD``
 ==========  =====================================================================================================
 
-Modes: ``one_pass`` ``P + max(S + X, S_D) + O`` (``S_D``: the statistics still held beside the jobs running, at
-its highest over the decomposition — narrowest statistics first, each dropped once its job has its damped copy; at
-most ``S + D``); ``streaming`` ``P + S_b + A + max(X_b, D_b) + O``; ``plus`` (CorDA++ in
-one pass) ``P + c·S + max(X, D⁺) + O``, plus ``B`` with one candidate (the scored eigenvectors kept for the
-decomposition, ``Σ min(d, 4r)·min(d_in, d_out)·8``); ``plus_streaming`` ``P + c·S_b + A + max(X_b, D⁺_b) + O``; ``onloading``
-host ``P + A + O``, device ``W_b + S_b + max(X_b, D_b)``; ``disk_offload`` host ``M + F + S_b + A + W_l + D_b + O_d``
-(``M`` accelerate's host budget, ``F`` the checkpoint pages read through while offloaded layers run, ``O_d`` its
-slack), disk ``P − M − G`` read from the checkpoint plus ``P_t`` of the disk-offloaded share in the residual store
-— that is streaming over a dispatched model; ``disk_offload_one_pass`` (``M + F + W_l + max(S + X, S_D) + O_d``),
-``disk_offload_plus`` and ``disk_offload_plus_streaming`` put the other runs' terms beside ``M + F + W_l + O_d`` the
-same way. A mode the targets cannot run in is not planned (``ModeEstimate.available``): the streaming modes when
-the targets lie in two lists of blocks (a vision-language model's tower and language model), CorDA++ and disk offload
-with expert parameters (``target_parameters``). With a GPU the in-memory modes put the model there (their peak is
-then device memory; the spill ``P_t`` goes to host memory).
+Modes: ``one_pass`` ``P + max(S + X, S_D) + O`` (``S_D``: the statistics still held beside the jobs running, at its
+highest over the decomposition — narrowest statistics first, each dropped once its job has its damped copy; at most
+``S + D``); ``streaming`` ``P + S_b + A + max(X_b, D_b) + O``; ``plus`` (CorDA++ in one pass) ``P + c·S + max(X, D⁺)
++ O``, plus ``B`` with one candidate (the scored eigenvectors kept for the decomposition, ``Σ min(d, 4r)·min(d_in,
+d_out)·8``); ``plus_streaming`` ``P + c·S_b + A + max(X_b, D⁺_b) + O``; ``onloading`` host ``P + A + O``, device
+``W_b + S_b + max(X_b, D_b)``; ``disk_offload`` host ``M + F + S_b + A + W_b + D_b + O_d`` (``M`` the weights
+accelerate places in host memory — its own ``infer_auto_device_map`` on the meta model, under the host budget —,
+``W_b`` the block it onloads whole, ``F`` the checkpoint pages read through while offloaded blocks run, ``O_d`` its
+slack), disk ``P − M − G`` read from the checkpoint plus the targeted weights accelerate left on disk in the
+residual store — that is streaming over a dispatched model; ``disk_offload_one_pass`` (``M + F + W_b + max(S + X,
+S_D) + O_d``), ``disk_offload_plus`` and ``disk_offload_plus_streaming`` put the other runs' terms beside ``M + F +
+W_b + O_d`` the same way. A mode the targets cannot run in is not planned (``ModeEstimate.available``): the
+streaming modes when the targets lie in two lists of blocks (a vision-language model's tower and language model),
+CorDA++ and disk offload with expert parameters (``target_parameters``). With a GPU the in-memory modes put the
+model there (their peak is then device memory; the spill ``P_t`` goes to host memory).
 """
 
 from __future__ import annotations
@@ -425,7 +426,8 @@ def plan_memory(model: Union[str, dict, Any], *, samples: int = 256, seq_len: in
     plan = MemoryPlan(name if isinstance(name, str) else str(name), dtype, z.P, z.P_t, z.L, z.W_b, z.S, z.S_b, z.A,
                       z.D, host, device, disk, block_decomposition_bytes=z.D_b)
     plan.modes = _modes(z, candidates, on_gpu, max_memory, host, device, disk,
-                        _unavailable(z, any(t.expert is not None for t in targets)))
+                        _unavailable(z, any(t.expert is not None for t in targets)),
+                        _placement(meta, targets, max_memory, z.P, dtype, elt))
     return plan
 
 
@@ -443,12 +445,47 @@ def _unavailable(z: _Sizes, expert_targets: bool) -> dict[str, str]:
     return out
 
 
+def _placement(meta, targets: list, max_memory: Optional[dict], P: int, dtype: str, elt: int) -> Optional[tuple]:
+    """``(M, G, P_t on disk)``: the bytes accelerate's ``device_map="auto"`` puts in host memory and on the GPUs
+    under ``max_memory`` (host default: a quarter of the weights) and the targeted weights it leaves on disk —
+    accelerate's own ``infer_auto_device_map`` on the meta model, whole modules as it places them (a budget is an
+    upper bound: a module that does not fit goes to the next device). ``None`` where accelerate cannot say."""
+    try:
+        from accelerate import infer_auto_device_map
+
+        budget = {("cpu" if str(k) == "cpu" else int(k)): parse_size(v) for k, v in (max_memory or {}).items()}
+        budget.setdefault("cpu", P // 4)
+        device_map = infer_auto_device_map(meta, max_memory=budget, dtype=getattr(torch, dtype),
+                                           no_split_module_classes=getattr(meta, "_no_split_modules", None) or [])
+    except Exception:  # an architecture accelerate cannot map: the budgets are the estimate
+        return None
+
+    def where(name: str):
+        parts = name.split(".")
+        for i in range(len(parts), -1, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in device_map:
+                return device_map[prefix]
+        return "disk"
+
+    on: dict = {}
+    seen = set()
+    for name, p in meta.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            dev = where(name)
+            on[dev] = on.get(dev, 0) + p.numel() * elt
+    gpus = sum(v for k, v in on.items() if isinstance(k, int))
+    targeted_on_disk = sum(t.d_in * t.d_out * elt for t in targets if where(t.param_key) == "disk")
+    return on.get("cpu", 0), gpus, targeted_on_disk
+
+
 def _overhead(P: int) -> int:
     return int(HOST_OVERHEAD[0] * P + HOST_OVERHEAD[1])
 
 
 def _modes(z: _Sizes, c: int, on_gpu: bool, max_memory: Optional[dict], host, device, disk,
-           unavailable: Optional[dict] = None) -> dict:
+           unavailable: Optional[dict] = None, placement: Optional[tuple] = None) -> dict:
     O = _overhead(z.P)
     in_memory = {
         "one_pass": z.P + max(z.S + z.X, z.SD),
@@ -464,13 +501,19 @@ def _modes(z: _Sizes, c: int, on_gpu: bool, max_memory: Optional[dict], host, de
             out[mode] = (peak + O, 0, z.P_t)
     out["onloading"] = (z.P + z.A + O, z.W_b + z.S_b + max(z.X_b, z.D_b), 0) if on_gpu else \
         (z.P + z.A + z.S_b + max(z.X_b, z.D_b) + O, 0, z.P_t)
-    mm = {str(k): parse_size(v) for k, v in (max_memory or {}).items()}
-    M = min(mm.get("cpu", z.P // 4), z.P)
-    G = sum(v for k, v in mm.items() if k.isdigit())
-    from_disk = max(0, z.P - M - G)
+    if placement is not None:  # where accelerate will put each module
+        M, G, residuals = placement
+        from_disk = max(0, z.P - M - G)
+    else:  # the budgets, filled
+        mm = {str(k): parse_size(v) for k, v in (max_memory or {}).items()}
+        M = min(mm.get("cpu", z.P // 4), z.P)
+        G = sum(v for k, v in mm.items() if k.isdigit())
+        from_disk = max(0, z.P - M - G)
+        residuals = int(z.P_t * from_disk / z.P) if z.P else 0
     F = int(DISK_PAGE_SHARE * from_disk)
-    residuals = int(z.P_t * from_disk / z.P) if z.P else 0
-    # a dispatched model: each run's own statistics and decomposition beside one layer's onloaded weight
+    # a dispatched model: each run's own statistics and decomposition beside the onloaded weights of one block (the
+    # module accelerate moves whole; one layer's where the targets are in no list of blocks)
+    onloaded = max(z.W_b, z.W_l)
     work = {"disk_offload": z.S_b + z.A + z.D_b,
             "disk_offload_one_pass": max(z.S + z.X, z.SD),
             "disk_offload_plus": c * z.S + (z.B if c == 1 else 0) + max(z.X, z.D_plus),
@@ -478,9 +521,9 @@ def _modes(z: _Sizes, c: int, on_gpu: bool, max_memory: Optional[dict], host, de
     for mode, w in work.items():
         streams = mode in ("disk_offload", "disk_offload_plus_streaming")
         if on_gpu and G:
-            out[mode] = (M + F + DISK_OVERHEAD, G + z.W_l + w + (z.X_b if streams else 0), residuals)
+            out[mode] = (M + F + DISK_OVERHEAD, G + onloaded + w + (z.X_b if streams else 0), residuals)
         else:
-            out[mode] = (M + F + z.W_l + w + DISK_OVERHEAD, 0, residuals)
+            out[mode] = (M + F + onloaded + w + DISK_OVERHEAD, 0, residuals)
     estimates = {}
     for mode in MODES:
         if mode in (unavailable or {}):

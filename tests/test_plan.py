@@ -287,3 +287,46 @@ def test_one_pass_counts_the_statistics_still_held_when_each_job_starts(model_di
     s, d = plan.statistics_bytes, plan.decomposition_bytes
     peak = plan.modes["one_pass"].host_peak_bytes - plan.modes["one_pass"].terms["O"] - plan.params_bytes
     assert s < peak < s + d  # the widest jobs run once the narrow statistics are gone
+
+
+def test_a_folder_without_config_json_is_planned_from_its_one_gguf_file_or_refused_by_name(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json and no .gguf file"):
+        corda_fast.plan_memory(str(tmp_path / "empty"))
+    two = tmp_path / "two"
+    two.mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (two / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"several .gguf files \['a.gguf', 'b.gguf'\]: name one"):
+        corda_fast.plan_memory(str(two))
+    with pytest.raises(ValueError, match="gguf_file 'c.gguf' is not in model folder"):
+        corda_fast.plan_memory(str(two), gguf_file="c.gguf")
+    assert cli.main(["plan", "--model", str(tmp_path / "empty")]) == 1
+    assert "has neither a config.json nor a .gguf file to plan from" in capsys.readouterr().err
+
+
+def test_disk_offload_is_planned_where_accelerate_will_put_each_module(tmp_path):
+    """The host share of a dispatched model is accelerate's own placement under the budget (whole modules: a budget
+    is an upper bound), and the residual store holds the targeted weights it leaves on disk."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama(layers=6)
+    model.save_pretrained(tmp_path / "m")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    budget = int(size * 0.3)
+    plan = corda_fast.plan_memory(str(tmp_path / "m"), samples=4, seq_len=16, batch_size=2, target_modules=TARGETS,
+                                  max_memory={"cpu": budget}, device_memory=0, host_memory=2**40)
+    dispatched = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map="auto", max_memory={"cpu": budget},
+                                                      offload_folder=str(tmp_path / "offload"))
+    on_host = sum(p.numel() * 4 for p in dispatched.parameters() if p.device.type == "cpu")
+    assert 0 < on_host < budget  # whole modules: less than the budget
+    disk = {n for n, d in dispatched.hf_device_map.items() if d == "disk"}
+    targets = corda_fast.stages.resolve_targets(tiny_llama(layers=6), corda_fast.LoraSpec(target_modules=TARGETS))
+    on_disk = sum(t.d_in * t.d_out * 4 for t in targets if any(t.name.startswith(m + ".") for m in disk))
+    assert plan.modes["disk_offload"].disk_bytes == on_disk > 0
+    streaming = plan.modes["disk_offload"]
+    f = int(corda_fast.memory_plan.DISK_PAGE_SHARE * (plan.params_bytes - on_host))
+    block = plan.block_bytes
+    # M + F + S_b + A + W_b + D_b with M the host share accelerate chose
+    assert streaming.host_peak_bytes == on_host + f + plan.block_statistics_bytes + plan.inputs_bytes + block + \
+        plan.block_decomposition_bytes + corda_fast.memory_plan.DISK_OVERHEAD

@@ -99,3 +99,20 @@ def test_parity_with_peft_and_identity(smollm2):
             after = ours(**ids).logits
         m = ids["attention_mask"].bool()
         assert float((after - before)[m].abs().max()) <= 1e-5 * float(before[m].abs().max())
+
+
+def test_the_gguf_file_is_planned_from_its_metadata(smollm2, capsys):
+    """The packaged GGUF folder has no config.json: the planner reads the shapes from the file's metadata (the
+    weights count as they load, dequantized to float32), and `plan --model smollm2` plans the demo's model."""
+    import json
+
+    from corda_fast import cli
+
+    model, _ = smollm2
+    plan = corda_fast.plan_memory(smollm2_package_dir(), samples=8, seq_len=64, device_memory=0, host_memory=2**40)
+    assert plan.params_bytes == sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+    assert plan.blocks == 30
+    assert plan.block_statistics_bytes == 4 * (3 * 576**2 + 1536**2)  # q/k/v, o, gate/up share 576 wide; down 1536
+    assert cli.main(["plan", "--model", "smollm2", "--json", "--samples", "8", "--seq-len", "64"]) == 0
+    assert json.loads(capsys.readouterr().out)["params_bytes"] == plan.params_bytes
