@@ -31,6 +31,7 @@ TABLES = {  # name: (result file, module with markdown())
     "distributed": ("distributed_cpu.json", "bench_distributed"),
     "offload": ("offload_cpu.json", "bench_offload"),
     "offload_disk": ("offload_disk_cpu.json", "bench_offload"),
+    "offload_smollm2": ("offload_smollm2_cpu.json", "bench_offload"),
     "ablation_plus": ("ablation_plus.json", "ablation_plus"),
     "plus_cost": ("plus_cost_cpu.json", "bench_plus_cost"),
     "plus_cost_small": ("plus_cost_32x64_cpu.json", "bench_plus_cost"),
