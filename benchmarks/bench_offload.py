@@ -11,6 +11,8 @@ above a baseline taken after imports and a warm-up of torch's linear algebra.
     python benchmarks/bench_offload.py --replan        # the "planned" column of the saved run, by today's planner
     python benchmarks/bench_offload.py --modes corda_disk_onepass corda floor \
         --out benchmarks/results/offload_disk_cpu.json   # a disk-offloaded model in one pass beside streaming
+    python benchmarks/bench_offload.py --model ~/.cache/corda_fast/SmolLM2-135M-Instruct \
+        --out benchmarks/results/offload_smollm2_cpu.json   # a saved model (the demo's), every mode
 """
 
 from __future__ import annotations
