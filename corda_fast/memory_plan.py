@@ -537,7 +537,8 @@ def _modes(z: _Sizes, c: int, on_gpu: bool, max_memory: Optional[dict], host, de
             why.append(f"device needs {gib(d)} of {gib(device)}")
         if disk is not None and k > disk:
             why.append(f"disk needs {gib(k)} of {gib(disk)}")
-        estimates[mode] = ModeEstimate(h, d, k, not why, {"O": O}, "; ".join(why))
+        terms = {"O": O, **({"M": M, "G": G, "F": F} if mode.startswith("disk_offload") else {})}
+        estimates[mode] = ModeEstimate(h, d, k, not why, terms, "; ".join(why))
     return estimates
 
 

@@ -324,6 +324,7 @@ def test_disk_offload_is_planned_where_accelerate_will_put_each_module(tmp_path)
     targets = corda_fast.stages.resolve_targets(tiny_llama(layers=6), corda_fast.LoraSpec(target_modules=TARGETS))
     on_disk = sum(t.d_in * t.d_out * 4 for t in targets if any(t.name.startswith(m + ".") for m in disk))
     assert plan.modes["disk_offload"].disk_bytes == on_disk > 0
+    assert plan.modes["disk_offload"].terms["M"] == on_host and plan.modes["disk_offload"].terms["G"] == 0
     streaming = plan.modes["disk_offload"]
     f = int(corda_fast.memory_plan.DISK_PAGE_SHARE * (plan.params_bytes - on_host))
     block = plan.block_bytes
