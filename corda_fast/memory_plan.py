@@ -250,9 +250,7 @@ def _one_pass_decomposition(targets: list, parallel: int, prec: int, route_all: 
     narrowest statistic first (``decompose._decompose_torch``), ``parallel`` at once, and each drops its statistic
     once its damped copy is made. When job ``i`` starts, statistics ``i`` onwards are held beside jobs
     ``i − parallel + 1 … i``. At most ``S + D``: the widest jobs run once the narrow statistics are gone."""
-    layers: dict[str, int] = {}
-    for t in targets:
-        layers.setdefault(_statistic_key(t, route_all), t.d_in)
+    layers = _statistic_sizes(targets, route_all)
     jobs = _jobs(targets, False, route_all)
     order = sorted(layers, key=lambda k: layers[k])  # stable: target order among equal widths, as decompose
     held = sum(prec * d * d for d in layers.values())
